@@ -2,9 +2,19 @@
 //! and restore them on this or another machine.
 //!
 //! Data flow: [`discover`] finds maps -> [`dump`] reads them through [`sys`] into a
-//! [`format::SnapshotWriter`] -> bytes go to a file (or object storage) -> [`format::SnapshotReader`]
-//! -> [`restore`] creates or fills maps through [`sys`].
+//! [`format::SnapshotWriter`] -> bytes go to a file (or object storage) -> [`format::verify`]
+//! and [`format::SnapshotReader`] -> [`restore`] creates or fills maps through [`sys`].
+//! [`diff`] compares snapshots and live maps; [`btf_fmt`] renders values by their BTF types.
 
 pub mod btf_fmt;
+pub mod diff;
+pub mod discover;
+pub mod dump;
+pub mod error;
 pub mod format;
 pub mod model;
+pub mod progress;
+pub mod restore;
+pub mod sys;
+
+pub use error::{Error, Result};

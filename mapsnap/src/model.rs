@@ -131,7 +131,11 @@ pub fn access_of(t: u32) -> Result<Access, &'static str> {
         XSKMAP => Err("holds AF_XDP sockets, which only live in this kernel"),
         CGROUP_ARRAY => Err("holds cgroup fds, which only live on this host"),
         STRUCT_OPS => Err("holds kernel struct_ops state owned by a loaded program"),
-        CGROUP_STORAGE | PERCPU_CGROUP_STORAGE | SK_STORAGE | INODE_STORAGE | TASK_STORAGE
+        CGROUP_STORAGE
+        | PERCPU_CGROUP_STORAGE
+        | SK_STORAGE
+        | INODE_STORAGE
+        | TASK_STORAGE
         | CGRP_STORAGE => Err("local storage is keyed by kernel objects (sockets, tasks, \
              inodes, cgroups) that do not exist after a move"),
         STACK_TRACE => Err("stack ids are kernel-generated and cannot be written from user space"),

@@ -1,0 +1,70 @@
+# mapsnap: build, lint, test and demo entry points. CI runs `make test` (.ci/run).
+#
+#   make deps    install system packages and Rust tools, mount bpffs (root; scripts/install-deps.sh)
+#   make build   release build of the workspace
+#   make lint    rustfmt check + clippy (warnings are errors)
+#   make test    deps + lint + every test (kernel tests need root)
+#   make demo    deps + build + scripts/demo.sh (pinned maps -> dump -> restore -> diff)
+#   make clean   cargo clean, demo/test leftovers in bpffs and /tmp
+#
+# Tests run with cargo-nextest when it is installed, otherwise with `cargo test`;
+# force one with TEST_RUNNER=cargo or TEST_RUNNER=nextest.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.NOTPARALLEL:
+.DEFAULT_GOAL := build
+
+CARGO ?= cargo
+TEST_RUNNER ?= auto
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
+MAPSNAP ?= $(TARGET_DIR)/release/mapsnap
+
+export RUST_BACKTRACE ?= 1
+
+.PHONY: deps build lint fmt-check clippy test test-only demo clean
+
+deps:
+	bash scripts/install-deps.sh
+
+build:
+	$(CARGO) build --release --workspace
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+lint: fmt-check clippy
+
+# Kernel tests create, pin and load BPF objects: they need root and bpffs (make deps).
+test: deps lint test-only
+
+test-only:
+	@if [[ "$$(id -u)" -ne 0 ]]; then echo "make test: the tests must run as root" >&2; exit 1; fi
+	@runner="$(TEST_RUNNER)"; \
+	if [[ "$$runner" == auto ]]; then \
+	    if $(CARGO) nextest --version >/dev/null 2>&1; then runner=nextest; else runner=cargo; fi; \
+	fi; \
+	case "$$runner" in \
+	nextest) \
+	    echo "==> $(CARGO) test --workspace --doc"; \
+	    $(CARGO) test --workspace --doc; \
+	    echo "==> $(CARGO) nextest run --workspace --no-fail-fast"; \
+	    $(CARGO) nextest run --workspace --no-fail-fast ;; \
+	cargo) \
+	    echo "==> $(CARGO) test --workspace --no-fail-fast"; \
+	    $(CARGO) test --workspace --no-fail-fast ;; \
+	*) echo "TEST_RUNNER must be auto, nextest or cargo (got $$runner)" >&2; exit 2 ;; \
+	esac
+
+demo: deps build
+	MAPSNAP="$(MAPSNAP)" bash scripts/demo.sh
+
+clean:
+	$(CARGO) clean
+	rm -f /tmp/mapsnap-demo.snap
+	@for d in /sys/fs/bpf/mapsnap-demo /sys/fs/bpf/mapsnap-test; do \
+	    if [[ -e "$$d" ]]; then echo "rm -rf $$d"; rm -rf "$$d" || true; fi; \
+	done

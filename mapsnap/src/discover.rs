@@ -1,0 +1,232 @@
+//! Finding maps: by id, by pin (file or bpffs directory), by process, by container.
+//!
+//! Every source resolves to open maps de-duplicated by kernel map id, each remembering the pin
+//! path it was found under (relative to the directory that was searched) and its frozen state.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::sys::{self, Map, MapInfo, ObjKind, SysError};
+
+/// Where to look for maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// Every map loaded in the kernel.
+    All,
+    Id(u32),
+    /// A pinned map, or a bpffs directory searched recursively.
+    Pin(PathBuf),
+    /// The maps a process holds by fd.
+    Pid(u32),
+    /// The maps held by every process of the container whose init process this is.
+    ContainerPid(u32),
+}
+
+/// One map found, open.
+#[derive(Debug)]
+pub struct Found {
+    pub map: Map,
+    pub info: MapInfo,
+    pub frozen: bool,
+    /// Pin path relative to the searched directory (the file name for a single pin).
+    pub pin_rel: Option<String>,
+    /// Absolute pin path, when found through a pin.
+    pub pin_abs: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoverError {
+    #[error(transparent)]
+    Sys(#[from] SysError),
+    #[error("cannot read {path}: {source}")]
+    Proc { path: String, source: io::Error },
+    #[error("{path} does not exist: give a pinned map or a directory in a mounted bpffs")]
+    NoSuchPin { path: PathBuf },
+    #[error("process {pid} does not exist (or /proc is not mounted)")]
+    NoSuchProcess { pid: u32 },
+}
+
+type Result<T> = std::result::Result<T, DiscoverError>;
+
+/// Resolves every source and de-duplicates by map id (the first pin path found wins).
+pub fn find(sources: &[Source]) -> Result<Vec<Found>> {
+    let mut by_id: BTreeMap<u32, Found> = BTreeMap::new();
+    let mut add = |f: Found| {
+        by_id.entry(f.info.id).or_insert(f);
+    };
+    for source in sources {
+        match source {
+            Source::All => {
+                for id in sys::loaded_map_ids()? {
+                    // A map can vanish between listing and opening: skip it.
+                    match Map::from_id(id) {
+                        Ok(map) => add(open_found(map, None)?),
+                        Err(e) if e.errno() == Some(libc::ENOENT) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            Source::Id(id) => add(open_found(Map::from_id(*id)?, None)?),
+            Source::Pin(path) => {
+                for f in find_pinned(path)? {
+                    add(f);
+                }
+            }
+            Source::Pid(pid) => {
+                for id in map_ids_of_process(*pid)? {
+                    add(open_found(Map::from_id(id)?, None)?);
+                }
+            }
+            Source::ContainerPid(pid) => {
+                for p in container_processes(*pid)? {
+                    for id in map_ids_of_process(p)? {
+                        add(open_found(Map::from_id(id)?, None)?);
+                    }
+                }
+            }
+        }
+    }
+    Ok(by_id.into_values().collect())
+}
+
+fn open_found(map: Map, pin: Option<(String, PathBuf)>) -> Result<Found> {
+    let info = map.info()?;
+    let frozen = map.frozen()?;
+    let (pin_rel, pin_abs) = match pin {
+        Some((rel, abs)) => (Some(rel), Some(abs)),
+        None => (None, None),
+    };
+    Ok(Found {
+        map,
+        info,
+        frozen,
+        pin_rel,
+        pin_abs,
+    })
+}
+
+/// Maps pinned at `path` (a pin) or below it (a directory, recursively; programs and links
+/// pinned there are skipped). Relative paths use `/` and never contain `..`.
+pub fn find_pinned(path: &Path) -> Result<Vec<Found>> {
+    let meta = std::fs::symlink_metadata(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => DiscoverError::NoSuchPin {
+            path: path.to_path_buf(),
+        },
+        _ => DiscoverError::Proc {
+            path: path.display().to_string(),
+            source: e,
+        },
+    })?;
+    if !meta.is_dir() {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let map = Map::from_pin(path)?;
+        return Ok(vec![open_found(map, Some((name, path.to_path_buf())))?]);
+    }
+    let mut out = Vec::new();
+    walk(path, path, &mut out)?;
+    Ok(out)
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<Found>) -> Result<()> {
+    let proc_err = |e: io::Error| DiscoverError::Proc {
+        path: dir.display().to_string(),
+        source: e,
+    };
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .map_err(proc_err)?
+        .collect::<io::Result<_>>()
+        .map_err(proc_err)?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let path = entry.path();
+        let ft = entry.file_type().map_err(proc_err)?;
+        if ft.is_symlink() {
+            continue; // never follow links out of the searched tree
+        }
+        if ft.is_dir() {
+            walk(root, &path, out)?;
+            continue;
+        }
+        let fd = sys::obj_get(&path)?;
+        if sys::fd_kind(std::os::fd::AsFd::as_fd(&fd)) != ObjKind::Map {
+            continue;
+        }
+        let map = Map::from_fd(fd)?;
+        let rel = path
+            .strip_prefix(root)
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        out.push(open_found(map, Some((rel, path.clone())))?);
+    }
+    Ok(())
+}
+
+/// Ids of the maps process `pid` holds by fd, from `/proc/PID/fd` and `fdinfo`.
+pub fn map_ids_of_process(pid: u32) -> Result<Vec<u32>> {
+    let dir = format!("/proc/{pid}/fd");
+    let entries = std::fs::read_dir(&dir).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => DiscoverError::NoSuchProcess { pid },
+        _ => DiscoverError::Proc {
+            path: dir.clone(),
+            source: e,
+        },
+    })?;
+    let mut ids = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue; // closed meanwhile
+        };
+        if sys::kind_from_link(&target.to_string_lossy()) != ObjKind::Map {
+            continue;
+        }
+        let fdinfo = format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy());
+        let Ok(text) = std::fs::read_to_string(&fdinfo) else {
+            continue;
+        };
+        if let Some(id) = sys::fdinfo_field(&text, "map_id").and_then(|v| v.parse().ok()) {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// Every process of the container whose init process is `init`: those sharing its pid
+/// namespace, or, when it runs in the host's pid namespace, its cgroup.
+pub fn container_processes(init: u32) -> Result<Vec<u32>> {
+    let ns = |pid: u32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+    let init_ns = ns(init).ok_or(DiscoverError::NoSuchProcess { pid: init })?;
+    let host_ns = ns(1);
+    let cgroup = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok();
+    let init_cgroup = cgroup(init);
+    let by_ns = host_ns.as_ref() != Some(&init_ns);
+    let mut pids = Vec::new();
+    let proc = std::fs::read_dir("/proc").map_err(|e| DiscoverError::Proc {
+        path: "/proc".into(),
+        source: e,
+    })?;
+    for entry in proc.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let same = if by_ns {
+            ns(pid).as_ref() == Some(&init_ns)
+        } else {
+            init_cgroup.is_some() && cgroup(pid) == init_cgroup
+        };
+        if same {
+            pids.push(pid);
+        }
+    }
+    pids.sort_unstable();
+    Ok(pids)
+}

@@ -1,0 +1,745 @@
+//! Restoring a snapshot: create new maps and publish them atomically, or fill existing ones.
+//!
+//! New maps are created unpinned, filled, frozen if they were, and only after the whole stream
+//! has been read and its SHA-256 matched are they pinned: first all under temporary names,
+//! then each renamed over its target, so no reader ever sees a half-filled map and a bad
+//! stream publishes nothing. Filling existing maps changes live state, so it requires a
+//! verified snapshot up front and checks every target before the first write.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::format::{EntryChunk, Event, SnapshotReader, StreamDigest, VerifySummary};
+use crate::model::{Access, MapMeta, access_of, map_flags, map_type, round_up8};
+use crate::progress::Progress;
+use crate::sys::{self, Btf, CreateAttrs, ENOTSUPP, Map, MapInfo};
+
+/// How to treat the existing contents of a map being filled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FillMode {
+    /// Remove every existing entry first, so the map ends up equal to the snapshot.
+    #[default]
+    Replace,
+    /// Keep existing entries; snapshot entries overwrite those with the same key.
+    Merge,
+}
+
+/// What to do when per-CPU values come from a machine with another possible-CPU count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CpuPolicy {
+    /// Refuse the map.
+    #[default]
+    Error,
+    /// Keep the first CPUs' values; CPUs the snapshot lacks get zeroes.
+    Fit,
+}
+
+/// One existing map to fill, and which snapshot map goes into it.
+#[derive(Debug)]
+pub struct IntoTarget {
+    /// Snapshot map name or pin path; None when the snapshot holds exactly one top-level map.
+    pub select: Option<String>,
+    pub map: Map,
+}
+
+/// Where restored maps go.
+#[derive(Debug)]
+pub enum Destination {
+    /// Create new maps pinned under this bpffs directory at their snapshot pin paths.
+    PinRoot { dir: PathBuf, overwrite: bool },
+    /// Fill these existing maps.
+    Into(Vec<IntoTarget>),
+    /// Fill the existing maps pinned under this directory at the snapshot's pin paths.
+    IntoRoot(PathBuf),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    pub mode: FillMode,
+    pub cpu_policy: CpuPolicy,
+}
+
+/// One restored map.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestoredMap {
+    pub name: String,
+    pub map_type: &'static str,
+    pub entries: u64,
+    /// Where it was pinned (new maps) or the existing map filled.
+    pub target: String,
+    pub map_id: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreReport {
+    pub maps: Vec<RestoredMap>,
+    pub digest: StreamDigest,
+}
+
+/// Checks a relative pin path from a snapshot and joins it under `root`.
+///
+/// Absolute paths, `..`, empty or non-UTF-8 components are refused: a snapshot never
+/// decides where outside `root` something is written.
+pub fn safe_join(root: &Path, rel: &str) -> Result<PathBuf> {
+    let refuse = |reason| Error::UnsafePinPath {
+        path: rel.to_string(),
+        reason,
+    };
+    if rel.is_empty() {
+        return Err(refuse("it is empty"));
+    }
+    let p = Path::new(rel);
+    let mut out = root.to_path_buf();
+    for c in p.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir => {}
+            Component::ParentDir => return Err(refuse("it contains `..`")),
+            Component::RootDir | Component::Prefix(_) => return Err(refuse("it is absolute")),
+        }
+    }
+    if out == root {
+        return Err(refuse("it names no file"));
+    }
+    Ok(out)
+}
+
+/// The relative pin path a top-level map gets: its own, else its name.
+fn rel_pin(meta: &MapMeta, index: u32) -> String {
+    match &meta.pin_path {
+        Some(p) => p.clone(),
+        None if !meta.name.is_empty() => meta.name.clone(),
+        None => format!("map_{index}"),
+    }
+}
+
+/// Whether a snapshot map answers to `select` (its name or pin path).
+fn selects(meta: &MapMeta, select: &str) -> bool {
+    meta.name == select || meta.pin_path.as_deref() == Some(select)
+}
+
+/// Checks that `target` can take the contents of the snapshot map `meta`.
+pub fn check_compatible(
+    meta: &MapMeta,
+    target: &Map,
+    info: &MapInfo,
+    opts: &RestoreOptions,
+) -> Result<()> {
+    let bad = |reason: String| Error::Incompatible {
+        map: target.label().to_string(),
+        reason,
+    };
+    if info.map_type != meta.map_type {
+        return Err(bad(format!(
+            "it is a {} map, the snapshot map {:?} is a {}",
+            crate::model::type_name(info.map_type),
+            meta.name,
+            meta.type_name()
+        )));
+    }
+    if info.key_size != meta.key_size || info.value_size != meta.value_size {
+        return Err(bad(format!(
+            "key/value sizes are {}/{}, the snapshot's are {}/{}",
+            info.key_size, info.value_size, meta.key_size, meta.value_size
+        )));
+    }
+    if info.max_entries < meta.max_entries {
+        return Err(bad(format!(
+            "it holds at most {} entries, the snapshot map was created for {}",
+            info.max_entries, meta.max_entries
+        )));
+    }
+    if info.flags & map_flags::RDONLY != 0 {
+        return Err(bad("it is read-only for user space (BPF_F_RDONLY)".into()));
+    }
+    if target.frozen()? {
+        return Err(bad("it is frozen: user space cannot write it".into()));
+    }
+    cpu_fit(meta, target.label(), opts.cpu_policy)?;
+    Ok(())
+}
+
+/// For per-CPU maps from a machine with another CPU count: (snapshot CPUs, local CPUs).
+fn cpu_fit(meta: &MapMeta, label: &str, policy: CpuPolicy) -> Result<Option<(u32, u32)>> {
+    let Some(snap) = meta.possible_cpus else {
+        return Ok(None);
+    };
+    let here = sys::possible_cpus()?;
+    if snap == here {
+        return Ok(None);
+    }
+    match policy {
+        CpuPolicy::Error => Err(Error::CpuMismatch {
+            map: label.to_string(),
+            snapshot: snap,
+            here,
+        }),
+        CpuPolicy::Fit => Ok(Some((snap, here))),
+    }
+}
+
+/// Re-lays per-CPU values from `from` CPUs to `to` CPUs (first CPUs kept, new ones zero).
+fn refit_cpus(values: &[u8], value_size: u32, from: u32, to: u32) -> Vec<u8> {
+    let slot = round_up8(value_size) as usize;
+    let (from, to) = (from as usize, to as usize);
+    let mut out = Vec::with_capacity(values.len() / from.max(1) * to);
+    for v in values.chunks_exact(slot * from) {
+        for cpu in 0..to {
+            if cpu < from {
+                out.extend_from_slice(&v[cpu * slot..(cpu + 1) * slot]);
+            } else {
+                out.resize(out.len() + slot, 0);
+            }
+        }
+    }
+    out
+}
+
+/// Removes every entry of an existing map (arrays: zeroes the slots past `keep_from`).
+fn clear(map: &Map, info: &MapInfo, keep_from: u32) -> Result<()> {
+    match info.map_type {
+        map_type::ARRAY | map_type::PERCPU_ARRAY => {
+            let vl = match access_of(info.map_type) {
+                Ok(Access::PerCpu) => {
+                    round_up8(info.value_size) as usize * sys::possible_cpus()? as usize
+                }
+                _ => info.value_size as usize,
+            };
+            let zero = vec![0u8; vl];
+            for i in keep_from..info.max_entries {
+                map.update(Some(&i.to_ne_bytes()), &zero, 0)?;
+            }
+        }
+        map_type::QUEUE | map_type::STACK => {
+            let mut buf = vec![0u8; info.value_size as usize];
+            while map.lookup_and_delete(None, &mut buf)? {}
+        }
+        _ => {
+            let kl = info.key_size as usize;
+            let mut keys = Vec::new();
+            let (mut cur, mut next) = (vec![0u8; kl], vec![0u8; kl]);
+            let mut have = false;
+            while map.next_key(have.then_some(cur.as_slice()), &mut next)? {
+                keys.extend_from_slice(&next);
+                std::mem::swap(&mut cur, &mut next);
+                have = true;
+            }
+            for k in keys.chunks_exact(kl.max(1)) {
+                map.delete(k)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Where the map being filled came from.
+enum Slot {
+    /// Created by this restore; pinned at `final_path` once verified (None for inner maps).
+    New { final_path: Option<PathBuf> },
+    /// An existing map, filled in place.
+    Existing { target: String },
+}
+
+struct Current {
+    index: u32,
+    meta: MapMeta,
+    map: Map,
+    slot: Slot,
+    fit: Option<(u32, u32)>,
+    batch_ok: bool,
+    written: u64,
+}
+
+struct Restorer<'a> {
+    dest: &'a Destination,
+    opts: &'a RestoreOptions,
+    progress: &'a dyn Progress,
+    btf_blobs: Vec<Vec<u8>>,
+    btf_loaded: HashMap<u32, Btf>,
+    /// Created maps by snapshot index (inner maps are needed to fill their outer map).
+    created: HashMap<u32, Map>,
+    /// Existing targets resolved up front, by snapshot map index.
+    targets: HashMap<u32, (Map, String)>,
+    current: Option<Current>,
+    to_publish: Vec<(Map, PathBuf)>,
+    report: Vec<RestoredMap>,
+}
+
+impl Restorer<'_> {
+    fn btf(&mut self, index: u32) -> Result<&Btf> {
+        if !self.btf_loaded.contains_key(&index) {
+            let blob = self
+                .btf_blobs
+                .get(index as usize)
+                .ok_or_else(|| Error::Restore {
+                    map: format!("BTF {index}"),
+                    reason: "the snapshot refers to BTF it does not contain".into(),
+                })?;
+            self.btf_loaded.insert(index, Btf::load(blob)?);
+        }
+        self.btf_loaded.get(&index).ok_or_else(|| Error::Restore {
+            map: format!("BTF {index}"),
+            reason: "BTF vanished after loading".into(),
+        })
+    }
+
+    fn create(&mut self, index: u32, meta: &MapMeta) -> Result<Map> {
+        // Syscall-side access flags would stop us filling it: RDONLY maps are frozen instead.
+        let mut flags = meta.flags & !(map_flags::RDONLY | map_flags::WRONLY);
+        if meta.numa_node.is_none() {
+            flags &= !map_flags::NUMA_NODE;
+        }
+        // Redirect maps get BPF_F_RDONLY_PROG from the kernel itself, which refuses it as input.
+        if matches!(
+            meta.map_type,
+            map_type::DEVMAP | map_type::DEVMAP_HASH | map_type::CPUMAP
+        ) {
+            flags &= !map_flags::RDONLY_PROG;
+        }
+        let inner_fd = match access_of(meta.map_type) {
+            Ok(Access::MapOfMaps) => {
+                let t = meta.inner_template.ok_or_else(|| Error::Restore {
+                    map: meta.name.clone(),
+                    reason: "this map of maps was empty when dumped, so its inner-map template \
+                             is unknown: create the map (load its program) and restore with --into"
+                        .into(),
+                })?;
+                Some(self.created.get(&t).ok_or_else(|| Error::Restore {
+                    map: meta.name.clone(),
+                    reason: format!("its inner-map template (snapshot map {t}) was not restored"),
+                })?)
+            }
+            _ => None,
+        };
+        let inner_fd = inner_fd.map(|m| m.fd());
+        let (btf_fd, key_id, value_id) = match &meta.btf {
+            Some(b) => {
+                let (k, v) = (b.key_type_id, b.value_type_id);
+                // Loading BTF needs &mut self; the borrow of inner_fd ends before it.
+                (Some(b.index), k, v)
+            }
+            None => (None, 0, 0),
+        };
+        let inner_owned = match inner_fd {
+            Some(fd) => Some(
+                fd.try_clone_to_owned()
+                    .map_err(|e| Error::io("dup inner map fd", e))?,
+            ),
+            None => None,
+        };
+        let btf = match btf_fd {
+            Some(i) => Some(self.btf(i)?),
+            None => None,
+        };
+        let attrs = CreateAttrs {
+            map_type: meta.map_type,
+            name: &meta.name,
+            key_size: meta.key_size,
+            value_size: meta.value_size,
+            max_entries: meta.max_entries,
+            flags,
+            map_extra: meta.map_extra,
+            numa_node: meta.numa_node,
+            btf_fd: btf.map(|b| b.fd()),
+            btf_key_type_id: key_id,
+            btf_value_type_id: value_id,
+            inner_map_fd: inner_owned.as_ref().map(std::os::fd::AsFd::as_fd),
+        };
+        let map = Map::create(&attrs).map_err(|e| Error::Restore {
+            map: format!("snapshot map {index} {:?}", meta.name),
+            reason: format!("creating it failed: {e}"),
+        })?;
+        Ok(map)
+    }
+
+    fn begin(&mut self, index: u32, meta: MapMeta) -> Result<()> {
+        access_of(meta.map_type).map_err(|reason| Error::Unsupported {
+            map: format!("snapshot map {index} {:?}", meta.name),
+            map_type: meta.type_name(),
+            reason: reason.into(),
+        })?;
+        let label = format!("snapshot map {index} {:?}", meta.name);
+        let fit = cpu_fit(&meta, &label, self.opts.cpu_policy)?;
+        self.progress.map_started(&meta.name, None);
+        let (map, slot) = if meta.inner {
+            (self.create(index, &meta)?, Slot::New { final_path: None })
+        } else {
+            match self.dest {
+                Destination::PinRoot { dir, overwrite } => {
+                    let path = safe_join(dir, &rel_pin(&meta, index))?;
+                    if !overwrite && path.exists() {
+                        return Err(Error::PinExists { path });
+                    }
+                    (
+                        self.create(index, &meta)?,
+                        Slot::New {
+                            final_path: Some(path),
+                        },
+                    )
+                }
+                Destination::Into(_) | Destination::IntoRoot(_) => {
+                    match self.targets.remove(&index) {
+                        Some((map, target)) => {
+                            if self.opts.mode == FillMode::Replace {
+                                clear(&map, &map.info()?, meta.max_entries)?;
+                            }
+                            (map, Slot::Existing { target })
+                        }
+                        None => {
+                            // Not selected: read past it.
+                            self.current = None;
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        };
+        self.current = Some(Current {
+            index,
+            meta,
+            map,
+            slot,
+            fit,
+            batch_ok: true,
+            written: 0,
+        });
+        Ok(())
+    }
+
+    fn entries(&mut self, chunk: &EntryChunk) -> Result<()> {
+        let Some(cur) = self.current.as_mut() else {
+            return Ok(());
+        };
+        let meta = &cur.meta;
+        let access = access_of(meta.map_type).unwrap_or(Access::Keyed);
+        let mut values = std::borrow::Cow::Borrowed(chunk.values.as_slice());
+        if let Some((from, to)) = cur.fit {
+            values = refit_cpus(&values, meta.value_size, from, to).into();
+        }
+        if access == Access::MapOfMaps {
+            // Snapshot indexes of inner maps become fds of the maps created for them.
+            let mut fds = Vec::with_capacity(values.len());
+            for v in values.chunks_exact(4) {
+                let i = u32::from_le_bytes([v[0], v[1], v[2], v[3]]);
+                let inner = self.created.get(&i).ok_or_else(|| Error::Restore {
+                    map: cur.map.label().to_string(),
+                    reason: format!(
+                        "an entry refers to inner map {i}, which is not in the snapshot"
+                    ),
+                })?;
+                fds.extend_from_slice(
+                    &(std::os::fd::AsRawFd::as_raw_fd(&inner.fd()) as u32).to_ne_bytes(),
+                );
+            }
+            values = fds.into();
+        }
+        if matches!(
+            meta.map_type,
+            map_type::DEVMAP | map_type::DEVMAP_HASH | map_type::CPUMAP
+        ) && meta.value_size >= 8
+        {
+            let vs = meta.value_size as usize;
+            if let Some(i) = values.chunks_exact(vs).position(|v| v[4..8] != [0; 4]) {
+                return Err(Error::Restore {
+                    map: cur.map.label().to_string(),
+                    reason: format!(
+                        "entry {i} of this chunk has a BPF program attached; programs cannot be \
+                         carried in a snapshot: detach it before dumping"
+                    ),
+                });
+            }
+        }
+        let (kl, vl) = (meta.key_len(), meta.value_len());
+        if access == Access::Queue {
+            for v in values.chunks_exact(vl.max(1)) {
+                cur.map.update(None, v, 0)?;
+            }
+        } else {
+            fill(cur, &chunk.keys, &values, kl, vl, chunk.count)?;
+        }
+        cur.written += chunk.count as u64;
+        self.progress.entries(chunk.count as u64);
+        Ok(())
+    }
+
+    fn end(&mut self) -> Result<()> {
+        let Some(cur) = self.current.take() else {
+            return Ok(());
+        };
+        self.progress.map_done();
+        let info = cur.map.info()?;
+        match cur.slot {
+            Slot::New { final_path } => {
+                if cur.meta.frozen || cur.meta.flags & map_flags::RDONLY != 0 {
+                    cur.map.freeze()?;
+                }
+                if let Some(path) = final_path {
+                    self.report.push(RestoredMap {
+                        name: cur.meta.name.clone(),
+                        map_type: cur.meta.type_name(),
+                        entries: cur.written,
+                        target: path.display().to_string(),
+                        map_id: info.id,
+                    });
+                    self.to_publish.push((cur.map, path));
+                } else {
+                    self.created.insert(cur.index, cur.map);
+                }
+            }
+            Slot::Existing { target } => self.report.push(RestoredMap {
+                name: cur.meta.name.clone(),
+                map_type: cur.meta.type_name(),
+                entries: cur.written,
+                target,
+                map_id: info.id,
+            }),
+        }
+        Ok(())
+    }
+
+    /// Pins every new map under a temporary name, checks each, then renames them into place.
+    fn publish(&mut self) -> Result<()> {
+        let mut staged: Vec<(PathBuf, PathBuf)> = Vec::new();
+        let result = (|| {
+            for (i, (map, path)) in self.to_publish.iter().enumerate() {
+                let dir = path.parent().unwrap_or(Path::new("/"));
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+                // bpffs refuses names with dots (EPERM): the temporary name has none.
+                let tmp = dir.join(format!("mapsnap_tmp_{}_{i}", std::process::id()));
+                map.pin(&tmp)?;
+                staged.push((tmp.clone(), path.clone()));
+                let pinned = Map::from_pin(&tmp)?;
+                if pinned.info()?.id != map.info()?.id {
+                    return Err(Error::Restore {
+                        map: path.display().to_string(),
+                        reason: "the map pinned under the temporary name is not the one restored"
+                            .into(),
+                    });
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for (tmp, _) in &staged {
+                let _ = std::fs::remove_file(tmp);
+            }
+            return Err(e);
+        }
+        for (tmp, path) in &staged {
+            std::fs::rename(tmp, path).map_err(|e| {
+                Error::io(
+                    format!("renaming {} to {}", tmp.display(), path.display()),
+                    e,
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes one chunk into a keyed map: batch update, or element by element where the map
+/// type has no batch update.
+fn fill(
+    cur: &mut Current,
+    keys: &[u8],
+    values: &[u8],
+    kl: usize,
+    vl: usize,
+    count: usize,
+) -> Result<()> {
+    let mut done = 0usize;
+    while cur.batch_ok && done < count {
+        let n = (count - done) as u32;
+        match cur
+            .map
+            .update_batch(&keys[done * kl..], &values[done * vl..], n, 0)
+        {
+            Ok(w) => done += w as usize,
+            // The kernel leaves `count` as given when the type has no batch update, and
+            // element-wise updates are idempotent, so starting over element by element is safe.
+            Err((_, e))
+                if done == 0
+                    && cur.written == 0
+                    && matches!(
+                        e.errno(),
+                        Some(libc::EINVAL) | Some(ENOTSUPP) | Some(libc::EOPNOTSUPP)
+                    ) =>
+            {
+                cur.batch_ok = false;
+            }
+            Err((w, e)) => {
+                return Err(Error::Restore {
+                    map: cur.map.label().to_string(),
+                    reason: format!(
+                        "writing entry {} failed: {e}",
+                        cur.written + done as u64 + w as u64
+                    ),
+                });
+            }
+        }
+    }
+    for i in done..count {
+        cur.map
+            .update(
+                Some(&keys[i * kl..(i + 1) * kl]),
+                &values[i * vl..(i + 1) * vl],
+                0,
+            )
+            .map_err(|e| Error::Restore {
+                map: cur.map.label().to_string(),
+                reason: format!("writing entry {} failed: {e}", cur.written + i as u64),
+            })?;
+    }
+    Ok(())
+}
+
+/// Resolves and checks every existing target before anything is written.
+fn resolve_targets(
+    dest: &Destination,
+    summary: &VerifySummary,
+    opts: &RestoreOptions,
+) -> Result<HashMap<u32, (Map, String)>> {
+    let top: Vec<(u32, &MapMeta)> = summary
+        .maps
+        .iter()
+        .enumerate()
+        .filter(|(_, (m, _))| !m.inner)
+        .map(|(i, (m, _))| (i as u32, m))
+        .collect();
+    let mut out = HashMap::new();
+    match dest {
+        Destination::PinRoot { .. } => {}
+        Destination::Into(targets) => {
+            for t in targets {
+                let (index, meta) = match &t.select {
+                    None if top.len() == 1 => top[0],
+                    None => {
+                        return Err(Error::Restore {
+                            map: t.map.label().to_string(),
+                            reason: format!(
+                                "the snapshot holds {} maps: say which one goes here (NAME=TARGET)",
+                                top.len()
+                            ),
+                        });
+                    }
+                    Some(sel) => *top.iter().find(|(_, m)| selects(m, sel)).ok_or_else(|| {
+                        Error::Restore {
+                            map: sel.clone(),
+                            reason: "no map of that name or pin path in the snapshot".into(),
+                        }
+                    })?,
+                };
+                let info = t.map.info()?;
+                check_compatible(meta, &t.map, &info, opts)?;
+                out.insert(index, (t.map.try_clone()?, t.map.label().to_string()));
+            }
+        }
+        Destination::IntoRoot(dir) => {
+            for (index, meta) in top {
+                let path = safe_join(dir, &rel_pin(meta, index))?;
+                let map = Map::from_pin(&path)?;
+                let info = map.info()?;
+                check_compatible(meta, &map, &info, opts)?;
+                out.insert(index, (map, path.display().to_string()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Restores the snapshot read from `source` into `dest`.
+///
+/// `verified` is the result of [`crate::format::verify`] over the same bytes. It is required
+/// to fill existing maps (so a bad snapshot changes nothing); new maps are published only
+/// after the stream's own checksum matched, with or without it.
+pub fn restore<R: Read>(
+    source: R,
+    verified: Option<&VerifySummary>,
+    dest: &Destination,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreReport> {
+    let targets = match (dest, verified) {
+        (Destination::PinRoot { .. }, _) => HashMap::new(),
+        (_, Some(summary)) => resolve_targets(dest, summary, opts)?,
+        (_, None) => {
+            return Err(Error::Restore {
+                map: "restore".into(),
+                reason: "filling existing maps needs a verified snapshot (internal error)".into(),
+            });
+        }
+    };
+    let mut r = Restorer {
+        dest,
+        opts,
+        progress,
+        btf_blobs: Vec::new(),
+        btf_loaded: HashMap::new(),
+        created: HashMap::new(),
+        targets,
+        current: None,
+        to_publish: Vec::new(),
+        report: Vec::new(),
+    };
+    let mut reader = SnapshotReader::new(source)?;
+    let digest = loop {
+        match reader.next_event()? {
+            Some(Event::Info(_)) => {}
+            Some(Event::Btf { blob, .. }) => r.btf_blobs.push(blob),
+            Some(Event::MapBegin { index, meta }) => r.begin(index, meta)?,
+            Some(Event::Entries(chunk)) => r.entries(&chunk)?,
+            Some(Event::MapEnd { .. }) => r.end()?,
+            Some(Event::End(digest)) => break digest,
+            None => {
+                return Err(Error::Restore {
+                    map: "snapshot".into(),
+                    reason: "the stream ended without its trailer".into(),
+                });
+            }
+        }
+    };
+    if let Some(v) = verified {
+        if v.digest.sha256 != digest.sha256 {
+            return Err(Error::Restore {
+                map: "snapshot".into(),
+                reason: "the snapshot changed between verification and restore".into(),
+            });
+        }
+    }
+    r.publish()?;
+    Ok(RestoreReport {
+        maps: r.report,
+        digest,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_paths_stay_under_root() {
+        let root = Path::new("/sys/fs/bpf/app");
+        assert_eq!(safe_join(root, "a/b").ok(), Some(root.join("a/b")));
+        assert_eq!(safe_join(root, "./x").ok(), Some(root.join("x")));
+        assert!(safe_join(root, "../etc").is_err());
+        assert!(safe_join(root, "a/../../b").is_err());
+        assert!(safe_join(root, "/etc/passwd").is_err());
+        assert!(safe_join(root, "").is_err());
+        assert!(safe_join(root, ".").is_err());
+    }
+
+    #[test]
+    fn cpu_refit_keeps_first_cpus() {
+        // value_size 4 -> slot 8; 2 CPUs -> 3 CPUs and 3 -> 2.
+        let two = [1u8, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0];
+        let three = refit_cpus(&two, 4, 2, 3);
+        assert_eq!(three.len(), 24);
+        assert_eq!(&three[..16], &two);
+        assert_eq!(&three[16..], &[0u8; 8]);
+        assert_eq!(refit_cpus(&three, 4, 3, 2), two.to_vec());
+    }
+}
