@@ -42,22 +42,7 @@ lint: fmt-check clippy
 test: deps lint test-only
 
 test-only:
-	@if [[ "$$(id -u)" -ne 0 ]]; then echo "make test: the tests must run as root" >&2; exit 1; fi
-	@runner="$(TEST_RUNNER)"; \
-	if [[ "$$runner" == auto ]]; then \
-	    if $(CARGO) nextest --version >/dev/null 2>&1; then runner=nextest; else runner=cargo; fi; \
-	fi; \
-	case "$$runner" in \
-	nextest) \
-	    echo "==> $(CARGO) test --workspace --doc"; \
-	    $(CARGO) test --workspace --doc; \
-	    echo "==> $(CARGO) nextest run --workspace --no-fail-fast"; \
-	    $(CARGO) nextest run --workspace --no-fail-fast ;; \
-	cargo) \
-	    echo "==> $(CARGO) test --workspace --no-fail-fast"; \
-	    $(CARGO) test --workspace --no-fail-fast ;; \
-	*) echo "TEST_RUNNER must be auto, nextest or cargo (got $$runner)" >&2; exit 2 ;; \
-	esac
+	CARGO="$(CARGO)" TEST_RUNNER="$(TEST_RUNNER)" bash scripts/run-tests.sh
 
 demo: deps build
 	MAPSNAP="$(MAPSNAP)" bash scripts/demo.sh

@@ -67,7 +67,10 @@ fn match_name(meta: &MapMeta) -> String {
 /// Calls `visit(map, key, value)` for every entry of every top-level map of a side; values of
 /// maps of maps are replaced by an order-independent hash of the inner map's contents so that
 /// both sides compare by content. Queue and stack entries are keyed by position.
-fn scan(side: &Side<'_>, visit: &mut dyn FnMut(&str, &[u8], &[u8])) -> Result<Vec<String>> {
+/// Receives `(map, key, value)` for every entry.
+type Visit<'a> = dyn FnMut(&str, &[u8], &[u8]) + 'a;
+
+fn scan(side: &Side<'_>, visit: &mut Visit<'_>) -> Result<Vec<String>> {
     let mut names = Vec::new();
     match side {
         Side::Snapshot(open) => {

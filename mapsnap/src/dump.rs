@@ -88,6 +88,9 @@ pub fn meta_of(info: &MapInfo, frozen: bool, pin_rel: Option<String>) -> Result<
     })
 }
 
+/// Receives `(count, keys, values)` batches in the kernel's column layout.
+pub type EntrySink<'a> = dyn FnMut(usize, &[u8], &[u8]) -> Result<()> + 'a;
+
 /// Entries per batch call so that one batch is about one chunk.
 pub fn batch_entries(chunk_bytes: usize, entry_len: usize) -> usize {
     (chunk_bytes / entry_len.max(1)).clamp(16, 1 << 16)
@@ -101,7 +104,7 @@ pub fn read_entries(
     key_len: usize,
     value_len: usize,
     batch: usize,
-    sink: &mut dyn FnMut(usize, &[u8], &[u8]) -> Result<()>,
+    sink: &mut EntrySink<'_>,
 ) -> Result<u64> {
     let mut max = batch.max(1);
     let mut keys = vec![0u8; max * key_len];
@@ -152,7 +155,7 @@ fn read_by_next_key(
     key_len: usize,
     value_len: usize,
     batch: usize,
-    sink: &mut dyn FnMut(usize, &[u8], &[u8]) -> Result<()>,
+    sink: &mut EntrySink<'_>,
 ) -> Result<u64> {
     let mut keys = vec![0u8; batch * key_len];
     let mut values = vec![0u8; batch * value_len];
@@ -373,7 +376,7 @@ pub fn dump<W: Write>(
     progress: &dyn Progress,
 ) -> Result<(W, DumpReport)> {
     let mut d = Dumper {
-        w: SnapshotWriter::new(out, info, opts.writer.clone())?,
+        w: SnapshotWriter::new(out, info, opts.writer)?,
         btf_index: HashMap::new(),
         report: Vec::new(),
         chunk_bytes: opts.writer.chunk_bytes,

@@ -701,13 +701,13 @@ pub fn restore<R: Read>(
             }
         }
     };
-    if let Some(v) = verified {
-        if v.digest.sha256 != digest.sha256 {
-            return Err(Error::Restore {
-                map: "snapshot".into(),
-                reason: "the snapshot changed between verification and restore".into(),
-            });
-        }
+    if let Some(v) = verified
+        && v.digest.sha256 != digest.sha256
+    {
+        return Err(Error::Restore {
+            map: "snapshot".into(),
+            reason: "the snapshot changed between verification and restore".into(),
+        });
     }
     r.publish()?;
     Ok(RestoreReport {

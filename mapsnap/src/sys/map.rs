@@ -80,10 +80,10 @@ fn aya_err(op: &'static str, target: String, e: impl std::error::Error + 'static
     // aya wraps the io::Error; keep its errno when it has one so callers can match on it.
     let mut source: Option<&dyn std::error::Error> = Some(&e);
     while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<io::Error>() {
-            if let Some(errno) = io.raw_os_error() {
-                return SysError::new(op, target, io::Error::from_raw_os_error(errno));
-            }
+        if let Some(io) = s.downcast_ref::<io::Error>()
+            && let Some(errno) = io.raw_os_error()
+        {
+            return SysError::new(op, target, io::Error::from_raw_os_error(errno));
         }
         source = s.source();
     }
