@@ -413,14 +413,6 @@ fn sign_extend(v: u128, bits: u32) -> i128 {
     }
 }
 
-fn mask(v: u128, bits: u32) -> u128 {
-    if bits >= 128 {
-        v
-    } else {
-        v & ((1u128 << bits) - 1)
-    }
-}
-
 /// An integer of `bits` bits as JSON: a number up to 64 bits, else a hex string.
 fn int_value(raw: u128, bits: u32, signed: bool) -> Value {
     if bits > 64 {
@@ -692,8 +684,8 @@ impl Walker<'_> {
         Ok(match tb.resolve(id)? {
             Type::Int(i) if i.is_bool() => Value::Bool(raw != 0),
             Type::Int(i) => int_value(raw, nbits, i.is_signed()),
-            Type::Enum(e) => self.enum32(&e, mask(raw, nbits), nbits),
-            Type::Enum64(e) => self.enum64(&e, mask(raw, nbits), nbits),
+            Type::Enum(e) => self.enum32(&e, raw, nbits),
+            Type::Enum64(e) => self.enum64(&e, raw, nbits),
             _ => int_value(raw, nbits, false),
         })
     }
