@@ -90,6 +90,15 @@ pub fn find(sources: &[Source]) -> Result<Vec<Found>> {
     Ok(by_id.into_values().collect())
 }
 
+impl Found {
+    /// Wraps a map opened elsewhere (e.g. an fd handed over by CRIU).
+    pub fn from_map(map: Map, pin_rel: Option<String>) -> Result<Self> {
+        let mut f = open_found(map, None)?;
+        f.pin_rel = pin_rel;
+        Ok(f)
+    }
+}
+
 fn open_found(map: Map, pin: Option<(String, PathBuf)>) -> Result<Found> {
     let info = map.info()?;
     let frozen = map.frozen()?;

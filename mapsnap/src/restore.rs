@@ -53,6 +53,9 @@ pub enum Destination {
     Into(Vec<IntoTarget>),
     /// Fill the existing maps pinned under this directory at the snapshot's pin paths.
     IntoRoot(PathBuf),
+    /// Create new maps and hand them back unpinned in [`RestoreReport::detached`] (for callers
+    /// that install fds themselves, like the CRIU plugin).
+    Detached,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -72,10 +75,12 @@ pub struct RestoredMap {
     pub map_id: u32,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RestoreReport {
     pub maps: Vec<RestoredMap>,
     pub digest: StreamDigest,
+    /// With [`Destination::Detached`]: the top-level maps created, in snapshot order.
+    pub detached: Vec<Map>,
 }
 
 /// Checks a relative pin path from a snapshot and joins it under `root`.
@@ -240,6 +245,8 @@ enum Slot {
     New { final_path: Option<PathBuf> },
     /// An existing map, filled in place.
     Existing { target: String },
+    /// Created and handed back unpinned.
+    Detached,
 }
 
 struct Current {
@@ -264,6 +271,7 @@ struct Restorer<'a> {
     targets: HashMap<u32, (Map, String)>,
     current: Option<Current>,
     to_publish: Vec<(Map, PathBuf)>,
+    detached: Vec<Map>,
     report: Vec<RestoredMap>,
 }
 
@@ -379,6 +387,7 @@ impl Restorer<'_> {
                         },
                     )
                 }
+                Destination::Detached => (self.create(index, &meta)?, Slot::Detached),
                 Destination::Into(_) | Destination::IntoRoot(_) => {
                     match self.targets.remove(&index) {
                         Some((map, target)) => {
@@ -487,6 +496,19 @@ impl Restorer<'_> {
                 } else {
                     self.created.insert(cur.index, cur.map);
                 }
+            }
+            Slot::Detached => {
+                if cur.meta.frozen || cur.meta.flags & map_flags::RDONLY != 0 {
+                    cur.map.freeze()?;
+                }
+                self.report.push(RestoredMap {
+                    name: cur.meta.name.clone(),
+                    map_type: cur.meta.type_name(),
+                    entries: cur.written,
+                    target: "(unpinned)".into(),
+                    map_id: info.id,
+                });
+                self.detached.push(cur.map);
             }
             Slot::Existing { target } => self.report.push(RestoredMap {
                 name: cur.meta.name.clone(),
@@ -611,7 +633,7 @@ fn resolve_targets(
         .collect();
     let mut out = HashMap::new();
     match dest {
-        Destination::PinRoot { .. } => {}
+        Destination::PinRoot { .. } | Destination::Detached => {}
         Destination::Into(targets) => {
             for t in targets {
                 let (index, meta) = match &t.select {
@@ -663,7 +685,7 @@ pub fn restore<R: Read>(
     progress: &dyn Progress,
 ) -> Result<RestoreReport> {
     let targets = match (dest, verified) {
-        (Destination::PinRoot { .. }, _) => HashMap::new(),
+        (Destination::PinRoot { .. } | Destination::Detached, _) => HashMap::new(),
         (_, Some(summary)) => resolve_targets(dest, summary, opts)?,
         (_, None) => {
             return Err(Error::Restore {
@@ -682,6 +704,7 @@ pub fn restore<R: Read>(
         targets,
         current: None,
         to_publish: Vec::new(),
+        detached: Vec::new(),
         report: Vec::new(),
     };
     let mut reader = SnapshotReader::new(source)?;
@@ -713,6 +736,7 @@ pub fn restore<R: Read>(
     Ok(RestoreReport {
         maps: r.report,
         digest,
+        detached: r.detached,
     })
 }
 

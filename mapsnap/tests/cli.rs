@@ -152,3 +152,54 @@ fn dump_restore_diff_and_exit_codes() {
     assert_eq!(o.status.code(), Some(6), "{}", text(&o));
     assert!(text(&o).contains("/sys/fs/bpf/does-not-exist"));
 }
+
+#[test]
+fn inspect_prints_btf_typed_entries() {
+    let dir = common::fresh_pin_dir("cli-btf");
+    let _obj = common::load_test_object(&dir);
+    let flows = Map::from_pin(&dir.join("flows")).expect("flows");
+    // struct flow_key { u32 saddr, daddr; u16 sport, dport; u8 proto; u8 pad[3]; }
+    let mut key = Vec::new();
+    key.extend_from_slice(&0x0a000001u32.to_ne_bytes());
+    key.extend_from_slice(&0x0a000002u32.to_ne_bytes());
+    key.extend_from_slice(&443u16.to_ne_bytes());
+    key.extend_from_slice(&8080u16.to_ne_bytes());
+    key.extend_from_slice(&[6, 0, 0, 0]);
+    // struct flow_stats { u64 packets, bytes, first_seen_ns, last_seen_ns; u32 flags, ifindex; }
+    let mut value = Vec::new();
+    for v in [12u64, 3400, 1, 2] {
+        value.extend_from_slice(&v.to_ne_bytes());
+    }
+    value.extend_from_slice(&5u32.to_ne_bytes());
+    value.extend_from_slice(&1u32.to_ne_bytes());
+    flows.update(Some(&key), &value, 0).expect("update");
+
+    let work = tempfile::tempdir().expect("tempdir");
+    let snap = work.path().join("btf.mapsnap");
+    let snap_s = snap.to_str().expect("utf8");
+    let flows_pin = dir.join("flows");
+    let o = mapsnap(&[
+        "dump",
+        "--pin",
+        flows_pin.to_str().expect("utf8"),
+        "-o",
+        snap_s,
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = mapsnap(&["inspect", snap_s, "--entries", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let m = &v["maps"][0];
+    assert_eq!(m["btf_types"]["key"], "struct flow_key");
+    assert_eq!(m["btf_types"]["value"], "struct flow_stats");
+    let e = &m["shown"][0];
+    assert_eq!(e["key"]["saddr"], 0x0a000001);
+    assert_eq!(e["key"]["dport"], 8080);
+    assert_eq!(e["key"]["proto"], 6);
+    assert_eq!(e["value"]["packets"], 12);
+    assert_eq!(e["value"]["bytes"], 3400);
+    assert_eq!(e["value"]["ifindex"], 1);
+    // The text form shows the same fields.
+    let o = mapsnap(&["inspect", snap_s, "--entries"]);
+    assert!(text(&o).contains("dport: 8080"), "{}", text(&o));
+}

@@ -105,6 +105,17 @@ impl Map {
         Self::wrap(data, format!("map {id}"))
     }
 
+    /// Opens the map with this kernel id with access flags (`BPF_F_RDONLY` = 1 << 3,
+    /// `BPF_F_WRONLY` = 1 << 4): a read-only or write-only fd, as processes may hold.
+    pub fn from_id_with_flags(id: u32, open_flags: u32) -> Result<Self> {
+        let mut at = attr();
+        at.__bindgen_anon_6.__bindgen_anon_1.map_id = id;
+        at.__bindgen_anon_6.open_flags = open_flags;
+        let fd = call_fd(bpf_cmd::BPF_MAP_GET_FD_BY_ID, &mut at)
+            .map_err(|e| SysError::new("BPF_MAP_GET_FD_BY_ID", format!("map {id}"), e))?;
+        Self::from_fd(fd)
+    }
+
     /// Opens the map pinned at `path`; a pinned program or link is refused by name.
     ///
     /// Not aya's `MapData::from_pin`: it would read a program's info as if it were a map's.
