@@ -75,3 +75,12 @@ if ! awk '$2 == "/sys/fs/bpf" && $3 == "bpf" { found = 1 } END { exit !found }' 
     say "mount -t bpf bpf /sys/fs/bpf"
     mount -t bpf bpf /sys/fs/bpf || die "could not mount bpffs at /sys/fs/bpf"
 fi
+
+# --- components with install scripts of their own ----------------------------------
+# CRIU 4.1 for the plugin tests, an S3-compatible server for the storage tests.
+here="$(dirname "${BASH_SOURCE[0]}")"
+for extra in install-criu.sh install-s3.sh; do
+    if [[ -f "$here/$extra" ]]; then
+        bash "$here/$extra"
+    fi
+done
