@@ -666,3 +666,48 @@ fn unsupported_types_are_named_or_skipped() {
         .collect();
     assert_eq!(names, [("kept".to_string(), 1)].into());
 }
+
+/// Splitting a map between reader threads returns every entry exactly once, whatever the
+/// thread count and batch size (small batches make every range end inside a batch).
+#[test]
+fn parallel_reads_return_every_entry_once() {
+    for (t, max, n) in [
+        (mt::HASH, 40_000u32, 30_000u32),
+        (mt::PERCPU_HASH, 33_000, 20_000),
+        (mt::ARRAY, 50_000, 50_000),
+    ] {
+        let cpus = possible_cpus().expect("cpus") as usize;
+        let vl = if t == mt::PERCPU_HASH { 8 * cpus } else { 8 };
+        let m = create("par", t, 4, 8, max, 0, None);
+        let expect = if t == mt::ARRAY {
+            array_expect(max, vl, &fill_keyed(&m, n, 4, vl, 11))
+        } else {
+            fill_keyed(&m, n, 4, vl, 11)
+        };
+        let meta = dump::meta_of(&m.info().expect("info"), false, None).expect("meta");
+        assert!(dump::can_split(&meta));
+        for threads in [2, 3, 5] {
+            for batch in [64, 5000] {
+                let mut got: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+                let total =
+                    dump::read_entries_parallel(&m, &meta, batch, threads, &mut |c, k, v| {
+                        for i in 0..c {
+                            got.push((
+                                k[i * 4..(i + 1) * 4].to_vec(),
+                                v[i * vl..(i + 1) * vl].to_vec(),
+                            ));
+                        }
+                        Ok(())
+                    })
+                    .expect("parallel read");
+                assert_eq!(
+                    total as usize,
+                    expect.len(),
+                    "type {t}, {threads} threads, batch {batch}"
+                );
+                let as_map: BTreeMap<_, _> = got.into_iter().collect();
+                assert_eq!(as_map, expect, "type {t}, {threads} threads, batch {batch}");
+            }
+        }
+    }
+}

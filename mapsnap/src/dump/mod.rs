@@ -4,6 +4,10 @@
 //! `get_next_key` + `lookup` otherwise, and handed to the writer in the column layout the
 //! kernel produced, so nothing is copied per entry.
 
+mod parallel;
+
+pub use parallel::{can_split, read_entries_parallel};
+
 use std::collections::HashMap;
 use std::io::Write;
 
@@ -15,11 +19,23 @@ use crate::progress::Progress;
 use crate::sys::{self, ENOTSUPP, Map, MapInfo};
 
 /// Options for [`dump`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct DumpOptions {
     /// Skip maps of unsupported types with a warning instead of failing.
     pub skip_unsupported: bool,
     pub writer: WriterOptions,
+    /// Reader threads for one big hash or array map (1 = read on the writing thread).
+    pub threads: usize,
+}
+
+impl Default for DumpOptions {
+    fn default() -> Self {
+        Self {
+            skip_unsupported: false,
+            writer: WriterOptions::default(),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
 }
 
 /// What one dumped map came to.
@@ -227,6 +243,7 @@ struct Dumper<'a, W: Write> {
     btf_index: HashMap<u32, u32>,
     report: Vec<DumpedMap>,
     chunk_bytes: usize,
+    threads: usize,
     progress: &'a dyn Progress,
 }
 
@@ -291,7 +308,7 @@ impl<W: Write> Dumper<'_, W> {
                 let map_index = self.w.begin_map(&meta)?;
                 let batch = batch_entries(self.chunk_bytes, kl + vl);
                 let (w, progress) = (&mut self.w, self.progress);
-                read_entries(map, kl, vl, batch, &mut |n, k, v| {
+                read_entries_parallel(map, &meta, batch, self.threads, &mut |n, k, v| {
                     w.write_entries(n, k, v)?;
                     progress.entries(n as u64);
                     Ok(())
@@ -380,6 +397,7 @@ pub fn dump<W: Write>(
         btf_index: HashMap::new(),
         report: Vec::new(),
         chunk_bytes: opts.writer.chunk_bytes,
+        threads: opts.threads,
         progress,
     };
     let mut skipped = Vec::new();
