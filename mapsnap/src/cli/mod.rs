@@ -296,6 +296,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     zstd_level,
                     ..WriterOptions::default()
                 },
+                ..DumpOptions::default()
             };
             let bar = bar::Bar::new();
             let report = if output == Path::new("-") {
