@@ -1,0 +1,114 @@
+// batch_anchor: the speed limit for reading and writing one BPF map from user space.
+//
+// It creates a map, fills it with BPF_MAP_UPDATE_BATCH, then reads it back twice:
+// element by element (GET_NEXT_KEY + LOOKUP, what bpftool does) and with
+// BPF_MAP_LOOKUP_BATCH. Nothing is compressed or written anywhere: any tool that
+// dumps or restores maps can only be slower than these loops. Each result is one
+// JSON line on stdout.
+//
+// Build: cc -O2 -o batch_anchor batch_anchor.c -lbpf      (Debian: libbpf-dev)
+// Run:   ./batch_anchor [entries] [value_size] [hash|percpu_hash|array|percpu_array|lru_hash|lpm_trie] [batch]
+// lpm_trie was added for mapsnap's benchmark (8-byte keys {32, i}, BPF_F_NO_PREALLOC); copied
+// from the team's shared anchors so the benchmark needs nothing outside the repository.
+//        root, or CAP_BPF + CAP_SYS_ADMIN, is needed.
+#include <bpf/bpf.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+static int possible_cpus(void) {
+    FILE *f = fopen("/sys/devices/system/cpu/possible", "r");
+    int lo = 0, hi = 0;
+    if (!f || fscanf(f, "%d-%d", &lo, &hi) < 1) return (int)sysconf(_SC_NPROCESSORS_CONF);
+    fclose(f);
+    return hi >= lo ? hi + 1 : lo + 1;
+}
+
+static void report(const char *op, const char *type, long n, int vs, double secs) {
+    printf("{\"op\":\"%s\",\"type\":\"%s\",\"entries\":%ld,\"value_size\":%d,"
+           "\"seconds\":%.6f,\"entries_per_sec\":%.0f}\n", op, type, n, vs, secs, n / secs);
+}
+
+int main(int argc, char **argv) {
+    long n = argc > 1 ? atol(argv[1]) : 1000000;
+    int vs = argc > 2 ? atoi(argv[2]) : 64;
+    const char *tname = argc > 3 ? argv[3] : "hash";
+    __u32 batch = argc > 4 ? (__u32)atoi(argv[4]) : 4096;
+    enum bpf_map_type type;
+    int percpu = 0;
+    if (!strcmp(tname, "hash")) type = BPF_MAP_TYPE_HASH;
+    else if (!strcmp(tname, "lru_hash")) type = BPF_MAP_TYPE_LRU_HASH;
+    else if (!strcmp(tname, "lpm_trie")) type = BPF_MAP_TYPE_LPM_TRIE;
+    else if (!strcmp(tname, "array")) type = BPF_MAP_TYPE_ARRAY;
+    else if (!strcmp(tname, "percpu_hash")) { type = BPF_MAP_TYPE_PERCPU_HASH; percpu = 1; }
+    else if (!strcmp(tname, "percpu_array")) { type = BPF_MAP_TYPE_PERCPU_ARRAY; percpu = 1; }
+    else { fprintf(stderr, "unknown map type %s\n", tname); return 2; }
+
+    // The kernel's value layout: per-CPU maps carry one 8-byte aligned slot per possible CPU.
+    size_t slot = percpu ? (size_t)((vs + 7) & ~7) * possible_cpus() : (size_t)vs;
+    int kw = type == BPF_MAP_TYPE_LPM_TRIE ? 2 : 1; // key width in u32 words
+    DECLARE_LIBBPF_OPTS(bpf_map_create_opts, copts, .map_flags = kw == 2 ? BPF_F_NO_PREALLOC : 0);
+    int fd = bpf_map_create(type, "anchor", 4 * kw, vs, (__u32)n, &copts);
+    if (fd < 0) { perror("bpf_map_create"); return 1; }
+
+    __u32 *keys = malloc(4 * kw * (size_t)n), *keys_out = malloc(4 * kw * (size_t)n);
+    char *vals = calloc((size_t)n, slot), *vals_out = malloc((size_t)n * slot);
+    if (!keys || !keys_out || !vals || !vals_out) { perror("malloc"); return 1; }
+    for (long i = 0; i < n; i++) {
+        if (kw == 2) keys[2 * i] = 32;
+        keys[kw * i + kw - 1] = (__u32)i;
+        memcpy(vals + i * slot, &i, 4);
+    }
+    DECLARE_LIBBPF_OPTS(bpf_map_batch_opts, opts);
+
+    double t0 = now();
+    for (long done = 0; done < n;) {
+        __u32 count = (__u32)(n - done < batch ? n - done : batch);
+        if (bpf_map_update_batch(fd, keys + kw * done, vals + done * slot, &count, &opts)) {
+            perror("bpf_map_update_batch"); return 1;
+        }
+        done += count;
+    }
+    report("update_batch", tname, n, vs, now() - t0);
+
+    char *one = malloc(slot);
+    __u32 key[2], next[2];
+    long got = 0;
+    t0 = now();
+    for (void *prev = NULL; bpf_map_get_next_key(fd, prev, next) == 0; prev = key) {
+        if (bpf_map_lookup_elem(fd, next, one)) { perror("bpf_map_lookup_elem"); return 1; }
+        memcpy(key, next, sizeof(key));
+        got++;
+    }
+    report("get_next_key_lookup", tname, got, vs, now() - t0);
+
+    // The cursor must hold a whole key for array maps; four bytes suffice for hash maps.
+    __u32 in_batch[2] = {0}, out_batch[2] = {0};
+    void *in = NULL;
+    got = 0;
+    t0 = now();
+    for (;;) {
+        __u32 count = (__u32)(n - got < batch ? n - got : batch);
+        if (count == 0) count = batch; // let the kernel say ENOENT
+        int r = bpf_map_lookup_batch(fd, in, out_batch, keys_out + kw * (got < n ? got : 0),
+                                     vals_out + (got < n ? got : 0) * slot, &count, &opts);
+        int err = r ? errno : 0;
+        got += count;
+        if (err == ENOENT) break;
+        if (err) { errno = err; perror("bpf_map_lookup_batch"); return 1; }
+        memcpy(in_batch, out_batch, sizeof(in_batch));
+        in = in_batch;
+    }
+    report("lookup_batch", tname, got, vs, now() - t0);
+    if (got != n) { fprintf(stderr, "read %ld of %ld entries\n", got, n); return 1; }
+    return 0;
+}

@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+"""mapsnap benchmark: mapsnap dump/restore side by side with the kernel's own speed limit.
+
+In one run and on maps of the same shape it times
+  - `mapsnap dump` to a local file (one reader thread, and the default parallel dump),
+  - `mapsnap restore` from that file (new pinned maps),
+  - the same through an S3 server when --s3-endpoint is given,
+  - the C anchor's `lookup_batch` and `update_batch` loops (bench/anchors/batch_anchor.c),
+  - `bpftool -j map dump`,
+and prints each figure as the median of --runs runs, as a ratio to the anchor, with the
+peak RSS of the process. Run as root from the repository root:
+
+    python3 bench/bench.py                       # the full table (several minutes)
+    python3 bench/bench.py --quick               # a small smoke run (CI)
+    python3 bench/bench.py --markdown out.md     # also write the table as Markdown
+
+Maps are created with bench/anchors/fill_map.c: entry i has key i and a value whose first
+4 bytes are i (the rest zero), as the anchor's own maps.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+PIN = Path("/sys/fs/bpf/mapsnap-bench")
+
+# (type, value size): the shapes the performance issue names.
+SHAPES = [("hash", 64), ("percpu_hash", 8), ("array", 64), ("lpm_trie", 64)]
+
+
+def sh(*cmd, **kw):
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def timed(cmd, stdout=subprocess.DEVNULL):
+    """Runs cmd; returns (seconds, peak RSS in MiB) of that process."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE)
+    _, status, ru = os.wait4(p.pid, 0)
+    secs = time.perf_counter() - t0
+    err = p.stderr.read().decode(errors="replace") if p.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"bench: {' '.join(map(str, cmd))} failed:\n{err}")
+    return secs, ru.ru_maxrss / 1024.0
+
+
+def build(args):
+    OUT.mkdir(parents=True, exist_ok=True)
+    for name in ("batch_anchor", "fill_map"):
+        src = ROOT / "bench" / "anchors" / f"{name}.c"
+        exe = OUT / name
+        if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
+            sh("cc", "-O2", "-o", str(exe), str(src), "-lbpf")
+    if not args.mapsnap:
+        sh("cargo", "build", "--release", "-q", "-p", "mapsnap", cwd=ROOT)
+        args.mapsnap = str(ROOT / "target" / "release" / "mapsnap")
+
+
+def reset_dir(d):
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+
+
+def fill(path, n, vs, t):
+    sh(str(OUT / "fill_map"), str(path), str(n), str(vs), t)
+
+
+def anchor(n, vs, t):
+    out = subprocess.run([str(OUT / "batch_anchor"), str(n), str(vs), t],
+                         check=True, capture_output=True, text=True).stdout
+    ops = {}
+    for line in out.splitlines():
+        rec = json.loads(line)
+        ops[rec["op"]] = rec["seconds"]
+    return ops
+
+
+class Row:
+    def __init__(self, shape, n, op, secs, rss, anchor_secs=None, extra=""):
+        self.shape, self.n, self.op = shape, n, op
+        self.secs, self.rss, self.anchor, self.extra = secs, rss, anchor_secs, extra
+
+    def ratio(self):
+        return self.secs / self.anchor if self.anchor else None
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def bench_shape(args, t, vs, n, rows, s3):
+    src = PIN / f"{t}_{n}"
+    reset_dir(src)
+    fill(src / "m", n, vs, t)
+    snap = OUT / f"{t}_{n}.mapsnap"
+    anchors = [anchor(n, vs, t) for _ in range(args.runs)]
+    look = median([a["lookup_batch"] for a in anchors])
+    upd = median([a["update_batch"] for a in anchors])
+    shape = f"{t} ({'8' if t == 'lpm_trie' else '4'}-byte key, {vs}-byte value)"
+    rows.append(Row(shape, n, "anchor lookup_batch", look, None))
+    rows.append(Row(shape, n, "anchor update_batch", upd, None))
+    for label, threads in (("dump, 1 thread", 1), ("dump, parallel", os.cpu_count() or 2)):
+        res = [timed([args.mapsnap, "dump", "--pin", str(src / "m"), "-o", str(snap),
+                      "--overwrite", "--threads", str(threads)]) for _ in range(args.runs)]
+        rows.append(Row(shape, n, label, median([r[0] for r in res]),
+                        max(r[1] for r in res), look))
+    size = snap.stat().st_size
+    raw = n * (4 + vs) if t != "lpm_trie" else n * (8 + vs)
+    if t == "percpu_hash":
+        raw = n * (4 + ((vs + 7) // 8 * 8) * possible_cpus())
+    dst = PIN / f"{t}_{n}_restored"
+    res = []
+    for _ in range(args.runs):
+        reset_dir(dst)
+        res.append(timed([args.mapsnap, "restore", str(snap), "--pin-root", str(dst)]))
+    rows.append(Row(shape, n, "restore", median([r[0] for r in res]), max(r[1] for r in res), upd,
+                    f"snapshot {size / 2**20:.1f} MiB = {100 * size / raw:.1f}% of raw {raw / 2**20:.1f} MiB"))
+    if s3:
+        key = f"{s3}/{t}_{n}.mapsnap"
+        res = [timed([args.mapsnap, "dump", "--pin", str(src / "m"), "-o", key, "--overwrite"])
+               for _ in range(args.runs)]
+        rows.append(Row(shape, n, "dump to S3", median([r[0] for r in res]), max(r[1] for r in res), look))
+        res = []
+        for _ in range(args.runs):
+            reset_dir(dst)
+            res.append(timed([args.mapsnap, "restore", key, "--pin-root", str(dst)]))
+        rows.append(Row(shape, n, "restore from S3", median([r[0] for r in res]), max(r[1] for r in res), upd))
+    if n <= args.bpftool_max:
+        res = [timed(["bpftool", "-j", "map", "dump", "pinned", str(src / "m")])
+               for _ in range(min(args.runs, 3))]
+        rows.append(Row(shape, n, "bpftool -j map dump", median([r[0] for r in res]),
+                        max(r[1] for r in res), look))
+    shutil.rmtree(src)
+    shutil.rmtree(dst, ignore_errors=True)
+    snap.unlink()
+
+
+def bench_multi(args, count, n, rows):
+    src = PIN / f"multi_{count}x{n}"
+    reset_dir(src)
+    for i in range(count):
+        fill(src / f"m{i}", n, 64, "hash")
+    snap = OUT / "multi.mapsnap"
+    anchors = [anchor(n, 64, "hash") for _ in range(args.runs)]
+    look = count * median([a["lookup_batch"] for a in anchors])
+    upd = count * median([a["update_batch"] for a in anchors])
+    shape = f"{count} hash maps of {n} (64-byte values)"
+    rows.append(Row(shape, count * n, f"anchor lookup_batch x{count}", look, None))
+    rows.append(Row(shape, count * n, f"anchor update_batch x{count}", upd, None))
+    res = [timed([args.mapsnap, "dump", "--pin", str(src), "-o", str(snap), "--overwrite"])
+           for _ in range(args.runs)]
+    rows.append(Row(shape, count * n, "dump, parallel", median([r[0] for r in res]), max(r[1] for r in res), look))
+    dst = PIN / "multi_restored"
+    res = []
+    for _ in range(args.runs):
+        reset_dir(dst)
+        res.append(timed([args.mapsnap, "restore", str(snap), "--pin-root", str(dst)]))
+    rows.append(Row(shape, count * n, "restore", median([r[0] for r in res]), max(r[1] for r in res), upd))
+    shutil.rmtree(src)
+    shutil.rmtree(dst, ignore_errors=True)
+    snap.unlink()
+
+
+def possible_cpus():
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    return max(int(p.split("-")[-1]) for p in text.split(",")) + 1
+
+
+def table(rows):
+    head = "| map | entries | operation | median s | x anchor | peak RSS MiB | notes |"
+    lines = [head, "| --- | ---: | --- | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        ratio = f"{r.ratio():.2f}" if r.ratio() is not None else ""
+        rss = f"{r.rss:.1f}" if r.rss is not None else ""
+        lines.append(f"| {r.shape} | {r.n:,} | {r.op} | {r.secs:.3f} | {ratio} | {rss} | {r.extra} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="10000,100000,1000000")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--multi", default="8x100000", help="COUNTxENTRIES hash maps dumped at once ('' to skip)")
+    ap.add_argument("--bpftool-max", type=int, default=1000000, help="largest map bpftool dumps")
+    ap.add_argument("--s3", default="", help="s3://bucket/prefix to also time dump/restore through S3")
+    ap.add_argument("--mapsnap", default="", help="mapsnap binary (default: build target/release/mapsnap)")
+    ap.add_argument("--quick", action="store_true", help="10K entries, 1 run, hash and array only")
+    ap.add_argument("--markdown", default="", help="also write the table to this file")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench: run as root (it creates and pins BPF maps)")
+    shapes = SHAPES
+    if args.quick:
+        args.sizes, args.runs, args.multi = "10000", 1, "2x10000"
+        shapes = [("hash", 64), ("array", 64)]
+    build(args)
+    PIN.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for t, vs in shapes:
+        for n in [int(s) for s in args.sizes.split(",") if s]:
+            bench_shape(args, t, vs, n, rows, args.s3)
+            print(f"bench: {t} {n} done", file=sys.stderr)
+    if args.multi:
+        count, n = (int(x) for x in args.multi.split("x"))
+        bench_multi(args, count, n, rows)
+    out = table(rows)
+    print(out)
+    if args.markdown:
+        Path(args.markdown).write_text(out + "\n")
+
+
+if __name__ == "__main__":
+    main()
