@@ -44,11 +44,21 @@ pub struct IntoTarget {
     pub map: Map,
 }
 
+/// Maps a snapshot's relative pin path to where it is pinned on this host.
+pub type PinResolver = Box<dyn Fn(&str) -> Result<PathBuf> + Send + Sync>;
+
 /// Where restored maps go.
-#[derive(Debug)]
 pub enum Destination {
     /// Create new maps pinned under this bpffs directory at their snapshot pin paths.
     PinRoot { dir: PathBuf, overwrite: bool },
+    /// Create new maps and pin each where `resolve` maps its snapshot pin path (the OCI hook
+    /// maps paths under a container's mount destinations to the host's bind-mount sources and
+    /// refuses anything else). An error from `resolve` refuses the restore before any map is
+    /// created for that path.
+    PinMapped {
+        resolve: PinResolver,
+        overwrite: bool,
+    },
     /// Fill these existing maps.
     Into(Vec<IntoTarget>),
     /// Fill the existing maps pinned under this directory at the snapshot's pin paths.
@@ -56,6 +66,25 @@ pub enum Destination {
     /// Create new maps and hand them back unpinned in [`RestoreReport::detached`] (for callers
     /// that install fds themselves, like the CRIU plugin).
     Detached,
+}
+
+impl std::fmt::Debug for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::PinRoot { dir, overwrite } => f
+                .debug_struct("PinRoot")
+                .field("dir", dir)
+                .field("overwrite", overwrite)
+                .finish(),
+            Self::PinMapped { overwrite, .. } => f
+                .debug_struct("PinMapped")
+                .field("overwrite", overwrite)
+                .finish_non_exhaustive(),
+            Self::Into(t) => f.debug_tuple("Into").field(t).finish(),
+            Self::IntoRoot(d) => f.debug_tuple("IntoRoot").field(d).finish(),
+            Self::Detached => f.write_str("Detached"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -387,6 +416,18 @@ impl Restorer<'_> {
                         },
                     )
                 }
+                Destination::PinMapped { resolve, overwrite } => {
+                    let path = resolve(&rel_pin(&meta, index))?;
+                    if !overwrite && path.exists() {
+                        return Err(Error::PinExists { path });
+                    }
+                    (
+                        self.create(index, &meta)?,
+                        Slot::New {
+                            final_path: Some(path),
+                        },
+                    )
+                }
                 Destination::Detached => (self.create(index, &meta)?, Slot::Detached),
                 Destination::Into(_) | Destination::IntoRoot(_) => {
                     match self.targets.remove(&index) {
@@ -633,7 +674,7 @@ fn resolve_targets(
         .collect();
     let mut out = HashMap::new();
     match dest {
-        Destination::PinRoot { .. } | Destination::Detached => {}
+        Destination::PinRoot { .. } | Destination::PinMapped { .. } | Destination::Detached => {}
         Destination::Into(targets) => {
             for t in targets {
                 let (index, meta) = match &t.select {
@@ -685,7 +726,10 @@ pub fn restore<R: Read>(
     progress: &dyn Progress,
 ) -> Result<RestoreReport> {
     let targets = match (dest, verified) {
-        (Destination::PinRoot { .. } | Destination::Detached, _) => HashMap::new(),
+        (
+            Destination::PinRoot { .. } | Destination::PinMapped { .. } | Destination::Detached,
+            _,
+        ) => HashMap::new(),
         (_, Some(summary)) => resolve_targets(dest, summary, opts)?,
         (_, None) => {
             return Err(Error::Restore {

@@ -711,3 +711,55 @@ fn parallel_reads_return_every_entry_once() {
         }
     }
 }
+
+/// A resolver decides where each map is pinned; a refused path fails the restore before any
+/// map is published.
+#[test]
+fn pin_mapped_destination_places_maps_and_refuses_paths() {
+    let (_src, snap, original) = one_map_snapshot("mapped", 20);
+    let summary = format::verify(snap.as_slice()).expect("verify");
+    let dst = common::fresh_pin_dir("mapped-dst");
+    let root = dst.to_path_buf();
+    let resolve: restore::PinResolver =
+        Box::new(move |rel: &str| restore::safe_join(&root.join("sub"), rel));
+    std::fs::create_dir_all(dst.join("sub")).expect("mkdir");
+    let dest = Destination::PinMapped {
+        resolve,
+        overwrite: false,
+    };
+    restore::restore(
+        snap.as_slice(),
+        Some(&summary),
+        &dest,
+        &RestoreOptions::default(),
+        &NoProgress,
+    )
+    .expect("restore");
+    let m = Map::from_pin(&dst.join("sub/counters")).expect("pinned where the resolver said");
+    assert_eq!(read_keyed(&m), original);
+
+    let refuse: restore::PinResolver = Box::new(|rel: &str| {
+        Err(mapsnap::Error::UnsafePinPath {
+            path: rel.to_string(),
+            reason: "not under a bpffs mount of the container",
+        })
+    });
+    let dst2 = common::fresh_pin_dir("mapped-refused");
+    let err = restore::restore(
+        snap.as_slice(),
+        Some(&summary),
+        &Destination::PinMapped {
+            resolve: refuse,
+            overwrite: false,
+        },
+        &RestoreOptions::default(),
+        &NoProgress,
+    )
+    .expect_err("refused");
+    assert!(err.to_string().contains("not under a bpffs mount"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&*dst2).expect("ls").count(),
+        0,
+        "nothing pinned"
+    );
+}
