@@ -49,11 +49,19 @@ pub enum DiscoverError {
 
 type Result<T> = std::result::Result<T, DiscoverError>;
 
-/// Resolves every source and de-duplicates by map id (the first pin path found wins).
+/// Resolves every source and de-duplicates by map id (the first pin path found is kept).
 pub fn find(sources: &[Source]) -> Result<Vec<Found>> {
     let mut by_id: BTreeMap<u32, Found> = BTreeMap::new();
-    let mut add = |f: Found| {
-        by_id.entry(f.info.id).or_insert(f);
+    let mut add = |f: Found| match by_id.get_mut(&f.info.id) {
+        // Found again through a pin: keep the pin path it was missing.
+        Some(seen) if seen.pin_rel.is_none() && f.pin_rel.is_some() => {
+            seen.pin_rel = f.pin_rel;
+            seen.pin_abs = f.pin_abs;
+        }
+        Some(_) => {}
+        None => {
+            by_id.insert(f.info.id, f);
+        }
     };
     for source in sources {
         match source {

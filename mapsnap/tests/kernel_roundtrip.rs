@@ -763,3 +763,37 @@ fn pin_mapped_destination_places_maps_and_refuses_paths() {
         "nothing pinned"
     );
 }
+
+/// Maps held by fd are found through the process and its container (here: this test
+/// process, in the host's pid namespace, so its cgroup); a map of another process is not.
+#[test]
+fn discovery_by_process_and_container() {
+    let mine = create("held_by_fd", mt::HASH, 4, 4, 8, 0, None);
+    let id = mine.info().expect("info").id;
+    for source in [
+        Source::Pid(std::process::id()),
+        Source::ContainerPid(std::process::id()),
+    ] {
+        let found = discover::find(&[source.clone()]).expect("discover");
+        let f = found
+            .iter()
+            .find(|f| f.info.id == id)
+            .unwrap_or_else(|| panic!("{source:?} finds map {id}"));
+        assert_eq!(f.info.name, "held_by_fd");
+        assert!(!f.frozen);
+        assert_eq!(
+            found.iter().filter(|f| f.info.id == id).count(),
+            1,
+            "de-duplicated"
+        );
+    }
+    // Same map through a pin and an id: one entry, with the pin path kept.
+    let dir = common::fresh_pin_dir("dedup");
+    pin(&mine, &dir, "held");
+    let found =
+        discover::find(&[Source::Id(id), Source::Pin(dir.to_path_buf())]).expect("discover");
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].pin_rel.as_deref(), Some("held"));
+    let err = discover::find(&[Source::Pid(u32::MAX - 1)]).expect_err("no such process");
+    assert!(err.to_string().contains("does not exist"), "{err}");
+}
