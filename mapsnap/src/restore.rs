@@ -335,7 +335,12 @@ impl Restorer<'_> {
         ) {
             flags &= !map_flags::RDONLY_PROG;
         }
-        let inner_fd = match access_of(meta.map_type) {
+        // Load the BTF into the cache first: that needs `&mut self`, the rest only reads.
+        if let Some(b) = &meta.btf {
+            self.btf(b.index)?;
+        }
+        let btf = meta.btf.as_ref().and_then(|b| self.btf_loaded.get(&b.index));
+        let inner = match access_of(meta.map_type) {
             Ok(Access::MapOfMaps) => {
                 let t = meta.inner_template.ok_or_else(|| Error::Restore {
                     map: meta.name.clone(),
@@ -350,26 +355,6 @@ impl Restorer<'_> {
             }
             _ => None,
         };
-        let inner_fd = inner_fd.map(|m| m.fd());
-        let (btf_fd, key_id, value_id) = match &meta.btf {
-            Some(b) => {
-                let (k, v) = (b.key_type_id, b.value_type_id);
-                // Loading BTF needs &mut self; the borrow of inner_fd ends before it.
-                (Some(b.index), k, v)
-            }
-            None => (None, 0, 0),
-        };
-        let inner_owned = match inner_fd {
-            Some(fd) => Some(
-                fd.try_clone_to_owned()
-                    .map_err(|e| Error::io("dup inner map fd", e))?,
-            ),
-            None => None,
-        };
-        let btf = match btf_fd {
-            Some(i) => Some(self.btf(i)?),
-            None => None,
-        };
         let attrs = CreateAttrs {
             map_type: meta.map_type,
             name: &meta.name,
@@ -379,10 +364,10 @@ impl Restorer<'_> {
             flags,
             map_extra: meta.map_extra,
             numa_node: meta.numa_node,
-            btf_fd: btf.map(|b| b.fd()),
-            btf_key_type_id: key_id,
-            btf_value_type_id: value_id,
-            inner_map_fd: inner_owned.as_ref().map(std::os::fd::AsFd::as_fd),
+            btf_fd: btf.map(Btf::fd),
+            btf_key_type_id: meta.btf.as_ref().map_or(0, |b| b.key_type_id),
+            btf_value_type_id: meta.btf.as_ref().map_or(0, |b| b.value_type_id),
+            inner_map_fd: inner.map(Map::fd),
         };
         let map = Map::create(&attrs).map_err(|e| Error::Restore {
             map: format!("snapshot map {index} {:?}", meta.name),
