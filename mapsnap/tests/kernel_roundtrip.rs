@@ -774,7 +774,7 @@ fn discovery_by_process_and_container() {
         Source::Pid(std::process::id()),
         Source::ContainerPid(std::process::id()),
     ] {
-        let found = discover::find(&[source.clone()]).expect("discover");
+        let found = discover::find(std::slice::from_ref(&source)).expect("discover");
         let f = found
             .iter()
             .find(|f| f.info.id == id)
