@@ -15,6 +15,7 @@ pub mod format;
 pub mod model;
 pub mod progress;
 pub mod restore;
+pub mod storage;
 pub mod sys;
 
 pub use error::{Error, Result};

@@ -339,7 +339,10 @@ impl Restorer<'_> {
         if let Some(b) = &meta.btf {
             self.btf(b.index)?;
         }
-        let btf = meta.btf.as_ref().and_then(|b| self.btf_loaded.get(&b.index));
+        let btf = meta
+            .btf
+            .as_ref()
+            .and_then(|b| self.btf_loaded.get(&b.index));
         let inner = match access_of(meta.map_type) {
             Ok(Access::MapOfMaps) => {
                 let t = meta.inner_template.ok_or_else(|| Error::Restore {

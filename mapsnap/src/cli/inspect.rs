@@ -6,6 +6,7 @@ use std::io::Read;
 use mapsnap::btf_fmt::{TypedBtf, render_hex, to_text};
 use mapsnap::format::{Event, SnapshotReader};
 use mapsnap::model::{BtfRef, MapMeta};
+use mapsnap::storage::Manifest;
 use serde_json::{Value, json};
 
 /// Renders one key or value: by BTF type when the map has BTF, else as hex bytes.
@@ -18,7 +19,52 @@ fn render(btfs: &HashMap<u32, TypedBtf>, btf: Option<&BtfRef>, key: bool, bytes:
     typed.unwrap_or_else(|| render_hex(bytes))
 }
 
-pub fn run(source: Box<dyn Read>, entries: bool, limit: usize, json: bool) -> anyhow::Result<()> {
+/// Prints a manifest (`inspect --manifest`, and the head of `inspect`).
+pub fn print_manifest(m: &Manifest, name: Option<&str>) {
+    println!("manifest {}", name.unwrap_or(""));
+    println!("  snapshot: {}", m.snapshot);
+    println!("  format version: {}", m.format_version);
+    println!("  sha256: {}", m.sha256);
+    println!("  size: {} bytes", m.size);
+    println!("  created: {}", m.created);
+    println!("  tool: {}", m.tool);
+    let src = &m.source;
+    println!(
+        "  source: host {:?}, kernel {:?}, {} possible CPUs, {}",
+        src.host, src.kernel, src.possible_cpus, src.selection
+    );
+    if let Some(c) = &src.container_id {
+        println!("  container id: {c}");
+    }
+    if let Some(p) = &src.pod {
+        println!("  pod: {p}");
+    }
+    if let Some(u) = &src.pod_uid {
+        println!("  pod uid: {u}");
+    }
+    for map in &m.maps {
+        println!(
+            "  map {:?} ({}{}): {} entries, {} bytes",
+            map.name,
+            map.map_type,
+            if map.inner { ", inner" } else { "" },
+            map.entries,
+            map.bytes
+        );
+    }
+    for s in &m.skipped {
+        println!("  skipped: {s}");
+    }
+}
+
+pub fn run(
+    source: Box<dyn Read>,
+    entries: bool,
+    limit: usize,
+    json: bool,
+    manifest: Option<&Manifest>,
+    manifest_name: Option<String>,
+) -> anyhow::Result<()> {
     let mut reader = SnapshotReader::new(source)?;
     let mut btfs: HashMap<u32, TypedBtf> = HashMap::new();
     let mut maps: Vec<Value> = Vec::new();
@@ -81,9 +127,17 @@ pub fn run(source: Box<dyn Read>, entries: bool, limit: usize, json: bool) -> an
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({"info": info_v, "sha256": sha, "maps": maps}))?
+            serde_json::to_string_pretty(&json!({
+                "info": info_v,
+                "sha256": sha,
+                "maps": maps,
+                "manifest": manifest,
+            }))?
         );
         return Ok(());
+    }
+    if let Some(m) = manifest {
+        print_manifest(m, manifest_name.as_deref());
     }
     println!("snapshot sha256 {sha}");
     if let Some(o) = info_v.as_object() {

@@ -5,12 +5,12 @@ mod bar;
 mod inspect;
 mod ls;
 
-use std::fs::File;
-use std::io::{BufReader, BufWriter, IsTerminal, Read, Write};
+use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use mapsnap::diff::{self, Side};
@@ -19,6 +19,10 @@ use mapsnap::dump::{self, DumpOptions};
 use mapsnap::format::{self, WriterOptions};
 use mapsnap::model::SnapshotInfo;
 use mapsnap::restore::{self, CpuPolicy, Destination, FillMode, IntoTarget, RestoreOptions};
+use mapsnap::storage::{
+    self, DigestCheck, ErrorKind, Location, Manifest, ManifestSource, Storage, StorageConfig,
+    StorageError,
+};
 use mapsnap::sys::Map;
 
 /// Exit codes (also in the README).
@@ -37,6 +41,9 @@ pub mod code {
     pub const REFUSED: u8 = 5;
     /// A kernel or system call failed (permissions, missing map or process).
     pub const SYSTEM: u8 = 6;
+    /// Object storage or the snapshot location failed: no such object, access denied,
+    /// endpoint unreachable, timeout.
+    pub const STORAGE: u8 = 7;
     /// Anything else.
     pub const OTHER: u8 = 10;
 }
@@ -51,6 +58,12 @@ pub struct Args {
     /// More log output (-v info, -vv debug).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Storage config file (default /etc/mapsnap/config.toml when it exists).
+    #[arg(long, global = true, value_name = "FILE", env = "MAPSNAP_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Overall timeout of object-storage transfers, like 90s, 10m, 1h (default 30m).
+    #[arg(long, global = true, value_name = "DURATION", value_parser = parse_timeout)]
+    pub timeout: Option<Duration>,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -115,19 +128,26 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Dump maps into a snapshot file.
+    /// Dump maps into a snapshot: a file, or an object (s3://, gs://, az://).
     Dump {
         #[command(flatten)]
         sources: Sources,
-        /// Snapshot file to write ("-" for standard output).
-        #[arg(short, long, value_name = "FILE")]
-        output: PathBuf,
+        /// Where to write: a path, file:///path, s3://bucket/key, gs://bucket/key,
+        /// az://container/key, or "-" for standard output. A manifest is written beside it.
+        #[arg(short, long, value_name = "LOCATION")]
+        output: String,
         /// Skip maps of unsupported types with a warning instead of failing.
         #[arg(long)]
         skip_unsupported: bool,
-        /// Replace an existing snapshot file.
+        /// Replace an existing snapshot.
         #[arg(long)]
         overwrite: bool,
+        /// Container id to record in the manifest (detected from --container-pid otherwise).
+        #[arg(long, value_name = "ID")]
+        container_id: Option<String>,
+        /// Pod to record in the manifest, as NAMESPACE/NAME.
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        pod: Option<String>,
         /// zstd level for entry chunks (1 = fastest).
         #[arg(long, default_value_t = 1)]
         zstd_level: i32,
@@ -137,7 +157,8 @@ pub enum Cmd {
     },
     /// Restore a snapshot: create and pin new maps, or fill existing ones.
     Restore {
-        snapshot: PathBuf,
+        /// The snapshot: a path, file:///path, s3://bucket/key, gs://bucket/key or az://container/key.
+        snapshot: String,
         /// Create new maps and pin them under this bpffs directory.
         #[arg(long, value_name = "DIR", conflicts_with_all = ["into", "into_root"])]
         pin_root: Option<PathBuf>,
@@ -161,9 +182,13 @@ pub enum Cmd {
     },
     /// Show a snapshot's metadata, and with --entries its entries typed by BTF.
     Inspect {
-        snapshot: PathBuf,
+        /// The snapshot (path or URL, as for restore).
+        snapshot: String,
         #[arg(long)]
         entries: bool,
+        /// Show only the manifest stored beside the snapshot (no snapshot download).
+        #[arg(long, conflicts_with = "entries")]
+        manifest: bool,
         /// Entries shown per map with --entries.
         #[arg(long, default_value_t = 20)]
         limit: usize,
@@ -172,8 +197,10 @@ pub enum Cmd {
     },
     /// Compare a snapshot with another snapshot, or with live maps (--id/--pin/...).
     Diff {
-        old: PathBuf,
-        new: Option<PathBuf>,
+        /// A snapshot (path or URL).
+        old: String,
+        /// A second snapshot (path or URL).
+        new: Option<String>,
         #[command(flatten)]
         live: Sources,
         /// Differing entries shown per map.
@@ -184,7 +211,8 @@ pub enum Cmd {
     },
     /// Check a snapshot's checksums and structure without touching any map.
     Verify {
-        snapshot: PathBuf,
+        /// The snapshot (path or URL).
+        snapshot: String,
         #[arg(long)]
         json: bool,
     },
@@ -208,6 +236,15 @@ pub fn init_logging(verbose: u8) {
 /// Maps an error to the documented exit code.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     use mapsnap::Error as E;
+    // Storage errors first: they may travel inside the codec's I/O errors.
+    if let Some(se) = e.chain().find_map(StorageError::find) {
+        return match se.kind {
+            ErrorKind::AlreadyExists => code::OTHER,
+            ErrorKind::Corrupt => code::BAD_SNAPSHOT,
+            ErrorKind::BadLocation => code::USAGE,
+            _ => code::STORAGE,
+        };
+    }
     for cause in e.chain() {
         if cause.downcast_ref::<format::FormatError>().is_some() {
             return code::BAD_SNAPSHOT;
@@ -233,12 +270,107 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
     code::OTHER
 }
 
-fn open_snapshot(path: &Path) -> anyhow::Result<Box<dyn Read>> {
-    if path == Path::new("-") {
-        return Ok(Box::new(std::io::stdin().lock()));
+/// Parses `--timeout`.
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = storage::parse_duration(s)?;
+    if d.is_zero() {
+        return Err("the timeout must be more than 0".into());
     }
-    let f = File::open(path).with_context(|| format!("cannot open snapshot {}", path.display()))?;
-    Ok(Box::new(BufReader::with_capacity(1 << 20, f)))
+    Ok(d)
+}
+
+/// Opens snapshot locations with the storage settings of this invocation (the config file is
+/// read only when a remote location is used).
+struct Locations {
+    config_file: Option<PathBuf>,
+    timeout: Option<Duration>,
+}
+
+impl Locations {
+    fn open(&self, location: &str) -> anyhow::Result<Storage> {
+        let loc = Location::parse(location)?;
+        let cfg = if loc.is_remote() {
+            let mut c = StorageConfig::load(self.config_file.as_deref())?;
+            if let Some(t) = self.timeout {
+                c.timeout = t;
+            }
+            c
+        } else {
+            StorageConfig::default()
+        };
+        Ok(Storage::open(loc, &cfg)?)
+    }
+}
+
+/// A reader of the snapshot that, when its manifest is known, fails before the last byte if
+/// the bytes are not the ones the manifest describes.
+fn checked_reader(
+    st: &Storage,
+    version: Option<&storage::ObjectInfo>,
+    manifest: Option<&Manifest>,
+) -> anyhow::Result<Box<dyn Read>> {
+    if let Some(m) = manifest {
+        let size = match version {
+            Some(v) => Some(v.size),
+            None => st.head()?.map(|i| i.size),
+        };
+        if let Some(size) = size
+            && size != m.size
+        {
+            let why = if size < m.size {
+                format!(
+                    "the snapshot is truncated: it has {size} bytes, its manifest records {}",
+                    m.size
+                )
+            } else {
+                format!(
+                    "the snapshot has {size} bytes but its manifest records {}: it was replaced \
+                     or damaged after it was written",
+                    m.size
+                )
+            };
+            return Err(StorageError::new(ErrorKind::Corrupt, st.name(), why).into());
+        }
+    }
+    let r = st.reader(version)?;
+    Ok(
+        match manifest.and_then(|m| m.sha256_bytes().map(|s| (s, m.size))) {
+            Some((sha, size)) => Box::new(DigestCheck::new(r, st.name(), sha, size)),
+            None => r,
+        },
+    )
+}
+
+/// The manifest beside a snapshot, when there is one; a broken manifest is reported and
+/// ignored (the snapshot's own checksums still protect it).
+fn manifest_of(st: &Storage) -> anyhow::Result<Option<Manifest>> {
+    match st.read_manifest() {
+        Ok(m) => {
+            if m.is_none() && st.manifest_name().is_some() {
+                tracing::info!(
+                    "{}: no manifest beside the snapshot; relying on its own checksums",
+                    st.name()
+                );
+            }
+            Ok(m)
+        }
+        Err(e) if e.kind == ErrorKind::Corrupt => {
+            tracing::warn!("{e}; ignoring it");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Names the snapshot in codec errors ("s3://b/k: snapshot is corrupt: ...").
+fn located<T>(r: mapsnap::Result<T>, st: &Storage) -> anyhow::Result<T> {
+    match r {
+        Err(e @ mapsnap::Error::Format(_)) => {
+            Err(anyhow::Error::new(e).context(st.name().to_string()))
+        }
+        Err(e) => Err(e.into()),
+        Ok(v) => Ok(v),
+    }
 }
 
 fn hostname() -> String {
@@ -254,7 +386,21 @@ fn kernel_release() -> String {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    match args.cmd {
+    let locations = Locations {
+        config_file: args.config,
+        timeout: args.timeout,
+    };
+    run_cmd(args.cmd, &locations).map_err(|e| {
+        // A storage failure is one line naming the location, however deep it was found.
+        match e.chain().find_map(StorageError::find) {
+            Some(se) => anyhow::Error::new(se.clone()),
+            None => e,
+        }
+    })
+}
+
+fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
+    match cmd {
         Cmd::Ls { sources, json } => {
             let mut s = sources.to_sources();
             if s.is_empty() {
@@ -270,11 +416,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             overwrite,
             zstd_level,
             json,
+            container_id,
+            pod,
         } => {
             let s = sources.to_sources();
             if s.is_empty() {
                 bail!("say which maps to dump: --id, --pin, --pid or --container-pid");
             }
+            // A bad location fails before any map is read.
+            let target = locations.open(&output)?;
             let found = discover::find(&s)?;
             if found.is_empty() {
                 bail!("no maps found in {}", sources.describe());
@@ -298,24 +448,36 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 },
                 ..DumpOptions::default()
             };
+            // Refuses an existing snapshot now, before the maps are read (and again at commit).
+            let writer = target.writer(overwrite)?;
             let bar = bar::Bar::new();
-            let report = if output == Path::new("-") {
-                let out = BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
-                let (mut out, report) = dump::dump(&found, out, &info, &opts, &bar)?;
-                out.flush()?;
-                report
-            } else {
-                write_atomically(&output, overwrite, |f| {
-                    let (out, report) = dump::dump(&found, f, &info, &opts, &bar)?;
-                    Ok((out, report))
-                })?
-            };
+            // On error the writer is dropped: the temporary file or multipart upload goes away.
+            let (writer, report) = dump::dump(&found, writer, &info, &opts, &bar)?;
+            writer.commit()?;
             bar.finish();
+            let mut manifest_written = None;
+            if let Some(name) = target.manifest_name() {
+                let (detected_id, pod_uid) = sources
+                    .container_pids
+                    .first()
+                    .map(|p| storage::container_of_pid(*p))
+                    .unwrap_or_default();
+                let source = ManifestSource {
+                    container_id: container_id.or(detected_id),
+                    pod,
+                    pod_uid,
+                    ..ManifestSource::default()
+                };
+                let manifest = Manifest::new(target.name(), &info, &report, source);
+                target.write_manifest(&manifest)?;
+                manifest_written = Some(name);
+            }
             if json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&serde_json::json!({
                         "output": output,
+                        "manifest": manifest_written,
                         "sha256": report.digest.sha256_hex(),
                         "bytes": report.digest.bytes,
                         "maps": report.maps,
@@ -331,10 +493,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 }
                 eprintln!(
                     "wrote {} ({} bytes, sha256 {})",
-                    output.display(),
+                    target.name(),
                     report.digest.bytes,
                     report.digest.sha256_hex()
                 );
+                if let Some(m) = &manifest_written {
+                    eprintln!("wrote {m}");
+                }
             }
         }
         Cmd::Restore {
@@ -369,18 +534,44 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     CpuArg::Fit => CpuPolicy::Fit,
                 },
             };
-            if snapshot == Path::new("-") {
+            let src = locations.open(&snapshot)?;
+            if *src.location() == Location::Stdio {
                 bail!("restore reads the snapshot twice (verify, then apply): give a file, not -");
             }
-            // Everything is checked before any map is created or changed.
-            let summary = format::verify(open_snapshot(&snapshot)?)?;
+            let manifest = manifest_of(&src)?;
+            let version = if src.is_remote() {
+                Some(src.head()?.ok_or_else(|| {
+                    StorageError::new(ErrorKind::NotFound, src.name(), "no such object")
+                })?)
+            } else {
+                None
+            };
             let bar = bar::Bar::new();
-            let report = restore::restore(
-                open_snapshot(&snapshot)?,
-                Some(&summary),
-                &dest,
-                &opts,
-                &bar,
+            // New maps from a remote snapshot: one pass. restore() fills them unpinned and
+            // pins them only after the stream's SHA-256 (and the manifest's) matched, so a bad
+            // download publishes nothing. Everything else: verify first, then apply (a second
+            // read, pinned to the same object version), so existing maps are only changed by
+            // a snapshot known to be whole.
+            let one_pass = src.is_remote()
+                && matches!(dest, Destination::PinRoot { .. } | Destination::Detached);
+            let summary = if one_pass {
+                None
+            } else {
+                let r = checked_reader(&src, version.as_ref(), manifest.as_ref())?;
+                Some(
+                    format::verify(r)
+                        .map_err(|e| anyhow::Error::new(e).context(src.name().to_string()))?,
+                )
+            };
+            let report = located(
+                restore::restore(
+                    checked_reader(&src, version.as_ref(), manifest.as_ref())?,
+                    summary.as_ref(),
+                    &dest,
+                    &opts,
+                    &bar,
+                ),
+                &src,
             )?;
             bar.finish();
             if json {
@@ -397,9 +588,41 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Cmd::Inspect {
             snapshot,
             entries,
+            manifest: manifest_only,
             limit,
             json,
-        } => inspect::run(open_snapshot(&snapshot)?, entries, limit, json)?,
+        } => {
+            let src = locations.open(&snapshot)?;
+            let manifest = manifest_of(&src)?;
+            if manifest_only {
+                let Some(m) = manifest else {
+                    bail!(
+                        "{}: no manifest beside the snapshot ({})",
+                        src.name(),
+                        src.manifest_name().unwrap_or_default()
+                    );
+                };
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&m)?);
+                } else {
+                    inspect::print_manifest(&m, src.manifest_name().as_deref());
+                }
+            } else {
+                let r = checked_reader(&src, None, manifest.as_ref())?;
+                inspect::run(
+                    r,
+                    entries,
+                    limit,
+                    json,
+                    manifest.as_ref(),
+                    src.manifest_name(),
+                )
+                .map_err(|e| match e.downcast::<format::FormatError>() {
+                    Ok(f) => anyhow::Error::new(f).context(src.name().to_string()),
+                    Err(e) => e,
+                })?
+            }
+        }
         Cmd::Diff {
             old,
             new,
@@ -407,13 +630,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             examples,
             json,
         } => {
-            let open_old = || -> mapsnap::Result<Box<dyn Read>> { open_for_diff(&old) };
+            let old_src = locations.open(&old)?;
+            let open_old = || -> mapsnap::Result<Box<dyn Read>> { open_for_diff(&old_src) };
             let live_sources = live.to_sources();
             let found;
+            let new_src;
             let open_new;
             let new_side = match (&new, live_sources.is_empty()) {
                 (Some(p), true) => {
-                    open_new = move || -> mapsnap::Result<Box<dyn Read>> { open_for_diff(p) };
+                    new_src = locations.open(p)?;
+                    let src = &new_src;
+                    open_new = move || -> mapsnap::Result<Box<dyn Read>> { open_for_diff(src) };
                     Side::Snapshot(&open_new)
                 }
                 (None, false) => {
@@ -436,7 +663,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Verify { snapshot, json } => {
-            let s = format::verify(open_snapshot(&snapshot)?)?;
+            let src = locations.open(&snapshot)?;
+            let manifest = manifest_of(&src)?;
+            let s = format::verify(checked_reader(&src, None, manifest.as_ref())?)
+                .map_err(|e| anyhow::Error::new(e).context(src.name().to_string()))?;
+            if let Some(why) = manifest.as_ref().and_then(|m| m.mismatch(&s.digest)) {
+                return Err(StorageError::new(ErrorKind::Corrupt, src.name(), why).into());
+            }
+            let manifest_state = if manifest.is_some() {
+                "matches"
+            } else {
+                "absent"
+            };
             if json {
                 let maps: Vec<_> = s
                     .maps
@@ -446,12 +684,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&serde_json::json!({
-                        "ok": true, "sha256": s.digest.sha256_hex(), "bytes": s.digest.bytes, "maps": maps
+                        "ok": true, "location": src.name(), "manifest": manifest_state,
+                        "sha256": s.digest.sha256_hex(), "bytes": s.digest.bytes, "maps": maps
                     }))?
                 );
             } else {
                 println!(
-                    "ok: {} maps, {} bytes, sha256 {}",
+                    "ok: {} maps, {} bytes, sha256 {} (manifest: {manifest_state})",
                     s.maps.len(),
                     s.digest.bytes,
                     s.digest.sha256_hex()
@@ -462,10 +701,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(code::OK))
 }
 
-fn open_for_diff(p: &Path) -> mapsnap::Result<Box<dyn Read>> {
-    let f = File::open(p)
-        .map_err(|e| mapsnap::Error::io(format!("cannot open snapshot {}", p.display()), e))?;
-    Ok(Box::new(BufReader::with_capacity(1 << 20, f)))
+fn open_for_diff(src: &Storage) -> mapsnap::Result<Box<dyn Read>> {
+    src.reader(None)
+        .map(|r| r as Box<dyn Read>)
+        .map_err(|e| mapsnap::Error::io(src.name(), e.into_io()))
 }
 
 fn print_diff(diffs: &[diff::MapDiff]) {
@@ -509,47 +748,6 @@ fn parse_into(spec: &str) -> anyhow::Result<IntoTarget> {
         Err(_) => Map::from_pin(Path::new(target))?,
     };
     Ok(IntoTarget { select, map })
-}
-
-/// Writes `path` through a temporary file renamed into place, so a failed dump never leaves
-/// a partial snapshot under the name.
-fn write_atomically<T>(
-    path: &Path,
-    overwrite: bool,
-    write: impl FnOnce(BufWriter<File>) -> anyhow::Result<(BufWriter<File>, T)>,
-) -> anyhow::Result<T> {
-    if !overwrite && path.exists() {
-        bail!(
-            "{} already exists: pass --overwrite to replace it",
-            path.display()
-        );
-    }
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = tempfile_in(dir, path)?;
-    let result = (|| {
-        let f = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        let (out, value) = write(BufWriter::with_capacity(1 << 20, f))?;
-        let f = out.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
-        Ok(value)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-fn tempfile_in(dir: &Path, path: &Path) -> anyhow::Result<PathBuf> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "snapshot".into());
-    Ok(dir.join(format!(".{name}.{}.partial", std::process::id())))
 }
 
 pub fn stderr_is_terminal() -> bool {
