@@ -151,6 +151,9 @@ pub enum Cmd {
         /// zstd level for entry chunks (1 = fastest).
         #[arg(long, default_value_t = 1)]
         zstd_level: i32,
+        /// Reader threads for one big hash or array map (default: one per CPU).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+        threads: Option<u16>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -415,6 +418,7 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
             skip_unsupported,
             overwrite,
             zstd_level,
+            threads,
             json,
             container_id,
             pod,
@@ -446,7 +450,7 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
                     zstd_level,
                     ..WriterOptions::default()
                 },
-                ..DumpOptions::default()
+                threads: threads.map_or_else(|| DumpOptions::default().threads, usize::from),
             };
             // Refuses an existing snapshot now, before the maps are read (and again at commit).
             let writer = target.writer(overwrite)?;
