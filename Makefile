@@ -4,6 +4,7 @@
 #   make build   release build of the workspace
 #   make lint    rustfmt check + clippy (warnings are errors)
 #   make test    deps + lint + every test (kernel tests need root)
+#   make bench   the benchmark of docs/PERFORMANCE.md (BENCH_ARGS=--quick for a smoke run)
 #   make demo    deps + build + scripts/demo.sh (pinned maps -> dump -> restore -> diff)
 #   make clean   cargo clean, demo/test leftovers in bpffs and /tmp
 #
@@ -22,7 +23,7 @@ MAPSNAP ?= $(TARGET_DIR)/release/mapsnap
 
 export RUST_BACKTRACE ?= 1
 
-.PHONY: deps build lint fmt-check clippy test test-only demo clean
+.PHONY: deps build lint fmt-check clippy test test-only demo bench clean
 
 deps:
 	bash scripts/install-deps.sh
@@ -43,6 +44,10 @@ test: deps lint test-only
 
 test-only:
 	CARGO="$(CARGO)" TEST_RUNNER="$(TEST_RUNNER)" bash scripts/run-tests.sh
+
+# The full benchmark table of docs/PERFORMANCE.md (several minutes; root).
+bench: deps build
+	python3 bench/bench.py --mapsnap "$(MAPSNAP)" $(BENCH_ARGS)
 
 demo: deps build
 	MAPSNAP="$(MAPSNAP)" bash scripts/demo.sh
