@@ -555,15 +555,3 @@ fn s3_abandoned_upload_is_aborted() {
     assert_eq!(moto.uploads_in_progress(), 0, "aborted");
     assert_eq!(moto.object("abandoned"), None);
 }
-
-/// Not a test: leaves the 1M-entry map of the round trip pinned at `$MAPSNAP_BENCH_PIN/big`
-/// for measuring the CLI by hand (`/usr/bin/time -v mapsnap dump ...`; see the README).
-#[test]
-#[ignore = "a measurement helper, run by hand"]
-fn make_big_map_for_measurement() {
-    let dir = std::env::var("MAPSNAP_BENCH_PIN").expect("set MAPSNAP_BENCH_PIN to a bpffs dir");
-    let dir = std::path::Path::new(&dir);
-    std::fs::create_dir_all(dir).expect("create pin dir");
-    let m = big_array(&dir.join("big"), "big", 1 << 20, 7);
-    drop(m);
-}
