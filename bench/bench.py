@@ -41,15 +41,19 @@ def sh(*cmd, **kw):
 
 
 def timed(cmd, stdout=subprocess.DEVNULL):
-    """Runs cmd; returns (seconds, peak RSS in MiB) of that process."""
+    """Runs cmd under GNU time; returns (seconds, peak RSS in MiB) of that process.
+
+    Peak RSS comes from /usr/bin/time, not from wait4() here: a child forked from Python
+    inherits the interpreter's resident set, which would set a floor under every figure.
+    """
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(p.pid, 0)
+    p = subprocess.run(["/usr/bin/time", "-f", "mapsnap-bench-rss %M", *map(str, cmd)],
+                       stdout=stdout, stderr=subprocess.PIPE, text=True)
     secs = time.perf_counter() - t0
-    err = p.stderr.read().decode(errors="replace") if p.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"bench: {' '.join(map(str, cmd))} failed:\n{err}")
-    return secs, ru.ru_maxrss / 1024.0
+    if p.returncode != 0:
+        sys.exit(f"bench: {' '.join(map(str, cmd))} failed:\n{p.stderr}")
+    rss_kb = [int(l.split()[1]) for l in p.stderr.splitlines() if l.startswith("mapsnap-bench-rss ")]
+    return secs, rss_kb[-1] / 1024.0
 
 
 def build(args):
@@ -105,9 +109,11 @@ def bench_shape(args, t, vs, n, rows, s3):
     anchors = [anchor(n, vs, t) for _ in range(args.runs)]
     look = median([a["lookup_batch"] for a in anchors])
     upd = median([a["update_batch"] for a in anchors])
+    create = median([a["create"] for a in anchors])
     shape = f"{t} ({'8' if t == 'lpm_trie' else '4'}-byte key, {vs}-byte value)"
     rows.append(Row(shape, n, "anchor lookup_batch", look, None))
     rows.append(Row(shape, n, "anchor update_batch", upd, None))
+    rows.append(Row(shape, n, "anchor create + update_batch", create + upd, None))
     for label, threads in (("dump, 1 thread", 1), ("dump, parallel", os.cpu_count() or 2)):
         res = [timed([args.mapsnap, "dump", "--pin", str(src / "m"), "-o", str(snap),
                       "--overwrite", "--threads", str(threads)]) for _ in range(args.runs)]
@@ -122,8 +128,9 @@ def bench_shape(args, t, vs, n, rows, s3):
     for _ in range(args.runs):
         reset_dir(dst)
         res.append(timed([args.mapsnap, "restore", str(snap), "--pin-root", str(dst)]))
-    rows.append(Row(shape, n, "restore", median([r[0] for r in res]), max(r[1] for r in res), upd,
-                    f"snapshot {size / 2**20:.1f} MiB = {100 * size / raw:.1f}% of raw {raw / 2**20:.1f} MiB"))
+    restore_secs = median([r[0] for r in res])
+    rows.append(Row(shape, n, "restore", restore_secs, max(r[1] for r in res), upd,
+                    f"{restore_secs / (create + upd):.2f} x anchor create + update_batch; snapshot {size / 2**20:.1f} MiB = {100 * size / raw:.1f}% of raw {raw / 2**20:.1f} MiB"))
     if s3:
         key = f"{s3}/{t}_{n}.mapsnap"
         res = [timed([args.mapsnap, "dump", "--pin", str(src / "m"), "-o", key, "--overwrite"])
