@@ -24,7 +24,8 @@ pub struct DumpOptions {
     /// Skip maps of unsupported types with a warning instead of failing.
     pub skip_unsupported: bool,
     pub writer: WriterOptions,
-    /// Reader threads for one big hash or array map (1 = read on the writing thread).
+    /// Reader threads for one big hash or array map; even with 1 the kernel reads run on a
+    /// thread of their own, overlapped with compression and writing.
     pub threads: usize,
 }
 

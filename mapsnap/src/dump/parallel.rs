@@ -71,7 +71,8 @@ fn take(pool: &Pool, max: usize, kl: usize, vl: usize) -> Batch {
     b
 }
 
-/// Reads every entry of `map` with `threads` readers; `sink` runs on the calling thread.
+/// Reads every entry of `map` with `threads` reader threads (at least one); `sink` runs on
+/// the calling thread, so compression and writing overlap the kernel reads.
 pub fn read_entries_parallel(
     map: &Map,
     meta: &MapMeta,
@@ -80,13 +81,14 @@ pub fn read_entries_parallel(
     sink: &mut EntrySink<'_>,
 ) -> Result<u64> {
     let (kl, vl) = (meta.key_len(), meta.value_len());
-    let Some(split) = split_of(meta).filter(|_| threads > 1) else {
+    // Even one reader thread runs beside this one, so reading overlaps compression.
+    let Some(split) = split_of(meta) else {
         return super::read_entries(map, kl, vl, batch, sink);
     };
     let n = match split {
         Split::Buckets(n) | Split::Indexes(n) => n,
     };
-    let threads = threads.min(8) as u32;
+    let threads = threads.clamp(1, 8) as u32;
     let bounds: Vec<u32> = (0..=threads)
         .map(|i| (u64::from(n) * u64::from(i) / u64::from(threads)) as u32)
         .collect();
