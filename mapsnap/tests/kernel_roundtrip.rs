@@ -686,7 +686,7 @@ fn parallel_reads_return_every_entry_once() {
         };
         let meta = dump::meta_of(&m.info().expect("info"), false, None).expect("meta");
         assert!(dump::can_split(&meta));
-        for threads in [2, 3, 5] {
+        for threads in [1, 2, 3, 5] {
             for batch in [64, 5000] {
                 let mut got: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
                 let total =
