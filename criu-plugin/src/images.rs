@@ -192,13 +192,7 @@ pub fn read_records(dir: &Path) -> Result<Vec<FileRecord>, PluginError> {
     Ok(out)
 }
 
-/// The value of `field:` in an fdinfo text.
-pub fn fdinfo_field<'a>(text: &'a str, field: &str) -> Option<&'a str> {
-    text.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        (k.trim() == field).then(|| v.trim())
-    })
-}
+pub use mapsnap::sys::fdinfo_field;
 
 #[cfg(test)]
 mod tests {
@@ -257,13 +251,5 @@ mod tests {
         evil.snapshot = "../../etc/passwd".into();
         write_record(dir.path(), &evil).expect("write");
         assert!(read_records(dir.path()).is_err());
-    }
-
-    #[test]
-    fn fdinfo_fields() {
-        let t = "pos:\t0\nflags:\t02000000\nmnt_id:\t15\nmap_type:\t1\nmap_id:\t42\nfrozen:\t0\n";
-        assert_eq!(fdinfo_field(t, "map_id"), Some("42"));
-        assert_eq!(fdinfo_field(t, "flags"), Some("02000000"));
-        assert_eq!(fdinfo_field(t, "nope"), None);
     }
 }

@@ -447,8 +447,8 @@ fn unsafe_zeroed_info() -> bpf_map_info {
     unsafe { std::mem::zeroed() }
 }
 
-/// The value of `field:` in an fdinfo text.
-pub(crate) fn fdinfo_field<'a>(text: &'a str, field: &str) -> Option<&'a str> {
+/// The value of `field:` in an fdinfo text (`/proc/PID/fdinfo/FD`).
+pub fn fdinfo_field<'a>(text: &'a str, field: &str) -> Option<&'a str> {
     text.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
         (k.trim() == field).then(|| v.trim())

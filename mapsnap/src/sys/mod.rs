@@ -11,7 +11,7 @@ mod map;
 
 pub use btf::{Btf, btf_raw_by_id};
 pub use cpus::possible_cpus;
-pub(crate) use map::fdinfo_field;
+pub use map::fdinfo_field;
 pub use map::{
     BatchRead, CreateAttrs, Map, MapInfo, ObjKind, fd_kind, kind_from_link, loaded_map_ids, obj_get,
 };
