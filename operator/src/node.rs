@@ -1,0 +1,670 @@
+//! The agent's node-side work, against the node's file system and the snapshot storage:
+//! hook request files for mapsnap-hook, uploading the kubelet's checkpoint archive, fetching
+//! it for a restore, and cleanup. Synchronous (the storage API is); the agent runs it on a
+//! blocking thread.
+//!
+//! Files (the interface with mapsnap-hook, see docs/API.md):
+//! - `<requests>/<container-id>.json`: [`HookRequest`], read by the hook at CRIU's post-dump.
+//! - `<restores>/<namespace>_<pod>.json`: [`RestoreRequest`], for the hook to check a restored
+//!   pod's `mapsnap.io/restore-from` annotation against.
+//! - `<checkpoints>/mapsnap-restore-<uid>.tar`: an archive fetched for a restore.
+
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use mapsnap::storage::{ErrorKind, Location, Manifest, Storage, StorageConfig, StorageError};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::crd::{AgentOperation, AgentResult, AgentTask, ManifestSummary, MapSummary};
+use crate::layout;
+
+/// The hook request file (`/run/mapsnap/requests/<container-id>.json`): tells mapsnap-hook,
+/// run by CRIU at post-dump, where this container's maps go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookRequest {
+    /// `<namespace>/<name>` of the `BpfMapCheckpoint`.
+    pub checkpoint: String,
+    /// Where to write the snapshot (and its manifest beside it).
+    pub snapshot: String,
+    /// RFC 3339.
+    pub created: String,
+    /// RFC 3339; the hook ignores the request after this.
+    pub expires: String,
+}
+
+/// The restore request file (`/run/mapsnap/restores/<namespace>_<pod>.json`): the restore
+/// the agent prepared for a pod, which mapsnap-hook checks a restored container against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreRequest {
+    pub checkpoint: String,
+    /// `<namespace>/<name>` of the restored pod.
+    pub pod: String,
+    /// The snapshot to restore the maps from (= the pod's `mapsnap.io/restore-from`).
+    pub snapshot: String,
+    /// The archive's path on this node (= the restored container's image).
+    pub archive: String,
+    pub created: String,
+    pub expires: String,
+}
+
+/// Where the node's files are (as mounted in the agent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodePaths {
+    pub requests: PathBuf,
+    pub restores: PathBuf,
+    pub checkpoints: PathBuf,
+}
+
+impl Default for NodePaths {
+    fn default() -> Self {
+        Self {
+            requests: "/run/mapsnap/requests".into(),
+            restores: "/run/mapsnap/restores".into(),
+            checkpoints: "/var/lib/kubelet/checkpoints".into(),
+        }
+    }
+}
+
+/// A node-side failure, with whether retrying can help.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The task asks for something refused (bad path, bad container id).
+    #[error("{0}")]
+    Refused(String),
+    /// The stored data is not what it should be (missing snapshot, digest mismatch).
+    #[error("{0}")]
+    Mismatch(String),
+    #[error("{0}")]
+    Unsupported(String),
+    /// Some cleanup actions failed.
+    #[error("{message}")]
+    Cleanup { message: String, permanent: bool },
+}
+
+impl NodeError {
+    fn io(what: &'static str, path: &Path, source: io::Error) -> Self {
+        NodeError::Io {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// Whether retrying cannot help.
+    pub fn permanent(&self) -> bool {
+        match self {
+            NodeError::Io { source, .. } => source.kind() == io::ErrorKind::NotFound,
+            NodeError::Storage(e) => matches!(
+                e.kind,
+                ErrorKind::BadLocation | ErrorKind::Config | ErrorKind::Denied | ErrorKind::Corrupt
+            ),
+            NodeError::Refused(_) | NodeError::Mismatch(_) | NodeError::Unsupported(_) => true,
+            NodeError::Cleanup { permanent, .. } => *permanent,
+        }
+    }
+
+    /// A CamelCase reason for the status.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            NodeError::Io { .. } => "NodeIOFailed",
+            NodeError::Storage(_) => "StorageFailed",
+            NodeError::Refused(_) => "TaskRefused",
+            NodeError::Mismatch(_) => "DataMismatch",
+            NodeError::Unsupported(_) => "Unsupported",
+            NodeError::Cleanup { .. } => "CleanupFailed",
+        }
+    }
+}
+
+/// Digest of a transferred object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digested {
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// Object storage as the agent uses it (a trait so that tests and later backends can stand
+/// in).
+pub trait Blobs: Send + Sync + std::fmt::Debug {
+    /// Uploads a local file (replacing an existing object) and returns its digest.
+    fn upload(&self, from: &Path, to: &str) -> Result<Digested, NodeError>;
+    /// Streams an object into `to`, returning its digest.
+    fn download(&self, from: &str, to: &mut dyn Write) -> Result<Digested, NodeError>;
+    /// The manifest beside a snapshot, if there is one.
+    fn manifest(&self, snapshot: &str) -> Result<Option<Manifest>, NodeError>;
+    /// Deletes an object and its manifest; a missing object is not an error. Returns whether
+    /// something was there.
+    fn delete(&self, location: &str) -> Result<bool, NodeError>;
+}
+
+/// [`Blobs`] over `mapsnap::storage` (local files, S3, GCS, Azure).
+#[derive(Debug, Clone)]
+pub struct StorageBlobs {
+    config: StorageConfig,
+}
+
+impl StorageBlobs {
+    pub fn new(config: StorageConfig) -> Self {
+        Self { config }
+    }
+
+    fn open(&self, location: &str) -> Result<Storage, NodeError> {
+        let loc = Location::parse(location)?;
+        if matches!(loc, Location::Stdio) {
+            return Err(NodeError::Refused(format!(
+                "{location}: standard input/output is not a storage location"
+            )));
+        }
+        Ok(Storage::open(loc, &self.config)?)
+    }
+}
+
+/// A reader that hashes what passes through it.
+struct Hashing<R> {
+    inner: R,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R> Hashing<R> {
+    fn new(inner: R) -> Self {
+        Self {
+            inner,
+            hasher: Sha256::new(),
+            size: 0,
+        }
+    }
+
+    fn digest(self) -> Digested {
+        Digested {
+            sha256: hex::encode(self.hasher.finalize()),
+            size: self.size,
+        }
+    }
+}
+
+impl Blobs for StorageBlobs {
+    fn upload(&self, from: &Path, to: &str) -> Result<Digested, NodeError> {
+        let storage = self.open(to)?;
+        if let Location::Local(p) = storage.location()
+            && let Some(dir) = p.parent()
+        {
+            fs::create_dir_all(dir).map_err(|e| NodeError::io("cannot create", dir, e))?;
+        }
+        let file = File::open(from).map_err(|e| NodeError::io("cannot open", from, e))?;
+        let mut reader = Hashing::new(BufReader::with_capacity(1 << 20, file));
+        let mut w = storage.writer(true)?;
+        io::copy(&mut reader, &mut w).map_err(|e| match StorageError::from_io(&e) {
+            Some(s) => NodeError::Storage(s.clone()),
+            None => NodeError::io("cannot upload", from, e),
+        })?;
+        w.commit()?;
+        Ok(reader.digest())
+    }
+
+    fn download(&self, from: &str, to: &mut dyn Write) -> Result<Digested, NodeError> {
+        let storage = self.open(from)?;
+        let mut reader = Hashing::new(storage.reader(None)?);
+        io::copy(&mut reader, to).map_err(|e| match StorageError::from_io(&e) {
+            Some(s) => NodeError::Storage(s.clone()),
+            None => NodeError::io("cannot write the download of", Path::new(from), e),
+        })?;
+        Ok(reader.digest())
+    }
+
+    fn manifest(&self, snapshot: &str) -> Result<Option<Manifest>, NodeError> {
+        Ok(self.open(snapshot)?.read_manifest()?)
+    }
+
+    fn delete(&self, location: &str) -> Result<bool, NodeError> {
+        let storage = self.open(location)?;
+        match storage.location() {
+            Location::Local(p) => {
+                let mut manifest = p.clone().into_os_string();
+                manifest.push(mapsnap::storage::MANIFEST_SUFFIX);
+                let mut any = false;
+                for path in [p.clone(), PathBuf::from(manifest)] {
+                    any |= remove_if_present(&path)?;
+                }
+                Ok(any)
+            }
+            _ => Err(NodeError::Unsupported(format!(
+                "{location}: deleting objects in remote storage needs Storage::delete, which \
+                 mapsnap::storage does not offer yet; delete it (and its manifest) by hand"
+            ))),
+        }
+    }
+}
+
+/// The manifest as the status records it.
+pub fn summarize(m: &Manifest) -> ManifestSummary {
+    let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    ManifestSummary {
+        format_version: i64::from(m.format_version),
+        sha256: m.sha256.clone(),
+        size: clamp(m.size),
+        created: m.created.clone(),
+        maps: m
+            .maps
+            .iter()
+            .map(|x| MapSummary {
+                name: x.name.clone(),
+                map_type: x.map_type.clone(),
+                entries: clamp(x.entries),
+                bytes: clamp(x.bytes),
+            })
+            .collect(),
+    }
+}
+
+/// Checks a container ID before it becomes a file name.
+pub fn check_container_id(id: &str) -> Result<(), NodeError> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && id.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(NodeError::Refused(format!("invalid container id {id:?}")))
+    }
+}
+
+fn check_name(what: &str, s: &str) -> Result<(), NodeError> {
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !s.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(NodeError::Refused(format!("invalid {what} {s:?}")))
+    }
+}
+
+/// Writes `bytes` to `path` atomically (temporary file, fsync, rename), mode 0600.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), NodeError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path
+        .parent()
+        .ok_or_else(|| NodeError::Refused(format!("{} has no directory", path.display())))?;
+    fs::create_dir_all(dir).map_err(|e| NodeError::io("cannot create", dir, e))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| NodeError::io("cannot create", &tmp, e))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| NodeError::io("cannot write", &tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| NodeError::io("cannot rename into", path, e))
+}
+
+fn remove_if_present(path: &Path) -> Result<bool, NodeError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(NodeError::io("cannot remove", path, e)),
+    }
+}
+
+fn rfc3339(t: &Time) -> String {
+    t.0.to_string()
+}
+
+/// The agent's node-side executor.
+#[derive(Debug, Clone)]
+pub struct NodeAgent {
+    pub paths: NodePaths,
+    pub blobs: Arc<dyn Blobs>,
+}
+
+impl NodeAgent {
+    pub fn new(paths: NodePaths, blobs: Arc<dyn Blobs>) -> Self {
+        Self { paths, blobs }
+    }
+
+    /// Path of the hook request file of a container.
+    pub fn request_path(&self, container_id: &str) -> Result<PathBuf, NodeError> {
+        check_container_id(container_id)?;
+        Ok(self.paths.requests.join(format!("{container_id}.json")))
+    }
+
+    /// Path of the restore request file of a pod (`<namespace>/<name>`).
+    pub fn restore_request_path(&self, pod: &str) -> Result<PathBuf, NodeError> {
+        let (ns, name) = pod
+            .split_once('/')
+            .ok_or_else(|| NodeError::Refused(format!("invalid pod {pod:?}")))?;
+        check_name("namespace", ns)?;
+        check_name("pod name", name)?;
+        Ok(self
+            .paths
+            .restores
+            .join(layout::restore_request_name(ns, name)))
+    }
+
+    /// Checks that `path` is an archive directly inside the kubelet checkpoint directory (no
+    /// symlink, no other directory), so a task cannot make the agent read or delete any
+    /// other file of the node.
+    pub fn checked_archive_path(&self, path: &str) -> Result<PathBuf, NodeError> {
+        let p = Path::new(path);
+        let refused = |why: &str| {
+            NodeError::Refused(format!(
+                "archive path {path:?} refused: {why} (must be a .tar file directly in {})",
+                self.paths.checkpoints.display()
+            ))
+        };
+        let name = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| refused("no file name"))?;
+        if !name.ends_with(".tar") || name.starts_with('.') {
+            return Err(refused("not a .tar file"));
+        }
+        if p.parent() != Some(self.paths.checkpoints.as_path()) {
+            return Err(refused("not in the checkpoint directory"));
+        }
+        match fs::symlink_metadata(p) {
+            Ok(m) if !m.file_type().is_file() => Err(refused("not a regular file")),
+            _ => Ok(p.to_path_buf()),
+        }
+    }
+
+    /// Runs a task and answers it. `checkpoint` is `<namespace>/<name>` of the object, `uid`
+    /// its UID.
+    pub fn execute(
+        &self,
+        checkpoint: &str,
+        uid: &str,
+        task: &AgentTask,
+        node: &str,
+        now: Timestamp,
+    ) -> AgentResult {
+        let mut result = AgentResult {
+            id: task.id.clone(),
+            node: node.to_string(),
+            ..AgentResult::default()
+        };
+        let outcome = match task.operation {
+            Some(AgentOperation::PrepareCheckpoint) => self.prepare(checkpoint, task, now),
+            Some(AgentOperation::UploadArchive) => self.upload(task, &mut result),
+            Some(AgentOperation::DownloadArchive) => {
+                self.download(checkpoint, uid, task, now, &mut result)
+            }
+            Some(AgentOperation::Cleanup) => self.cleanup(task),
+            None => Err(NodeError::Unsupported(
+                "the task names no operation this agent knows (is the agent older than the \
+                 controller?)"
+                    .into(),
+            )),
+        };
+        match outcome {
+            Ok(message) => {
+                result.succeeded = true;
+                result.message = Some(message);
+            }
+            Err(e) => {
+                result.succeeded = false;
+                result.permanent = e.permanent();
+                result.reason = Some(e.reason().into());
+                result.message = Some(e.to_string());
+            }
+        }
+        result.finish_time = Some(Time(now));
+        result
+    }
+
+    fn prepare(
+        &self,
+        checkpoint: &str,
+        task: &AgentTask,
+        now: Timestamp,
+    ) -> Result<String, NodeError> {
+        let id = task
+            .container_id
+            .as_deref()
+            .ok_or_else(|| NodeError::Refused("the task names no container".into()))?;
+        let snapshot = task
+            .snapshot
+            .clone()
+            .ok_or_else(|| NodeError::Refused("the task names no snapshot location".into()))?;
+        Location::parse(&snapshot)?;
+        let path = self.request_path(id)?;
+        let req = HookRequest {
+            checkpoint: checkpoint.to_string(),
+            snapshot,
+            created: now.to_string(),
+            expires: rfc3339(&task.expires),
+        };
+        let json = serde_json::to_vec_pretty(&req)
+            .map_err(|e| NodeError::Refused(format!("cannot encode the request: {e}")))?;
+        write_atomic(&path, &json)?;
+        Ok(format!("wrote {}", path.display()))
+    }
+
+    fn upload(&self, task: &AgentTask, result: &mut AgentResult) -> Result<String, NodeError> {
+        let local = task
+            .node_archive
+            .as_deref()
+            .ok_or_else(|| NodeError::Refused("the task names no archive on the node".into()))?;
+        let local = self.checked_archive_path(local)?;
+        let archive = task
+            .archive
+            .as_deref()
+            .ok_or_else(|| NodeError::Refused("the task names no archive location".into()))?;
+        let snapshot = task
+            .snapshot
+            .as_deref()
+            .ok_or_else(|| NodeError::Refused("the task names no snapshot".into()))?;
+        let digest = self.blobs.upload(&local, archive)?;
+        // No manifest: the hook wrote no snapshot (no bpffs mount, opted out, or not
+        // installed). The controller warns and goes on without maps.
+        let manifest = self.blobs.manifest(snapshot)?;
+        if let Some(m) = manifest.as_ref()
+            && let (Some(want), Some(got)) = (
+                task.container_id.as_deref(),
+                m.source.container_id.as_deref(),
+            )
+            && !got.starts_with(want)
+            && !want.starts_with(got)
+        {
+            return Err(NodeError::Mismatch(format!(
+                "the snapshot at {snapshot} is of container {got}, not {want}"
+            )));
+        }
+        if let Some(id) = task.container_id.as_deref() {
+            remove_if_present(&self.request_path(id)?)?;
+        }
+        result.archive_sha256 = Some(digest.sha256.clone());
+        result.archive_size = Some(i64::try_from(digest.size).unwrap_or(i64::MAX));
+        result.manifest = manifest.as_ref().map(summarize);
+        let maps = match manifest.as_ref() {
+            Some(m) => format!("snapshot has {} maps", m.maps.len()),
+            None => format!(
+                "no map snapshot at {snapshot} (no manifest {snapshot}{})",
+                mapsnap::storage::MANIFEST_SUFFIX
+            ),
+        };
+        Ok(format!(
+            "uploaded {} ({} bytes) to {archive}; {maps}",
+            local.display(),
+            digest.size
+        ))
+    }
+
+    /// After the upload's result is recorded: removes the node-local archive (it holds the
+    /// container's memory).
+    pub fn after_upload(&self, task: &AgentTask) -> Result<(), NodeError> {
+        if let Some(p) = task.node_archive.as_deref() {
+            remove_if_present(&self.checked_archive_path(p)?)?;
+        }
+        Ok(())
+    }
+
+    fn download(
+        &self,
+        checkpoint: &str,
+        uid: &str,
+        task: &AgentTask,
+        now: Timestamp,
+        result: &mut AgentResult,
+    ) -> Result<String, NodeError> {
+        let archive = task
+            .archive
+            .as_deref()
+            .ok_or_else(|| NodeError::Refused("the task names no archive location".into()))?;
+        let want_sha = task
+            .archive_sha256
+            .as_deref()
+            .ok_or_else(|| NodeError::Refused("the task names no archive digest".into()))?;
+        let pod = task
+            .restore_pod
+            .as_deref()
+            .ok_or_else(|| NodeError::Refused("the task names no restored pod".into()))?;
+        let request_path = self.restore_request_path(pod)?;
+        check_name("uid", uid)?;
+        let dest = self
+            .paths
+            .checkpoints
+            .join(layout::restore_archive_name(uid));
+        let already = match File::open(&dest) {
+            Ok(f) => {
+                let mut h = Hashing::new(BufReader::with_capacity(1 << 20, f));
+                io::copy(&mut h, &mut io::sink())
+                    .map_err(|e| NodeError::io("cannot read", &dest, e))?;
+                h.digest().sha256 == want_sha
+            }
+            Err(_) => false,
+        };
+        if !already {
+            fs::create_dir_all(&self.paths.checkpoints)
+                .map_err(|e| NodeError::io("cannot create", &self.paths.checkpoints, e))?;
+            let tmp = self
+                .paths
+                .checkpoints
+                .join(format!(".{}.partial", layout::restore_archive_name(uid)));
+            let file = File::create(&tmp).map_err(|e| NodeError::io("cannot create", &tmp, e))?;
+            let mut w = io::BufWriter::with_capacity(1 << 20, file);
+            let got = self.blobs.download(archive, &mut w).and_then(|d| {
+                let f = w
+                    .into_inner()
+                    .map_err(|e| NodeError::io("cannot write", &tmp, e.into_error()))?;
+                f.sync_all()
+                    .map_err(|e| NodeError::io("cannot sync", &tmp, e))?;
+                Ok(d)
+            });
+            let got = match got {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(e);
+                }
+            };
+            let size_ok = task
+                .archive_size
+                .is_none_or(|s| u64::try_from(s).ok() == Some(got.size));
+            if got.sha256 != want_sha || !size_ok {
+                let _ = fs::remove_file(&tmp);
+                return Err(NodeError::Mismatch(format!(
+                    "the archive at {archive} ({} bytes, sha256 {}) is not the one checkpointed \
+                     ({} bytes, sha256 {want_sha}): it was replaced or damaged",
+                    got.size,
+                    got.sha256,
+                    task.archive_size.unwrap_or(-1)
+                )));
+            }
+            fs::rename(&tmp, &dest).map_err(|e| NodeError::io("cannot rename into", &dest, e))?;
+        }
+        let req = RestoreRequest {
+            checkpoint: checkpoint.to_string(),
+            pod: pod.to_string(),
+            snapshot: task.snapshot.clone().unwrap_or_default(),
+            archive: dest.display().to_string(),
+            created: now.to_string(),
+            expires: rfc3339(&task.expires),
+        };
+        let json = serde_json::to_vec_pretty(&req)
+            .map_err(|e| NodeError::Refused(format!("cannot encode the request: {e}")))?;
+        write_atomic(&request_path, &json)?;
+        result.node_archive = Some(dest.display().to_string());
+        Ok(format!("fetched {archive} to {}", dest.display()))
+    }
+
+    fn cleanup(&self, task: &AgentTask) -> Result<String, NodeError> {
+        let mut done = Vec::new();
+        let mut failed = Vec::new();
+        let mut permanent = false;
+        let mut record = |what: String, r: Result<bool, NodeError>| match r {
+            Ok(true) => done.push(what),
+            Ok(false) => {}
+            Err(e) => {
+                permanent |= e.permanent();
+                failed.push(e.to_string());
+            }
+        };
+        if let Some(id) = task.container_id.as_deref() {
+            let r = self.request_path(id).and_then(|p| remove_if_present(&p));
+            record(format!("the hook request of {id}"), r);
+        }
+        if let Some(p) = task.node_archive.as_deref() {
+            let r = self
+                .checked_archive_path(p)
+                .and_then(|p| remove_if_present(&p));
+            record(p.to_string(), r);
+        }
+        if let Some(pod) = task.restore_pod.as_deref() {
+            let r = self
+                .restore_request_path(pod)
+                .and_then(|p| remove_if_present(&p));
+            record(format!("the restore request of {pod}"), r);
+        }
+        for loc in &task.delete_objects {
+            let r = self.blobs.delete(loc);
+            record(loc.clone(), r);
+        }
+        if failed.is_empty() {
+            Ok(if done.is_empty() {
+                "nothing (already clean)".to_string()
+            } else {
+                done.join(", ")
+            })
+        } else {
+            Err(NodeError::Cleanup {
+                message: failed.join("; "),
+                permanent,
+            })
+        }
+    }
+}

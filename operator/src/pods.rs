@@ -1,0 +1,308 @@
+//! Pure functions over pods: resolving the source container, judging the restored pod's
+//! progress, and building the restored pod.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Pod, PodSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::crd::{
+    ANNOTATION_CHECKPOINT, ANNOTATION_RESTORE_FROM, BpfMapCheckpoint, LABEL_CHECKPOINT_UID,
+    LABEL_RESTORED_BY, PodTemplateCopy, SourceStatus,
+};
+use crate::layout;
+
+/// Labels of the source pod that are not copied to the restored pod: they tie a pod to one
+/// revision or one replica of its controller.
+pub const LABELS_NOT_COPIED: &[&str] = &[
+    "pod-template-hash",
+    "controller-revision-hash",
+    "statefulset.kubernetes.io/pod-name",
+    "apps.kubernetes.io/pod-index",
+    "batch.kubernetes.io/controller-uid",
+    "batch.kubernetes.io/job-name",
+    "controller-uid",
+    "job-name",
+];
+
+/// Name prefix of the service account token volume admission adds to every pod.
+const TOKEN_VOLUME_PREFIX: &str = "kube-api-access-";
+
+/// Container waiting reasons that mean the restored container will not start by itself.
+const FATAL_WAITING: &[&str] = &[
+    "CreateContainerError",
+    "CreateContainerConfigError",
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "ErrImageNeverPull",
+    "CrashLoopBackOff",
+    "RunContainerError",
+];
+
+/// The source pod, judged.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceCheck {
+    /// Running, with a container ID: ready to checkpoint.
+    Ready(Box<SourceStatus>),
+    /// Not yet (pending, container starting): wait and look again.
+    Wait { reason: String, message: String },
+    /// Cannot be checkpointed as asked (no such container, ambiguous container).
+    Invalid { reason: String, message: String },
+}
+
+/// Splits a container ID (`cri-o://abc`) into the runtime and the ID.
+pub fn split_container_id(id: &str) -> Option<(&str, &str)> {
+    let (runtime, id) = id.split_once("://")?;
+    if runtime.is_empty() || id.is_empty() {
+        return None;
+    }
+    Some((runtime, id))
+}
+
+/// Judges the source pod: which container, on which node, with which ID.
+pub fn resolve_source(pod: &Pod, container: Option<&str>) -> SourceCheck {
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let wait = |reason: &str, message: String| SourceCheck::Wait {
+        reason: reason.into(),
+        message,
+    };
+    let invalid = |reason: &str, message: String| SourceCheck::Invalid {
+        reason: reason.into(),
+        message,
+    };
+    let Some(spec) = pod.spec.as_ref() else {
+        return invalid("PodInvalid", format!("pod {name} has no spec"));
+    };
+    let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+    let container = match container {
+        Some(c) if names.contains(&c) => c.to_string(),
+        Some(c) => {
+            return invalid(
+                "ContainerNotFound",
+                format!(
+                    "pod {name} has no container {c:?} (it has {})",
+                    names.join(", ")
+                ),
+            );
+        }
+        None if names.len() == 1 => names[0].to_string(),
+        None => {
+            return invalid(
+                "ContainerRequired",
+                format!(
+                    "pod {name} has {} containers ({}): set spec.source.container",
+                    names.len(),
+                    names.join(", ")
+                ),
+            );
+        }
+    };
+    let Some(node) = spec.node_name.clone().filter(|n| !n.is_empty()) else {
+        return wait(
+            "PodNotScheduled",
+            format!("pod {name} is not scheduled to a node yet"),
+        );
+    };
+    let status = pod.status.as_ref();
+    let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Unknown");
+    if phase != "Running" {
+        return wait(
+            "PodNotRunning",
+            format!("pod {name} is {phase}, not Running"),
+        );
+    }
+    let cs = status
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|v| v.iter().find(|c| c.name == container));
+    let running = cs
+        .and_then(|c| c.state.as_ref())
+        .is_some_and(|s| s.running.is_some());
+    let id = cs.and_then(|c| c.container_id.as_deref()).unwrap_or("");
+    let Some((runtime, id)) = split_container_id(id).filter(|_| running) else {
+        return wait(
+            "ContainerNotRunning",
+            format!("container {container} of pod {name} is not running"),
+        );
+    };
+    let labels = pod
+        .metadata
+        .labels
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| !LABELS_NOT_COPIED.contains(&k.as_str()))
+        .collect();
+    let mut template_spec = spec.clone();
+    template_spec.node_name = None;
+    SourceCheck::Ready(Box::new(SourceStatus {
+        pod: name,
+        pod_uid: pod.metadata.uid.clone().unwrap_or_default(),
+        node,
+        container,
+        container_id: id.to_string(),
+        runtime: runtime.to_string(),
+        pod_template: Some(PodTemplateCopy {
+            labels,
+            spec: template_spec,
+        }),
+    }))
+}
+
+/// The controller that owns a pod, as `Kind/name`, if any.
+pub fn controller_of(pod: &Pod) -> Option<String> {
+    pod.metadata
+        .owner_references
+        .as_ref()?
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .map(|o| format!("{}/{}", o.kind, o.name))
+}
+
+/// Where the restored pod is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodProgress {
+    /// The pod runs and the restored container is running.
+    Running,
+    /// Not yet; the text says what it waits for.
+    Waiting(String),
+    /// It will not run by itself.
+    Failed { reason: String, message: String },
+}
+
+/// Judges the restored pod.
+pub fn restored_progress(pod: &Pod, container: &str) -> PodProgress {
+    let status = pod.status.as_ref();
+    let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
+    if phase == "Failed" || phase == "Succeeded" {
+        let why = status
+            .and_then(|s| s.message.clone().or_else(|| s.reason.clone()))
+            .unwrap_or_default();
+        return PodProgress::Failed {
+            reason: "RestoredPodFailed".into(),
+            message: format!("the restored pod is {phase}: {why}"),
+        };
+    }
+    let cs = status
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|v| v.iter().find(|c| c.name == container));
+    let state = cs.and_then(|c| c.state.as_ref());
+    if let Some(w) = state.and_then(|s| s.waiting.as_ref()) {
+        let reason = w.reason.clone().unwrap_or_default();
+        if FATAL_WAITING.contains(&reason.as_str()) {
+            return PodProgress::Failed {
+                reason: "RestoreFailed".into(),
+                message: format!(
+                    "container {container}: {reason}: {}",
+                    w.message.clone().unwrap_or_default()
+                ),
+            };
+        }
+        return PodProgress::Waiting(format!("container {container} is waiting ({reason})"));
+    }
+    if let Some(t) = state.and_then(|s| s.terminated.as_ref()) {
+        return PodProgress::Failed {
+            reason: "RestoreFailed".into(),
+            message: format!(
+                "container {container} terminated with exit code {}: {}",
+                t.exit_code,
+                t.message
+                    .clone()
+                    .or_else(|| t.reason.clone())
+                    .unwrap_or_default()
+            ),
+        };
+    }
+    if phase == "Running" && state.is_some_and(|s| s.running.is_some()) {
+        PodProgress::Running
+    } else {
+        PodProgress::Waiting(format!("the restored pod is {phase}"))
+    }
+}
+
+/// Builds the restored pod (CRI-O): a copy of the checkpointed pod's spec bound to the
+/// target node, the checkpointed container's image replaced by the archive's path on that
+/// node, annotated for mapsnap-hook.
+pub fn restored_pod(
+    cr: &BpfMapCheckpoint,
+    name: &str,
+    node: &str,
+    node_archive: &str,
+) -> Result<Pod, String> {
+    let status = cr.status.as_ref().ok_or("no status")?;
+    let source = status.source.as_ref().ok_or("no resolved source")?;
+    let template = source
+        .pod_template
+        .as_ref()
+        .ok_or("the checkpoint recorded no pod template")?;
+    let checkpoint = status.checkpoint.as_ref().ok_or("no checkpoint")?;
+    // Without a manifest the checkpoint has no maps: no annotation, so the hook restores none.
+    let snapshot = checkpoint
+        .manifest
+        .as_ref()
+        .map(|_| checkpoint.snapshot.clone());
+    let uid = cr.metadata.uid.clone().unwrap_or_default();
+    let mut spec: PodSpec = template.spec.clone();
+    spec.node_name = Some(node.to_string());
+    spec.node_selector = None;
+    spec.scheduling_gates = None;
+    spec.ephemeral_containers = None;
+    if let Some(a) = spec.affinity.as_mut() {
+        a.node_affinity = None;
+    }
+    // Set by admission from the priority class: a new pod may not carry them.
+    spec.priority = None;
+    spec.preemption_policy = None;
+    // The service account token volume is injected again by admission.
+    if let Some(vols) = spec.volumes.as_mut() {
+        vols.retain(|v| !v.name.starts_with(TOKEN_VOLUME_PREFIX));
+    }
+    for c in spec
+        .containers
+        .iter_mut()
+        .chain(spec.init_containers.iter_mut().flatten())
+    {
+        if let Some(m) = c.volume_mounts.as_mut() {
+            m.retain(|m| !m.name.starts_with(TOKEN_VOLUME_PREFIX));
+        }
+    }
+    let c = spec
+        .containers
+        .iter_mut()
+        .find(|c| c.name == source.container)
+        .ok_or_else(|| format!("the pod template has no container {}", source.container))?;
+    c.image = Some(node_archive.to_string());
+    c.image_pull_policy = Some("IfNotPresent".into());
+
+    let mut labels: BTreeMap<String, String> = template.labels.clone();
+    labels.insert(LABEL_CHECKPOINT_UID.into(), uid);
+    if let Some(n) = cr.metadata.name.as_deref().filter(|n| n.len() <= 63) {
+        labels.insert(LABEL_RESTORED_BY.into(), n.to_string());
+    }
+    let mut annotations = BTreeMap::from([(ANNOTATION_CHECKPOINT.to_string(), cr.key())]);
+    if let Some(s) = snapshot {
+        annotations.insert(ANNOTATION_RESTORE_FROM.to_string(), s);
+    }
+    Ok(Pod {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: cr.metadata.namespace.clone(),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            ..ObjectMeta::default()
+        },
+        spec: Some(spec),
+        status: None,
+    })
+}
+
+/// The restored pod's name for an object: `spec.target.podName`, else derived.
+pub fn restored_pod_name(cr: &BpfMapCheckpoint, source_pod: &str) -> String {
+    cr.spec
+        .target
+        .as_ref()
+        .and_then(|t| t.pod_name.clone())
+        .unwrap_or_else(|| {
+            layout::restored_pod_name(source_pod, cr.metadata.uid.as_deref().unwrap_or_default())
+        })
+}

@@ -1,0 +1,1201 @@
+//! Reconcile scenarios against the mock API server (fixtures.rs): every request the
+//! controller and the agents make is asserted, in order, and answered. The agents' node-side
+//! work runs for real on temporary directories and `file://` storage.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::runtime::controller::Action;
+use serde_json::json;
+
+use crate::crd::{
+    Action as CrAction, AgentOperation, BpfMapCheckpoint, BpfMapCheckpointStatus, CheckpointStatus,
+    FINALIZER, Phase, Step, StepRecord,
+};
+use crate::fixtures::*;
+use crate::node::{HookRequest, RestoreRequest, summarize};
+use crate::pods::{self, SourceCheck};
+use crate::reconcile::{self, Decision};
+
+const POLL: Duration = Duration::from_secs(10);
+
+fn condition<'a>(s: &'a BpfMapCheckpointStatus, t: &str) -> (&'a str, &'a str, &'a str) {
+    let c = s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == t)
+        .unwrap_or_else(|| panic!("no {t} condition in {:?}", s.conditions));
+    (c.status.as_str(), c.reason.as_str(), c.message.as_str())
+}
+
+/// Drives a new Checkpoint or Migrate object through Resolve and PrepareHook (the agent on
+/// node-a writes the hook request file). Returns with the object at KubeletCheckpoint's
+/// doorstep: the next reconcile calls the kubelet.
+async fn drive_to_kubelet(h: &mut Harness) {
+    let pod = source_pod(true);
+    let lease = agent_lease(NODE_A, Duration::from_secs(5));
+    let name = h.cr().metadata.name.clone().expect("name");
+    let migrate = h.cr().spec.action == CrAction::Migrate;
+    let action = h
+        .reconcile(move |mut api| async move {
+            api.finalizers(&[FINALIZER]).await;
+            let s = api.status().await;
+            assert_eq!(s.phase, Some(Phase::Pending));
+            assert_eq!(s.step, Some(Step::Resolve));
+            assert_eq!(s.observed_generation, Some(1));
+            let c = s.checkpoint.expect("locations are recorded at once");
+            assert!(
+                c.snapshot
+                    .ends_with(&format!("/store/{NS}/{name}/{CR_UID}/maps.mapsnap")),
+                "{}",
+                c.snapshot
+            );
+            assert!(c.archive.ends_with(&format!("/{CR_UID}/checkpoint.tar")));
+            assert_eq!(condition(&s_or(&api), "Ready").0, "False");
+            api.event("Accepted", false).await;
+            api.get_pod(POD, Some(&pod)).await;
+            api.get_lease(NODE_A, Some(&lease)).await;
+            let s = api.status().await;
+            assert_eq!(s.phase, Some(Phase::Checkpointing));
+            assert_eq!(s.step, Some(Step::PrepareHook));
+            let src = s.source.expect("source");
+            assert_eq!(
+                (
+                    src.node.as_str(),
+                    src.container.as_str(),
+                    src.container_id.as_str()
+                ),
+                (NODE_A, CONTAINER, CONTAINER_ID)
+            );
+            assert_eq!(src.runtime, "cri-o");
+            let tmpl = src.pod_template.expect("template");
+            assert_eq!(tmpl.labels.get("app").map(String::as_str), Some("lb"));
+            assert!(!tmpl.labels.contains_key("pod-template-hash"));
+            let task = s.agent_task.expect("task");
+            assert_eq!(task.id, "preparehook-1");
+            assert_eq!(task.node, NODE_A);
+            assert_eq!(task.operation, Some(AgentOperation::PrepareCheckpoint));
+            assert_eq!(task.container_id.as_deref(), Some(CONTAINER_ID));
+            assert_eq!(
+                task.expires.0,
+                t0().saturating_add(Duration::from_secs(1800)).expect("t")
+            );
+            let note = api.event("Resolved", false).await;
+            assert!(note.contains("node-a"), "{note}");
+            if migrate {
+                let note = api.event("OwnedSourcePod", true).await;
+                assert!(note.contains("ReplicaSet/lb-7d9f"), "{note}");
+            }
+            api
+        })
+        .await;
+    assert_eq!(action, requeue(POLL));
+
+    // Agents only act on tasks for their node.
+    let action = h.agent(NODE_B, |api| async move { api }).await;
+    assert_eq!(action, Action::await_change());
+    h.agent(NODE_A, |mut api| async move {
+        let r = api.agent_result().await;
+        assert!(r.succeeded, "{r:?}");
+        assert_eq!((r.id.as_str(), r.node.as_str()), ("preparehook-1", NODE_A));
+        api
+    })
+    .await;
+    // An answered task is not run again.
+    h.agent(NODE_A, |api| async move { api }).await;
+
+    let req_path = h
+        .node(NODE_A)
+        .paths
+        .requests
+        .join(format!("{CONTAINER_ID}.json"));
+    let req: HookRequest =
+        serde_json::from_slice(&std::fs::read(&req_path).expect("request file")).expect("json");
+    let name = h.cr().metadata.name.clone().expect("name");
+    assert_eq!(req.checkpoint, format!("{NS}/{name}"));
+    assert_eq!(
+        Some(req.snapshot.clone()),
+        h.status().checkpoint.map(|c| c.snapshot)
+    );
+    assert_eq!(req.created, "2025-06-01T12:00:00Z");
+    assert_eq!(req.expires, "2025-06-01T12:30:00Z");
+}
+
+fn s_or(api: &MockApi) -> BpfMapCheckpointStatus {
+    api.cr.status.clone().unwrap_or_default()
+}
+
+/// From KubeletCheckpoint: the kubelet checkpoints (the hook writes the snapshot during it),
+/// the agent uploads. Returns the kubelet archive path on node-a.
+async fn drive_kubelet_and_upload(h: &mut Harness) -> String {
+    let dirs = h.node(NODE_A).clone();
+    let action = h
+        .reconcile(move |mut api| async move {
+            let s = api.status().await;
+            assert_eq!(s.step, Some(Step::KubeletCheckpoint));
+            assert!(s.agent_task.is_none());
+            api.event("HookPrepared", false).await;
+            // The kubelet runs the checkpoint; CRIU runs mapsnap-hook at post-dump.
+            let req = dirs.hook_writes_snapshot(CONTAINER_ID, b"snapshot bytes");
+            assert_eq!(
+                req.checkpoint,
+                format!("{NS}/{}", api.cr.metadata.name.clone().expect("n"))
+            );
+            let path = dirs.kubelet_writes_archive(b"archive bytes, 25 of them");
+            api.kubelet(NODE_A, 120, 200, &json!({"items": [path]}))
+                .await;
+            let s = api.status().await;
+            assert_eq!(s.step, Some(Step::UploadArchive));
+            let c = s.checkpoint.expect("checkpoint");
+            assert_eq!(c.node_archive.as_deref(), Some(path.as_str()));
+            let task = s.agent_task.expect("task");
+            assert_eq!(task.operation, Some(AgentOperation::UploadArchive));
+            assert_eq!(task.node_archive.as_deref(), Some(path.as_str()));
+            let note = api.event("CheckpointCreated", false).await;
+            assert!(note.contains(&path), "{note}");
+            api
+        })
+        .await;
+    assert_eq!(action, requeue(POLL));
+    let path = h
+        .status()
+        .checkpoint
+        .and_then(|c| c.node_archive)
+        .expect("path");
+
+    h.agent(NODE_A, |mut api| async move {
+        let r = api.agent_result().await;
+        assert!(r.succeeded, "{r:?}");
+        assert_eq!(r.id, "uploadarchive-1");
+        assert_eq!(r.archive_size, Some(25));
+        let m = r.manifest.expect("manifest");
+        assert_eq!(m.maps.len(), 2);
+        assert_eq!(m.maps[0].entries, 1200);
+        api
+    })
+    .await;
+    // Uploaded next to the snapshot; the node-local archive and the request file are gone.
+    let archive = h.status().checkpoint.map(|c| c.archive).expect("archive");
+    assert_eq!(
+        std::fs::read(h.stored(&archive)).expect("uploaded archive"),
+        b"archive bytes, 25 of them"
+    );
+    assert!(
+        !std::path::Path::new(&path).exists(),
+        "node-local archive removed"
+    );
+    assert!(
+        !h.node(NODE_A)
+            .paths
+            .requests
+            .join(format!("{CONTAINER_ID}.json"))
+            .exists(),
+        "hook request removed"
+    );
+    path
+}
+
+#[tokio::test]
+async fn checkpoint_happy_path() {
+    let mut h = Harness::new(new_cr("lb-ckpt", CrAction::Checkpoint));
+    drive_to_kubelet(&mut h).await;
+    drive_kubelet_and_upload(&mut h).await;
+
+    let action = h
+        .reconcile(|mut api| async move {
+            let s = api.status().await;
+            assert_eq!(s.phase, Some(Phase::Succeeded));
+            assert_eq!(s.step, Some(Step::Done));
+            assert_eq!(s.completion_time, Some(Time(t0())));
+            assert!(s.agent_task.is_none());
+            let c = s.checkpoint.clone().expect("checkpoint");
+            assert_eq!(c.map_count, Some(2));
+            assert_eq!(c.archive_size, Some(25));
+            assert_eq!(c.size.as_deref(), Some("39B"));
+            assert_eq!(c.manifest.as_ref().map(|m| m.size), Some(14));
+            assert_eq!(
+                condition(&s, "Ready"),
+                ("True", "Checkpointed", condition(&s, "Ready").2)
+            );
+            assert_eq!(condition(&s, "Progressing").0, "False");
+            assert_eq!(condition(&s, "Failed").0, "False");
+            let names: Vec<Step> = s.steps.iter().map(|r| r.name).collect();
+            assert_eq!(
+                names,
+                [
+                    Step::Resolve,
+                    Step::PrepareHook,
+                    Step::KubeletCheckpoint,
+                    Step::UploadArchive
+                ]
+            );
+            assert!(
+                s.steps
+                    .iter()
+                    .all(|r| r.completion_time.is_some() && r.attempts == 1)
+            );
+            let note = api.event("Checkpointed", false).await;
+            assert!(note.contains("2 maps"), "{note}");
+            api.event("Succeeded", false).await;
+            api
+        })
+        .await;
+    assert_eq!(action, Action::await_change());
+    // Terminal: nothing more to do.
+    assert_eq!(h.reconcile_quiet().await, Action::await_change());
+}
+
+/// A Succeeded checkpoint object, with its archive and snapshot in the harness's store.
+fn succeeded_checkpoint(h: &Harness) -> BpfMapCheckpoint {
+    use sha2::Digest;
+    let mut cr = with_finalizer(new_cr("lb-ckpt", CrAction::Checkpoint));
+    cr.metadata.uid = Some("0c0c0c0c-0000-0000-0000-000000000000".into());
+    let prefix = format!("file://{}/{NS}/lb-ckpt/0c0c", h.store.display());
+    let snapshot = format!("{prefix}/maps.mapsnap");
+    let archive = format!("{prefix}/checkpoint.tar");
+    let archive_bytes = b"the checkpoint archive".to_vec();
+    std::fs::create_dir_all(h.stored(&archive).parent().expect("dir")).expect("mkdir");
+    std::fs::write(h.stored(&archive), &archive_bytes).expect("archive");
+    let manifest = test_manifest(&snapshot, b"snap", CONTAINER_ID);
+    let SourceCheck::Ready(source) = pods::resolve_source(&source_pod(true), None) else {
+        panic!("fixture pod resolves");
+    };
+    let done = |name| StepRecord {
+        name,
+        start_time: Time(t0()),
+        completion_time: Some(Time(t0())),
+        attempts: 1,
+    };
+    cr.status = Some(BpfMapCheckpointStatus {
+        phase: Some(Phase::Succeeded),
+        step: Some(Step::Done),
+        source: Some(*source),
+        checkpoint: Some(CheckpointStatus {
+            snapshot,
+            archive,
+            node_archive: None,
+            archive_sha256: Some(hex::encode(sha2::Sha256::digest(&archive_bytes))),
+            archive_size: Some(archive_bytes.len() as i64),
+            manifest: Some(summarize(&manifest)),
+            map_count: Some(2),
+            size: Some("26B".into()),
+            checkpoint_time: Some(Time(t0())),
+        }),
+        steps: vec![done(Step::Resolve), done(Step::UploadArchive)],
+        ..BpfMapCheckpointStatus::default()
+    });
+    cr
+}
+
+#[tokio::test]
+async fn restore_from_a_checkpoint() {
+    let mut h = Harness::new(with_finalizer(new_cr("lb-restore", CrAction::Restore)));
+    let reference = succeeded_checkpoint(&h);
+    let lease_b = agent_lease(NODE_B, Duration::from_secs(3));
+    let r2 = reference.clone();
+    let action = h
+        .reconcile(move |mut api| async move {
+            let s = api.status().await;
+            assert_eq!(
+                (s.phase, s.step),
+                (Some(Phase::Pending), Some(Step::ResolveCheckpoint))
+            );
+            assert!(
+                s.checkpoint.is_none(),
+                "a Restore stores nothing of its own"
+            );
+            api.event("Accepted", false).await;
+            api.get_checkpoint("lb-ckpt", Some(&r2)).await;
+            let s = api.status().await;
+            assert_eq!(s.step, Some(Step::PrepareRestore));
+            assert_eq!(
+                s.checkpoint,
+                r2.status.as_ref().and_then(|x| x.checkpoint.clone())
+            );
+            api.event("CheckpointFound", false).await;
+            api.get_lease(NODE_B, Some(&lease_b)).await;
+            let s = api.status().await;
+            assert_eq!(
+                (s.phase, s.step),
+                (Some(Phase::Restoring), Some(Step::DownloadArchive))
+            );
+            let r = s.restore.expect("restore");
+            assert_eq!((r.node.as_str(), r.pod.as_str()), (NODE_B, "lb-restored"));
+            let task = s.agent_task.expect("task");
+            assert_eq!(task.operation, Some(AgentOperation::DownloadArchive));
+            assert_eq!(task.node, NODE_B);
+            assert_eq!(task.restore_pod.as_deref(), Some("edge/lb-restored"));
+            api
+        })
+        .await;
+    assert_eq!(action, requeue(POLL));
+
+    h.agent(NODE_B, |mut api| async move {
+        let r = api.agent_result().await;
+        assert!(r.succeeded, "{r:?}");
+        assert!(
+            r.node_archive
+                .as_deref()
+                .is_some_and(|p| p.ends_with(&format!("mapsnap-restore-{CR_UID}.tar")))
+        );
+        api
+    })
+    .await;
+    let local = h
+        .node(NODE_B)
+        .paths
+        .checkpoints
+        .join(format!("mapsnap-restore-{CR_UID}.tar"));
+    assert_eq!(
+        std::fs::read(&local).expect("fetched"),
+        b"the checkpoint archive"
+    );
+    let req: RestoreRequest = serde_json::from_slice(
+        &std::fs::read(h.node(NODE_B).paths.restores.join("edge_lb-restored.json"))
+            .expect("restore request"),
+    )
+    .expect("json");
+    assert_eq!(req.pod, "edge/lb-restored");
+    assert_eq!(req.archive, local.display().to_string());
+    let snapshot = reference
+        .status
+        .as_ref()
+        .and_then(|s| s.checkpoint.clone())
+        .expect("c")
+        .snapshot;
+    assert_eq!(req.snapshot, snapshot);
+
+    let local_s = local.display().to_string();
+    let snap = snapshot.clone();
+    let created = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let created2 = created.clone();
+    let action = h
+        .reconcile(move |mut api| async move {
+            let s = api.status().await;
+            assert_eq!(s.step, Some(Step::CreatePod));
+            assert_eq!(
+                s.restore.and_then(|r| r.node_archive).as_deref(),
+                Some(local_s.as_str())
+            );
+            api.event("ArchiveFetched", false).await;
+            let pod = api.create_pod().await;
+            assert_eq!(pod.metadata.name.as_deref(), Some("lb-restored"));
+            let spec = pod.spec.clone().expect("spec");
+            assert_eq!(spec.node_name.as_deref(), Some(NODE_B));
+            assert!(
+                spec.node_selector.is_none(),
+                "bound by nodeName, no selector"
+            );
+            assert_eq!(spec.containers[0].image.as_deref(), Some(local_s.as_str()));
+            assert_eq!(
+                spec.volumes.as_ref().map(Vec::len),
+                Some(1),
+                "token volume dropped"
+            );
+            assert_eq!(
+                spec.containers[0].volume_mounts.as_ref().map(Vec::len),
+                Some(1)
+            );
+            assert!(spec.priority.is_none() && spec.preemption_policy.is_none());
+            let ann = pod.metadata.annotations.clone().expect("annotations");
+            assert_eq!(ann.get("mapsnap.io/restore-from"), Some(&snap));
+            assert_eq!(
+                ann.get("mapsnap.io/checkpoint").map(String::as_str),
+                Some("edge/lb-restore")
+            );
+            let labels = pod.metadata.labels.clone().expect("labels");
+            assert_eq!(labels.get("app").map(String::as_str), Some("lb"));
+            assert_eq!(
+                labels.get("mapsnap.io/checkpoint-uid").map(String::as_str),
+                Some(CR_UID)
+            );
+            assert!(pod.metadata.owner_references.is_none());
+            let s = api.status().await;
+            assert_eq!(s.step, Some(Step::WaitPod));
+            assert_eq!(
+                s.restore.and_then(|r| r.pod_uid).as_deref(),
+                Some("restored-pod-uid")
+            );
+            api.event("PodCreated", false).await;
+            let pending = restored_pod_status(pod.clone(), false);
+            api.get_pod("lb-restored", Some(&pending)).await;
+            let s = api.status().await;
+            assert_eq!(condition(&s, "Progressing").1, "PodStarting");
+            api.event("PodStarting", false).await;
+            *created2.lock().expect("lock") = Some(pod);
+            api
+        })
+        .await;
+    assert_eq!(action, requeue(POLL));
+
+    h.clock.advance(Duration::from_secs(20));
+    let pod = created.lock().expect("lock").clone().expect("pod");
+    let running = restored_pod_status(pod, true);
+    let action = h
+        .reconcile(move |mut api| async move {
+            api.get_pod("lb-restored", Some(&running)).await;
+            let s = api.status().await;
+            assert_eq!(s.phase, Some(Phase::Succeeded));
+            assert_eq!(condition(&s, "Ready").1, "Restored");
+            assert!(s.restore.and_then(|r| r.running_time).is_some());
+            api.event("PodRunning", false).await;
+            api.event("Succeeded", false).await;
+            api
+        })
+        .await;
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn migrate_deletes_the_source_pod_once_the_target_runs() {
+    let mut h = Harness::new(new_cr("lb-to-node-b", CrAction::Migrate));
+    drive_to_kubelet(&mut h).await;
+    drive_kubelet_and_upload(&mut h).await;
+    let lease_b = agent_lease(NODE_B, Duration::from_secs(1));
+    let action = h
+        .reconcile(move |mut api| async move {
+            let s = api.status().await;
+            assert_eq!(
+                (s.phase, s.step),
+                (Some(Phase::Restoring), Some(Step::PrepareRestore))
+            );
+            api.event("Checkpointed", false).await;
+            api.get_lease(NODE_B, Some(&lease_b)).await;
+            let s = api.status().await;
+            assert_eq!(s.step, Some(Step::DownloadArchive));
+            api
+        })
+        .await;
+    assert_eq!(action, requeue(POLL));
+    h.agent(NODE_B, |mut api| async move {
+        assert!(api.agent_result().await.succeeded);
+        api
+    })
+    .await;
+
+    let expected_name = crate::layout::restored_pod_name(POD, CR_UID);
+    let action = h
+        .reconcile(move |mut api| async move {
+            api.status().await;
+            api.event("ArchiveFetched", false).await;
+            let pod = api.create_pod().await;
+            assert_eq!(pod.metadata.name.as_deref(), Some(expected_name.as_str()));
+            api.status().await;
+            api.event("PodCreated", false).await;
+            api.get_pod(&expected_name, Some(&restored_pod_status(pod, true)))
+                .await;
+            let s = api.status().await;
+            assert_eq!(s.step, Some(Step::DeleteSource));
+            api.event("PodRunning", false).await;
+            api.delete_pod(POD, POD_UID, 200).await;
+            let s = api.status().await;
+            assert_eq!(s.phase, Some(Phase::Succeeded));
+            assert_eq!(condition(&s, "Ready").1, "Migrated");
+            assert_eq!(s.restore.and_then(|r| r.source_pod_deleted), Some(true));
+            api.event("SourcePodDeleted", false).await;
+            api.event("Succeeded", false).await;
+            api
+        })
+        .await;
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn kubelet_500_is_retried_with_backoff_then_fails() {
+    let mut h = Harness::new(new_cr("lb-ckpt", CrAction::Checkpoint));
+    drive_to_kubelet(&mut h).await;
+    let fail = "checkpointing of edge/lb-0/lb failed: running \"criu\" failed: exit status 1";
+    let action = h
+        .reconcile(move |mut api| async move {
+            api.status().await;
+            api.event("HookPrepared", false).await;
+            let r = api
+                .expect(
+                    "POST",
+                    &format!("/api/v1/nodes/{NODE_A}/proxy/checkpoint/{NS}/{POD}/{CONTAINER}"),
+                )
+                .await;
+            r.respond_text(500, fail);
+            let s = api.status().await;
+            assert_eq!(
+                (s.step, s.attempt),
+                (Some(Step::KubeletCheckpoint), Some(2))
+            );
+            assert_eq!(
+                s.next_retry_time,
+                Some(Time(
+                    t0().saturating_add(Duration::from_secs(5)).expect("t")
+                ))
+            );
+            let (st, reason, msg) = condition(&s, "Progressing");
+            assert_eq!((st, reason), ("True", "KubeletCheckpointFailed"));
+            assert!(msg.contains("HTTP 500") && msg.contains("criu"), "{msg}");
+            api.event("KubeletCheckpointFailed", true).await;
+            api
+        })
+        .await;
+    assert_eq!(action, requeue(Duration::from_secs(5)));
+    // Before the backoff passes: nothing (even when a watch event wakes the controller).
+    h.clock.advance(Duration::from_secs(2));
+    assert_eq!(h.reconcile_quiet().await, requeue(Duration::from_secs(3)));
+
+    h.clock.advance(Duration::from_secs(4));
+    let action = h
+        .reconcile(move |mut api| async move {
+            api.kubelet(
+                NODE_A,
+                120,
+                500,
+                &status_error(500, "InternalError", "criu failed"),
+            )
+            .await;
+            let s = api.status().await;
+            assert_eq!(s.attempt, Some(3));
+            api.event("KubeletCheckpointFailed", true).await;
+            api
+        })
+        .await;
+    assert_eq!(action, requeue(Duration::from_secs(10)));
+
+    h.clock.advance(Duration::from_secs(10));
+    let action = h
+        .reconcile(move |mut api| async move {
+            api.kubelet(
+                NODE_A,
+                120,
+                503,
+                &status_error(503, "ServiceUnavailable", "kubelet busy"),
+            )
+            .await;
+            let s = api.status().await;
+            assert_eq!(s.phase, Some(Phase::Failed));
+            let (st, reason, msg) = condition(&s, "Failed");
+            assert_eq!((st, reason), ("True", "KubeletCheckpointFailed"));
+            assert!(msg.contains("gave up after 3 attempts"), "{msg}");
+            assert_eq!(condition(&s, "Ready").0, "False");
+            assert_eq!(
+                s.steps
+                    .iter()
+                    .find(|r| r.name == Step::KubeletCheckpoint)
+                    .map(|r| r.attempts),
+                Some(3)
+            );
+            api.event("KubeletCheckpointFailed", true).await;
+            api
+        })
+        .await;
+    assert_eq!(action, Action::await_change());
+    assert_eq!(h.reconcile_quiet().await, Action::await_change());
+}
+
+#[tokio::test]
+async fn kubelet_without_checkpoint_support_fails_at_once() {
+    let mut h = Harness::new(new_cr("lb-ckpt", CrAction::Checkpoint));
+    drive_to_kubelet(&mut h).await;
+    h.reconcile(|mut api| async move {
+        api.status().await;
+        api.event("HookPrepared", false).await;
+        api.kubelet(
+            NODE_A,
+            120,
+            404,
+            &status_error(404, "NotFound", "404 page not found"),
+        )
+        .await;
+        let s = api.status().await;
+        assert_eq!(condition(&s, "Failed").1, "CheckpointUnsupported");
+        api.event("CheckpointUnsupported", true).await;
+        api
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn pod_missing_fails() {
+    let mut h = Harness::new(with_finalizer(new_cr("lb-ckpt", CrAction::Checkpoint)));
+    let action = h
+        .reconcile(|mut api| async move {
+            api.status().await;
+            api.event("Accepted", false).await;
+            api.get_pod(POD, None).await;
+            let s = api.status().await;
+            assert_eq!(s.phase, Some(Phase::Failed));
+            let (st, reason, msg) = condition(&s, "Failed");
+            assert_eq!((st, reason), ("True", "PodNotFound"));
+            assert!(msg.contains("edge/lb-0 not found"), "{msg}");
+            api.event("PodNotFound", true).await;
+            api
+        })
+        .await;
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn pending_pod_is_waited_for() {
+    let mut h = Harness::new(with_finalizer(new_cr("lb-ckpt", CrAction::Checkpoint)));
+    let pending = source_pod(false);
+    let action = h
+        .reconcile(move |mut api| async move {
+            api.status().await;
+            api.event("Accepted", false).await;
+            api.get_pod(POD, Some(&pending)).await;
+            let s = api.status().await;
+            assert_eq!(s.phase, Some(Phase::Pending));
+            assert_eq!(condition(&s, "Progressing").1, "PodNotRunning");
+            api.event("PodNotRunning", false).await;
+            api
+        })
+        .await;
+    assert_eq!(action, requeue(POLL));
+}
+
+#[tokio::test]
+async fn pod_on_a_node_without_agent() {
+    let mut h = Harness::new(with_finalizer(new_cr("lb-ckpt", CrAction::Checkpoint)));
+    let pod = source_pod(true);
+    let p = pod.clone();
+    let action = h
+        .reconcile(move |mut api| async move {
+            api.status().await;
+            api.event("Accepted", false).await;
+            api.get_pod(POD, Some(&p)).await;
+            api.get_lease(NODE_A, None).await;
+            let s = api.status().await;
+            assert_eq!((s.step, s.attempt), (Some(Step::Resolve), Some(2)));
+            assert!(s.source.is_none());
+            let (_, reason, msg) = condition(&s, "Progressing");
+            assert_eq!(reason, "AgentUnavailable");
+            assert!(msg.contains("mapsnap-system/mapsnap-agent-node-a"), "{msg}");
+            api.event("AgentUnavailable", true).await;
+            api
+        })
+        .await;
+    assert_eq!(action, requeue(Duration::from_secs(5)));
+
+    // A stale lease (agent gone) counts as no agent.
+    for (advance, attempt_after) in [(5, Some(3)), (10, None)] {
+        h.clock.advance(Duration::from_secs(advance));
+        let stale = agent_lease(NODE_A, Duration::from_secs(600));
+        let p = pod.clone();
+        h.reconcile(move |mut api| async move {
+            api.get_pod(POD, Some(&p)).await;
+            api.get_lease(NODE_A, Some(&stale)).await;
+            let s = api.status().await;
+            match attempt_after {
+                Some(a) => assert_eq!(s.attempt, Some(a)),
+                None => {
+                    assert_eq!(s.phase, Some(Phase::Failed));
+                    assert_eq!(condition(&s, "Failed").1, "AgentUnavailable");
+                }
+            }
+            api.event("AgentUnavailable", true).await;
+            api
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn deleted_mid_flow_cleans_up_through_the_finalizer() {
+    let mut h = Harness::new(new_cr("lb-ckpt", CrAction::Checkpoint));
+    drive_to_kubelet(&mut h).await;
+    // The kubelet checkpoint ran (snapshot and archive exist); the upload has not happened.
+    let dirs = h.node(NODE_A).clone();
+    h.reconcile(move |mut api| async move {
+        api.status().await;
+        api.event("HookPrepared", false).await;
+        dirs.hook_writes_snapshot(CONTAINER_ID, b"snap");
+        let path = dirs.kubelet_writes_archive(b"archive");
+        api.kubelet(NODE_A, 120, 200, &json!({"items": [path]}))
+            .await;
+        api.status().await;
+        api.event("CheckpointCreated", false).await;
+        api
+    })
+    .await;
+    let status = h.status();
+    let ckpt = status.checkpoint.clone().expect("checkpoint");
+    let node_archive = ckpt.node_archive.clone().expect("archive path");
+    let snapshot_file = h.stored(&ckpt.snapshot);
+    assert!(snapshot_file.exists());
+
+    // kubectl delete: the API server sets deletionTimestamp (the finalizer holds it).
+    h.cr_mut().metadata.deletion_timestamp = Some(Time(t0()));
+    let lease = agent_lease(NODE_A, Duration::from_secs(2));
+    let action = h
+        .reconcile(move |mut api| async move {
+            let s = api.status().await;
+            assert_eq!(
+                (s.phase, s.step),
+                (Some(Phase::Deleting), Some(Step::CleanupSource))
+            );
+            assert!(
+                s.agent_task.is_none(),
+                "the in-flight upload task is withdrawn"
+            );
+            api.event("CleanupStarted", false).await;
+            api.get_lease(NODE_A, Some(&lease)).await;
+            let s = api.status().await;
+            let task = s.agent_task.expect("cleanup task");
+            assert_eq!(task.operation, Some(AgentOperation::Cleanup));
+            assert_eq!(task.id, "cleanupsource-1");
+            assert_eq!(task.container_id.as_deref(), Some(CONTAINER_ID));
+            assert_eq!(task.delete_objects.len(), 2);
+            api
+        })
+        .await;
+    assert_eq!(action, requeue(POLL));
+
+    h.agent(NODE_A, |mut api| async move {
+        let r = api.agent_result().await;
+        assert!(r.succeeded, "{r:?}");
+        api
+    })
+    .await;
+    assert!(!snapshot_file.exists(), "snapshot deleted");
+    assert!(
+        !std::path::Path::new(&format!("{}.manifest.json", snapshot_file.display())).exists(),
+        "manifest deleted"
+    );
+    assert!(
+        !std::path::Path::new(&node_archive).exists(),
+        "node archive deleted"
+    );
+    assert!(!dirs_request(&h).exists(), "hook request deleted");
+
+    let action = h
+        .reconcile(|mut api| async move {
+            let s = api.status().await;
+            assert!(s.agent_task.is_none());
+            api.event("CleanedUp", false).await;
+            api.finalizers(&[]).await;
+            api
+        })
+        .await;
+    assert_eq!(action, Action::await_change());
+    // Gone from our side: nothing more (the API server deletes the object now).
+    assert_eq!(h.reconcile_quiet().await, Action::await_change());
+}
+
+fn dirs_request(h: &Harness) -> std::path::PathBuf {
+    h.node(NODE_A)
+        .paths
+        .requests
+        .join(format!("{CONTAINER_ID}.json"))
+}
+
+#[tokio::test]
+async fn retained_data_is_left_on_delete() {
+    let mut cr = with_finalizer(new_cr("lb-ckpt", CrAction::Checkpoint));
+    cr.spec.retention_policy = crate::crd::RetentionPolicy::Retain;
+    let mut h = Harness::new(cr);
+    h.cr_mut().status = Some(BpfMapCheckpointStatus {
+        phase: Some(Phase::Succeeded),
+        step: Some(Step::Done),
+        ..BpfMapCheckpointStatus::default()
+    });
+    h.cr_mut().metadata.deletion_timestamp = Some(Time(t0()));
+    let action = h
+        .reconcile(|mut api| async move {
+            api.finalizers(&[]).await;
+            api
+        })
+        .await;
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn controller_restart_resumes_from_status() {
+    let mut h = Harness::new(new_cr("lb-ckpt", CrAction::Checkpoint));
+    drive_to_kubelet(&mut h).await;
+    drive_kubelet_and_upload(&mut h).await;
+    // The controller dies here, after the agent answered. A new one starts: it finishes from
+    // the status alone (no second kubelet call, no pod lookup).
+    h.restart_controller();
+    let action = h
+        .reconcile(|mut api| async move {
+            let s = api.status().await;
+            assert_eq!(s.phase, Some(Phase::Succeeded));
+            api.event("Checkpointed", false).await;
+            api.event("Succeeded", false).await;
+            api
+        })
+        .await;
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn controller_restart_during_restore_adopts_the_pod_it_created() {
+    let mut h = Harness::new(with_finalizer(new_cr("lb-restore", CrAction::Restore)));
+    let reference = succeeded_checkpoint(&h);
+    let lease_b = agent_lease(NODE_B, Duration::from_secs(3));
+    h.reconcile(move |mut api| async move {
+        api.status().await;
+        api.event("Accepted", false).await;
+        api.get_checkpoint("lb-ckpt", Some(&reference)).await;
+        api.status().await;
+        api.event("CheckpointFound", false).await;
+        api.get_lease(NODE_B, Some(&lease_b)).await;
+        api.status().await;
+        api
+    })
+    .await;
+    h.agent(NODE_B, |mut api| async move {
+        assert!(api.agent_result().await.succeeded);
+        api
+    })
+    .await;
+    // The pod POST reaches the API server but the answer is lost (controller killed): the
+    // status still says CreatePod.
+    let made = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let made2 = made.clone();
+    h.reconcile(move |mut api| async move {
+        api.status().await;
+        api.event("ArchiveFetched", false).await;
+        let r = api
+            .expect("POST", &format!("/api/v1/namespaces/{NS}/pods"))
+            .await;
+        let mut pod: k8s_openapi::api::core::v1::Pod =
+            serde_json::from_value(r.body.clone()).expect("pod");
+        pod.metadata.uid = Some("restored-pod-uid".into());
+        *made2.lock().expect("lock") = Some(pod);
+        r.respond(
+            504,
+            &status_error(
+                504,
+                "Timeout",
+                "the server was unable to return a response in time",
+            ),
+        );
+        let s = api.status().await;
+        assert_eq!((s.step, s.attempt), (Some(Step::CreatePod), Some(2)));
+        let note = api.event("ApiError", true).await;
+        assert!(note.contains("HTTP 504"), "{note}");
+        api
+    })
+    .await;
+    h.restart_controller();
+    h.clock.advance(Duration::from_secs(6));
+    let existing = made.lock().expect("lock").clone().expect("pod");
+    h.reconcile(move |mut api| async move {
+        let r = api
+            .expect("POST", &format!("/api/v1/namespaces/{NS}/pods"))
+            .await;
+        r.respond(
+            409,
+            &status_error(409, "AlreadyExists", "pods \"lb-restored\" already exists"),
+        );
+        api.get_pod("lb-restored", Some(&existing)).await;
+        let s = api.status().await;
+        assert_eq!(s.step, Some(Step::WaitPod));
+        assert_eq!(
+            s.restore.and_then(|r| r.pod_uid).as_deref(),
+            Some("restored-pod-uid")
+        );
+        api.event("PodCreated", false).await;
+        api.get_pod("lb-restored", Some(&restored_pod_status(existing, true)))
+            .await;
+        let s = api.status().await;
+        assert_eq!(s.phase, Some(Phase::Succeeded));
+        api.event("PodRunning", false).await;
+        api.event("Succeeded", false).await;
+        api
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn someone_elses_pod_name_is_a_conflict() {
+    let mut h = Harness::new(with_finalizer(new_cr("lb-restore", CrAction::Restore)));
+    let reference = succeeded_checkpoint(&h);
+    let lease_b = agent_lease(NODE_B, Duration::from_secs(3));
+    h.reconcile(move |mut api| async move {
+        api.status().await;
+        api.event("Accepted", false).await;
+        api.get_checkpoint("lb-ckpt", Some(&reference)).await;
+        api.status().await;
+        api.event("CheckpointFound", false).await;
+        api.get_lease(NODE_B, Some(&lease_b)).await;
+        api.status().await;
+        api
+    })
+    .await;
+    h.agent(NODE_B, |mut api| async move {
+        api.agent_result().await;
+        api
+    })
+    .await;
+    h.reconcile(|mut api| async move {
+        api.status().await;
+        api.event("ArchiveFetched", false).await;
+        let r = api
+            .expect("POST", &format!("/api/v1/namespaces/{NS}/pods"))
+            .await;
+        r.respond(409, &status_error(409, "AlreadyExists", "exists"));
+        api.get_pod("lb-restored", Some(&source_pod(true))).await;
+        let s = api.status().await;
+        assert_eq!(condition(&s, "Failed").1, "PodNameConflict");
+        api.event("PodNameConflict", true).await;
+        api
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn restore_waits_for_its_checkpoint_then_times_out() {
+    let mut h = Harness::new(with_finalizer(new_cr("lb-restore", CrAction::Restore)));
+    let mut running = new_cr("lb-ckpt", CrAction::Checkpoint);
+    running.status = Some(BpfMapCheckpointStatus {
+        phase: Some(Phase::Checkpointing),
+        step: Some(Step::KubeletCheckpoint),
+        ..BpfMapCheckpointStatus::default()
+    });
+    let r1 = running.clone();
+    let action = h
+        .reconcile(move |mut api| async move {
+            api.status().await;
+            api.event("Accepted", false).await;
+            api.get_checkpoint("lb-ckpt", Some(&r1)).await;
+            let s = api.status().await;
+            assert_eq!(condition(&s, "Progressing").1, "CheckpointNotReady");
+            api.event("CheckpointNotReady", false).await;
+            api
+        })
+        .await;
+    assert_eq!(action, requeue(POLL));
+    h.clock.advance(Duration::from_secs(301));
+    h.reconcile(move |mut api| async move {
+        api.get_checkpoint("lb-ckpt", Some(&running)).await;
+        let s = api.status().await;
+        assert_eq!(s.phase, Some(Phase::Failed));
+        let (_, reason, msg) = condition(&s, "Failed");
+        assert_eq!(reason, "Timeout");
+        assert!(
+            msg.contains("CheckpointNotReady, still so after 300s"),
+            "{msg}"
+        );
+        api.event("Timeout", true).await;
+        api
+    })
+    .await;
+}
+
+// Pure decisions (no API).
+
+#[test]
+fn storage_location_outside_the_allowed_prefixes_is_refused() {
+    let mut cr = with_finalizer(new_cr("x", CrAction::Checkpoint));
+    cr.spec.storage = Some(crate::crd::StorageSpec {
+        location: "s3://someone-elses-bucket/x".into(),
+    });
+    let cfg = crate::config::Config {
+        storage_location: "s3://snaps/mapsnap".into(),
+        allowed_locations: vec!["s3://snaps/teams".into()],
+        ..crate::config::Config::default()
+    };
+    let Decision::Apply(t) = reconcile::decide(&cr, t0(), &cfg) else {
+        panic!("expected a transition");
+    };
+    assert_eq!(t.status.phase, Some(Phase::Failed));
+    let msg = &t
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Failed")
+        .expect("c")
+        .message;
+    assert!(msg.contains("not under an allowed prefix"), "{msg}");
+
+    cr.spec.storage = Some(crate::crd::StorageSpec {
+        location: "s3://snaps/teams/edge".into(),
+    });
+    let Decision::Apply(t) = reconcile::decide(&cr, t0(), &cfg) else {
+        panic!("expected a transition");
+    };
+    assert_eq!(t.status.step, Some(Step::Resolve));
+    assert!(
+        t.status
+            .checkpoint
+            .expect("c")
+            .snapshot
+            .starts_with("s3://snaps/teams/edge/edge/x/")
+    );
+}
+
+#[test]
+fn restore_on_containerd_is_refused_up_front() {
+    let cr = with_finalizer(new_cr("x", CrAction::Migrate));
+    let cfg = crate::config::Config {
+        runtime: crate::config::Runtime::Containerd,
+        ..crate::config::Config::default()
+    };
+    let Decision::Apply(t) = reconcile::decide(&cr, t0(), &cfg) else {
+        panic!("expected a transition");
+    };
+    assert_eq!(t.status.phase, Some(Phase::Failed));
+    assert_eq!(
+        t.status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Failed")
+            .map(|c| c.reason.as_str()),
+        Some("InvalidSpec")
+    );
+    // Checkpoint alone works on containerd.
+    let cr = with_finalizer(new_cr("x", CrAction::Checkpoint));
+    let Decision::Apply(t) = reconcile::decide(&cr, t0(), &cfg) else {
+        panic!("expected a transition");
+    };
+    assert_eq!(t.status.step, Some(Step::Resolve));
+}
+
+#[test]
+fn agent_timeouts_are_retried() {
+    let mut cr = with_finalizer(new_cr("x", CrAction::Checkpoint));
+    let cfg = crate::config::Config::default();
+    let Decision::Apply(t) = reconcile::decide(&cr, t0(), &cfg) else {
+        panic!("start");
+    };
+    cr.status = Some(t.status);
+    let SourceCheck::Ready(src) = pods::resolve_source(&source_pod(true), None) else {
+        panic!("ready");
+    };
+    let t = reconcile::apply(
+        &cr,
+        Step::Resolve,
+        reconcile::Outcome::Source {
+            check: SourceCheck::Ready(src),
+            agent_live: true,
+            owner: None,
+        },
+        t0(),
+        &cfg,
+    );
+    cr.status = Some(t.status);
+    // Within the agent timeout: wait.
+    let later = t0().saturating_add(Duration::from_secs(30)).expect("t");
+    assert_eq!(reconcile::decide(&cr, later, &cfg), Decision::Requeue(POLL));
+    // Past it: retry with a new task id after the backoff.
+    let late = t0().saturating_add(Duration::from_secs(61)).expect("t");
+    let Decision::Apply(t) = reconcile::decide(&cr, late, &cfg) else {
+        panic!("timeout");
+    };
+    assert_eq!(t.status.attempt, Some(2));
+    assert!(t.status.agent_task.is_none());
+    cr.status = Some(t.status);
+    let after_backoff = late.saturating_add(Duration::from_secs(6)).expect("t");
+    let Decision::Apply(t) = reconcile::decide(&cr, after_backoff, &cfg) else {
+        panic!("reassign");
+    };
+    assert_eq!(
+        t.status.agent_task.map(|t| t.id).as_deref(),
+        Some("preparehook-2")
+    );
+}
+
+#[test]
+fn objects_without_our_finalizer_get_it_first_and_deleted_ones_without_it_are_left() {
+    let cr = new_cr("x", CrAction::Checkpoint);
+    assert_eq!(
+        reconcile::decide(&cr, t0(), &Default::default()),
+        Decision::AddFinalizer
+    );
+    let mut gone = new_cr("x", CrAction::Checkpoint);
+    gone.metadata.deletion_timestamp = Some(Time(Timestamp::UNIX_EPOCH));
+    assert_eq!(
+        reconcile::decide(&gone, t0(), &Default::default()),
+        Decision::Idle
+    );
+}
+
+#[tokio::test]
+async fn cleanup_that_cannot_finish_gives_up_with_a_warning() {
+    // A finished checkpoint in object storage: mapsnap::storage cannot delete remote objects
+    // yet, so the agent reports a permanent failure and the finalizer goes anyway.
+    let mut cr = with_finalizer(new_cr("lb-ckpt", CrAction::Checkpoint));
+    let SourceCheck::Ready(source) = pods::resolve_source(&source_pod(true), None) else {
+        panic!("fixture pod resolves");
+    };
+    cr.status = Some(BpfMapCheckpointStatus {
+        phase: Some(Phase::Succeeded),
+        step: Some(Step::Done),
+        source: Some(*source),
+        checkpoint: Some(CheckpointStatus {
+            snapshot: "s3://snaps/edge/lb-ckpt/u/maps.mapsnap".into(),
+            archive: "s3://snaps/edge/lb-ckpt/u/checkpoint.tar".into(),
+            ..CheckpointStatus::default()
+        }),
+        ..BpfMapCheckpointStatus::default()
+    });
+    cr.metadata.deletion_timestamp = Some(Time(t0()));
+    let mut h = Harness::new(cr);
+    let lease = agent_lease(NODE_A, Duration::from_secs(1));
+    h.reconcile(move |mut api| async move {
+        api.status().await;
+        api.event("CleanupStarted", false).await;
+        api.get_lease(NODE_A, Some(&lease)).await;
+        let s = api.status().await;
+        assert_eq!(
+            s.agent_task.map(|t| t.delete_objects.len()),
+            Some(2),
+            "both objects"
+        );
+        api
+    })
+    .await;
+    h.agent(NODE_A, |mut api| async move {
+        let r = api.agent_result().await;
+        assert!(!r.succeeded && r.permanent, "{r:?}");
+        api
+    })
+    .await;
+    let action = h
+        .reconcile(|mut api| async move {
+            api.status().await;
+            let note = api.event("CleanupFailed", true).await;
+            assert!(note.contains("Storage::delete"), "{note}");
+            assert!(note.contains("may be left behind"), "{note}");
+            api.finalizers(&[]).await;
+            api
+        })
+        .await;
+    assert_eq!(action, Action::await_change());
+}
+
+#[test]
+fn a_download_in_flight_at_deletion_still_gets_its_target_cleanup() {
+    let mut cr = with_finalizer(new_cr("m", CrAction::Migrate));
+    let SourceCheck::Ready(source) = pods::resolve_source(&source_pod(true), None) else {
+        panic!("ready");
+    };
+    let rec = |name| StepRecord {
+        name,
+        start_time: Time(t0()),
+        completion_time: None,
+        attempts: 1,
+    };
+    cr.status = Some(BpfMapCheckpointStatus {
+        phase: Some(Phase::Restoring),
+        step: Some(Step::DownloadArchive),
+        source: Some(*source),
+        steps: vec![rec(Step::Resolve), rec(Step::DownloadArchive)],
+        ..BpfMapCheckpointStatus::default()
+    });
+    assert_eq!(
+        reconcile::cleanup_steps(&cr),
+        [Step::CleanupSource, Step::CleanupTarget]
+    );
+    // Still so once the source cleanup replaced the download task.
+    if let Some(s) = cr.status.as_mut() {
+        s.phase = Some(Phase::Deleting);
+        s.step = Some(Step::CleanupSource);
+        s.agent_task = None;
+    }
+    assert_eq!(
+        reconcile::cleanup_steps(&cr),
+        [Step::CleanupSource, Step::CleanupTarget]
+    );
+    cr.spec.retention_policy = crate::crd::RetentionPolicy::Retain;
+    assert!(reconcile::cleanup_steps(&cr).is_empty());
+}
