@@ -122,3 +122,24 @@ fn file_overwrite_rules_and_replaced_snapshot() {
     let o = mapsnap(&["verify", p], &[]);
     assert!(text(&o).contains("manifest: matches"), "{}", text(&o));
 }
+
+/// Deleting a local snapshot removes it and its manifest, and tolerates a second call.
+#[test]
+fn file_delete_removes_snapshot_and_manifest() {
+    let src = common::fresh_pin_dir("file-del-src");
+    let _m = counters(&src, 5, 0);
+    let work = tempfile::tempdir().expect("tempdir");
+    let snap = work.path().join("del.mapsnap");
+    let snap_s = snap.to_str().expect("utf8");
+    let o = mapsnap(
+        &["dump", "--pin", src.to_str().expect("utf8"), "-o", snap_s],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let manifest = work.path().join("del.mapsnap.manifest.json");
+    assert!(snap.exists() && manifest.exists());
+    let st = mapsnap::storage::Storage::open_str(snap_s, None).expect("open");
+    assert!(st.delete().expect("delete"));
+    assert!(!snap.exists() && !manifest.exists());
+    assert!(!st.delete().expect("delete again"));
+}

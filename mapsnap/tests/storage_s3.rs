@@ -555,3 +555,37 @@ fn s3_abandoned_upload_is_aborted() {
     assert_eq!(moto.uploads_in_progress(), 0, "aborted");
     assert_eq!(moto.object("abandoned"), None);
 }
+
+/// Deleting a snapshot removes it and its manifest; deleting again finds nothing and is fine
+/// (the operator's finalizer retries cleanups).
+#[test]
+fn s3_delete_removes_snapshot_and_manifest() {
+    let src = common::fresh_pin_dir("s3-del-src");
+    let moto = Moto::start();
+    let env = moto.env(&moto.endpoint());
+    let _m = counters(&src, 5, 0);
+    let loc = s3("del.mapsnap");
+    let o = mapsnap(
+        &["dump", "--pin", src.to_str().expect("utf8"), "-o", &loc],
+        &env,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        moto.object("del.mapsnap").is_some() && moto.object("del.mapsnap.manifest.json").is_some()
+    );
+    let mut cfg = StorageConfig::default();
+    for (k, v) in &env {
+        if k.starts_with("AWS_") {
+            cfg.s3
+                .push((k.trim_start_matches("AWS_").to_ascii_lowercase(), v.clone()));
+        }
+    }
+    let st = Storage::open(Location::parse(&loc).expect("loc"), &cfg).expect("open");
+    assert!(st.delete().expect("delete"), "it was there");
+    assert_eq!(moto.object("del.mapsnap"), None);
+    assert_eq!(moto.object("del.mapsnap.manifest.json"), None);
+    assert!(
+        !st.delete().expect("delete again"),
+        "nothing left to delete"
+    );
+}

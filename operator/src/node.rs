@@ -239,22 +239,8 @@ impl Blobs for StorageBlobs {
     }
 
     fn delete(&self, location: &str) -> Result<bool, NodeError> {
-        let storage = self.open(location)?;
-        match storage.location() {
-            Location::Local(p) => {
-                let mut manifest = p.clone().into_os_string();
-                manifest.push(mapsnap::storage::MANIFEST_SUFFIX);
-                let mut any = false;
-                for path in [p.clone(), PathBuf::from(manifest)] {
-                    any |= remove_if_present(&path)?;
-                }
-                Ok(any)
-            }
-            _ => Err(NodeError::Unsupported(format!(
-                "{location}: deleting objects in remote storage needs Storage::delete, which \
-                 mapsnap::storage does not offer yet; delete it (and its manifest) by hand"
-            ))),
-        }
+        // The snapshot and its manifest, local or remote; a missing one is not an error.
+        Ok(self.open(location)?.delete()?)
     }
 }
 

@@ -1111,8 +1111,8 @@ fn objects_without_our_finalizer_get_it_first_and_deleted_ones_without_it_are_le
 
 #[tokio::test]
 async fn cleanup_that_cannot_finish_gives_up_with_a_warning() {
-    // A finished checkpoint in object storage: mapsnap::storage cannot delete remote objects
-    // yet, so the agent reports a permanent failure and the finalizer goes anyway.
+    // A finished checkpoint whose objects cannot be deleted (files procfs will not unlink:
+    // EPERM, a permanent failure without any network), so the finalizer goes anyway.
     let mut cr = with_finalizer(new_cr("lb-ckpt", CrAction::Checkpoint));
     let SourceCheck::Ready(source) = pods::resolve_source(&source_pod(true), None) else {
         panic!("fixture pod resolves");
@@ -1122,8 +1122,8 @@ async fn cleanup_that_cannot_finish_gives_up_with_a_warning() {
         step: Some(Step::Done),
         source: Some(*source),
         checkpoint: Some(CheckpointStatus {
-            snapshot: "s3://snaps/edge/lb-ckpt/u/maps.mapsnap".into(),
-            archive: "s3://snaps/edge/lb-ckpt/u/checkpoint.tar".into(),
+            snapshot: "file:///proc/self/status".into(),
+            archive: "file:///proc/self/limits".into(),
             ..CheckpointStatus::default()
         }),
         ..BpfMapCheckpointStatus::default()
@@ -1154,7 +1154,7 @@ async fn cleanup_that_cannot_finish_gives_up_with_a_warning() {
         .reconcile(|mut api| async move {
             api.status().await;
             let note = api.event("CleanupFailed", true).await;
-            assert!(note.contains("Storage::delete"), "{note}");
+            assert!(note.contains("/proc/self/status"), "{note}");
             assert!(note.contains("may be left behind"), "{note}");
             api.finalizers(&[]).await;
             api

@@ -36,6 +36,15 @@ pub(crate) fn head(path: &Path) -> Result<Option<ObjectInfo>> {
     }
 }
 
+/// Removes a file; one that is not there is not an error.
+pub(crate) fn remove(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_error(path, "cannot delete it", &e)),
+    }
+}
+
 pub(crate) fn reader(path: &Path) -> Result<BufReader<File>> {
     let f = File::open(path).map_err(|e| io_error(path, "cannot open the snapshot", &e))?;
     Ok(BufReader::with_capacity(1 << 20, f))

@@ -154,6 +154,28 @@ impl Storage {
         })
     }
 
+    /// Deletes the snapshot and the manifest beside it. Returns whether a snapshot was there;
+    /// a missing one (or manifest) is not an error, so cleanups can be retried.
+    pub fn delete(&self) -> Result<bool> {
+        let existed = self.head()?.is_some();
+        match (&self.backend, self.location.manifest()) {
+            (Backend::Stdio, _) => {}
+            (Backend::Local(p), manifest) => {
+                local::remove(p)?;
+                if let Some(Location::Local(m)) = manifest {
+                    local::remove(&m)?;
+                }
+            }
+            (Backend::Remote(r), manifest) => {
+                r.delete()?;
+                if let Some(Location::Remote { key, .. }) = manifest {
+                    r.sibling(&key)?.delete()?;
+                }
+            }
+        }
+        Ok(existed)
+    }
+
     /// Where the manifest lives, as text (`None` for `-`).
     pub fn manifest_name(&self) -> Option<String> {
         self.location.manifest().map(|l| l.to_string())

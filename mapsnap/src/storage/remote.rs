@@ -230,6 +230,15 @@ impl Remote {
         }
     }
 
+    /// Deletes the object; deleting one that is not there is not an error.
+    pub(crate) fn delete(&self) -> Result<()> {
+        let what = "cannot delete the object";
+        match self.block(what, self.store.delete(&self.path))? {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err(what, &e)),
+        }
+    }
+
     /// Starts a streaming GET; with `if_match`, of that version of the object only.
     pub(crate) fn reader(&self, if_match: Option<&str>) -> Result<RemoteReader> {
         let what = "cannot read the object";
