@@ -1,0 +1,292 @@
+//! Node settings: the `[hook]` table of `/etc/mapsnap/config.toml` (the file the storage
+//! settings live in too: `[storage]`, `[s3]`, `[gcs]`, `[azure]`).
+//!
+//! ```toml
+//! [hook]
+//! log_file = "/var/log/mapsnap-hook.log"   # JSON lines; "" for stderr only
+//! deadline = "25s"             # overall limit of one hook run (keep it below the hook timeout)
+//! wait_timeout = "20s"         # poststart `wait` mode: how long to wait for the app's pins
+//! request_dir = "/run/mapsnap/requests"  # the node agent's checkpoint requests
+//! state_dir = "/run/mapsnap/hook"        # restore markers (idempotence)
+//! runtime_roots = ["/run/runc", "/run/crun", "/run/containerd/runc/k8s.io"]
+//! storage_base = "s3://snapshots/node-a" # where relative snapshot names go
+//! allowed_locations = ["s3://snapshots/"] # remote prefixes annotations may name
+//! policy = "strict"            # default when a container does not say (strict|best-effort)
+//! require_restore_request = false  # restore-from only with the agent's restore request
+//! restore_request_dir = "/run/mapsnap/restores"
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mapsnap::storage::{StorageConfig, parse_duration};
+use serde::Deserialize;
+
+use crate::annotations::Policy;
+use crate::error::{HookError, Result};
+
+/// Where the config file is read from when none is named.
+pub const DEFAULT_CONFIG: &str = "/etc/mapsnap/config.toml";
+
+/// Environment variable naming another config file.
+pub const CONFIG_ENV: &str = "MAPSNAP_HOOK_CONFIG";
+
+/// The `[hook]` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookSettings {
+    pub log_file: Option<PathBuf>,
+    pub deadline: Duration,
+    pub wait_timeout: Duration,
+    pub request_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub runtime_roots: Vec<PathBuf>,
+    pub storage_base: Option<String>,
+    pub allowed_locations: Vec<String>,
+    pub policy: Policy,
+    pub require_restore_request: bool,
+    pub restore_request_dir: PathBuf,
+}
+
+impl Default for HookSettings {
+    fn default() -> Self {
+        Self {
+            log_file: Some(PathBuf::from("/var/log/mapsnap-hook.log")),
+            deadline: Duration::from_secs(25),
+            wait_timeout: Duration::from_secs(20),
+            request_dir: PathBuf::from("/run/mapsnap/requests"),
+            state_dir: PathBuf::from("/run/mapsnap/hook"),
+            runtime_roots: [
+                "/run/runc",
+                "/run/crun",
+                "/run/containerd/runc/k8s.io",
+                "/run/containerd/runc/default",
+                "/run/user/0/runc",
+            ]
+            .iter()
+            .map(PathBuf::from)
+            .collect(),
+            storage_base: None,
+            allowed_locations: Vec::new(),
+            policy: Policy::Strict,
+            require_restore_request: false,
+            restore_request_dir: PathBuf::from("/run/mapsnap/restores"),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHook {
+    log_file: Option<String>,
+    deadline: Option<String>,
+    wait_timeout: Option<String>,
+    request_dir: Option<String>,
+    state_dir: Option<String>,
+    runtime_roots: Option<Vec<String>>,
+    storage_base: Option<String>,
+    allowed_locations: Option<Vec<String>>,
+    policy: Option<String>,
+    require_restore_request: Option<bool>,
+    restore_request_dir: Option<String>,
+}
+
+/// Everything the hook reads from the node's config file.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub hook: HookSettings,
+    pub storage: StorageConfig,
+    /// The file these came from (None: defaults, no file).
+    pub file: Option<PathBuf>,
+}
+
+impl NodeConfig {
+    /// Reads `path`, else `$MAPSNAP_HOOK_CONFIG`, else [`DEFAULT_CONFIG`] when it exists.
+    pub fn load(path: Option<&Path>) -> Result<Self> {
+        let env = std::env::var_os(CONFIG_ENV).map(PathBuf::from);
+        let (path, required) = match (path, env) {
+            (Some(p), _) => (p.to_path_buf(), true),
+            (None, Some(p)) => (p, true),
+            (None, None) => (PathBuf::from(DEFAULT_CONFIG), false),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let mut c = Self::parse(&text, &path.display().to_string())?;
+                c.file = Some(path);
+                Ok(c)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                let mut storage = StorageConfig::default();
+                storage.apply_env()?;
+                Ok(Self {
+                    hook: HookSettings::default(),
+                    storage,
+                    file: None,
+                })
+            }
+            Err(e) => Err(HookError::Config {
+                file: path.display().to_string(),
+                msg: format!("cannot read it: {e}"),
+            }),
+        }
+    }
+
+    /// Parses a config file's text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self> {
+        let bad = |msg: String| HookError::Config {
+            file: origin.to_string(),
+            msg,
+        };
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| bad(format!("invalid TOML: {}", e.message())))?;
+        let hook = match table.remove("hook") {
+            None => HookSettings::default(),
+            Some(v) => {
+                let raw: RawHook = v
+                    .try_into()
+                    .map_err(|e: toml::de::Error| bad(format!("[hook]: {}", e.message())))?;
+                settings(raw).map_err(|m| bad(format!("[hook] {m}")))?
+            }
+        };
+        // The rest belongs to the storage layer, which refuses tables it does not know.
+        let rest = toml::to_string(&table).map_err(|e| bad(format!("cannot re-read: {e}")))?;
+        let mut storage = StorageConfig::from_toml(&rest, origin)?;
+        storage.apply_env()?;
+        Ok(Self {
+            hook,
+            storage,
+            file: None,
+        })
+    }
+}
+
+fn settings(raw: RawHook) -> std::result::Result<HookSettings, String> {
+    let mut s = HookSettings::default();
+    let dur = |key: &str, v: &str| parse_duration(v).map_err(|m| format!("{key}: {m}"));
+    if let Some(v) = raw.log_file {
+        s.log_file = (!v.is_empty()).then(|| PathBuf::from(v));
+    }
+    if let Some(v) = raw.deadline {
+        s.deadline = dur("deadline", &v)?;
+        if s.deadline.is_zero() {
+            return Err("deadline: must be more than 0".into());
+        }
+    }
+    if let Some(v) = raw.wait_timeout {
+        s.wait_timeout = dur("wait_timeout", &v)?;
+    }
+    if let Some(v) = raw.request_dir {
+        s.request_dir = absolute("request_dir", &v)?;
+    }
+    if let Some(v) = raw.state_dir {
+        s.state_dir = absolute("state_dir", &v)?;
+    }
+    if let Some(v) = raw.runtime_roots {
+        s.runtime_roots = v
+            .iter()
+            .map(|r| absolute("runtime_roots", r))
+            .collect::<std::result::Result<_, _>>()?;
+    }
+    if let Some(v) = raw.storage_base {
+        if v.is_empty() {
+            s.storage_base = None;
+        } else {
+            mapsnap::storage::Location::parse(&v).map_err(|e| format!("storage_base: {e}"))?;
+            s.storage_base = Some(v);
+        }
+    }
+    if let Some(v) = raw.allowed_locations {
+        for l in &v {
+            if !l.contains("://") {
+                return Err(format!(
+                    "allowed_locations: {l:?} is not a URL prefix like s3://bucket/prefix/"
+                ));
+            }
+        }
+        s.allowed_locations = v;
+    }
+    if let Some(v) = raw.require_restore_request {
+        s.require_restore_request = v;
+    }
+    if let Some(v) = raw.restore_request_dir {
+        s.restore_request_dir = absolute("restore_request_dir", &v)?;
+    }
+    if let Some(v) = raw.policy {
+        s.policy = v.parse().map_err(|m| format!("policy: {m}"))?;
+    }
+    Ok(s)
+}
+
+fn absolute(key: &str, v: &str) -> std::result::Result<PathBuf, String> {
+    let p = PathBuf::from(v);
+    if p.is_absolute() {
+        Ok(p)
+    } else {
+        Err(format!("{key}: {v:?} must be an absolute path"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hook_table_is_read_and_the_rest_goes_to_storage() {
+        let c = NodeConfig::parse(
+            r#"
+[hook]
+deadline = "10s"
+wait_timeout = "3s"
+log_file = ""
+runtime_roots = ["/tmp/runc-root"]
+storage_base = "s3://snap/node-a"
+allowed_locations = ["s3://snap/"]
+policy = "best-effort"
+
+[storage]
+timeout = "1m"
+
+[s3]
+endpoint = "http://127.0.0.1:9000"
+allow_http = true
+"#,
+            "test.toml",
+        )
+        .expect("parses");
+        assert_eq!(c.hook.deadline, Duration::from_secs(10));
+        assert_eq!(c.hook.wait_timeout, Duration::from_secs(3));
+        assert_eq!(c.hook.log_file, None);
+        assert_eq!(c.hook.runtime_roots, vec![PathBuf::from("/tmp/runc-root")]);
+        assert_eq!(c.hook.policy, Policy::BestEffort);
+        assert_eq!(c.hook.storage_base.as_deref(), Some("s3://snap/node-a"));
+        assert_eq!(c.storage.timeout, Duration::from_secs(60));
+        assert!(c.storage.s3.iter().any(|(k, _)| k == "endpoint"));
+    }
+
+    #[test]
+    fn defaults_without_hook_table() {
+        let c = NodeConfig::parse("", "empty").expect("parses");
+        assert_eq!(c.hook, HookSettings::default());
+    }
+
+    #[test]
+    fn mistakes_are_refused_with_the_key() {
+        for (text, want) in [
+            ("[hook]\ndeadlin = \"1s\"", "deadlin"),
+            ("[hook]\ndeadline = \"soon\"", "deadline"),
+            ("[hook]\ndeadline = \"0s\"", "deadline"),
+            ("[hook]\nrequest_dir = \"relative\"", "request_dir"),
+            ("[hook]\npolicy = \"maybe\"", "policy"),
+            (
+                "[hook]\nallowed_locations = [\"bucket\"]",
+                "allowed_locations",
+            ),
+            ("[hoook]\n", "hoook"),
+        ] {
+            let e = NodeConfig::parse(text, "t.toml")
+                .expect_err(text)
+                .to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! Files the hook reads and writes beside a container's lifecycle: the checkpoint manifest in
+//! CRIU's image directory, the node agent's checkpoint requests, and restore markers.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{HookError, Result};
+
+/// The manifest's file name in the CRIU image directory.
+pub const MANIFEST_NAME: &str = "mapsnap-hook.json";
+/// The snapshot's file name when it rides inside the image directory.
+pub const IMAGE_SNAPSHOT: &str = "mapsnap-pins.mapsnap";
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// Written at post-dump: where the container's pinned maps went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointManifest {
+    pub version: u32,
+    pub container_id: String,
+    /// RFC 3339, UTC.
+    pub created: String,
+    /// `image:NAME` (a file in this directory) or a storage location.
+    pub snapshot: String,
+    /// SHA-256 (hex) and size of the snapshot, checked on restore.
+    pub sha256: String,
+    pub size: u64,
+    pub maps: Vec<PinnedMap>,
+    /// The node agent's request this answered (`namespace/name`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinnedMap {
+    pub name: String,
+    /// Relative to the container's root (`sys/fs/bpf/app/counters`).
+    pub pin_path: Option<String>,
+    #[serde(rename = "type")]
+    pub map_type: String,
+    pub entries: u64,
+}
+
+impl CheckpointManifest {
+    pub fn path(image_dir: &Path) -> PathBuf {
+        image_dir.join(MANIFEST_NAME)
+    }
+
+    /// The manifest in `image_dir`, None when there is none.
+    pub fn read(image_dir: &Path) -> Result<Option<Self>> {
+        let path = Self::path(image_dir);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(HookError::io(format!("reading {}", path.display()), e)),
+        };
+        let m: Self = serde_json::from_slice(&bytes).map_err(|e| {
+            HookError::Other(format!(
+                "{} is not a mapsnap-hook manifest: {e}",
+                path.display()
+            ))
+        })?;
+        if m.version != MANIFEST_VERSION {
+            return Err(HookError::Other(format!(
+                "{}: manifest version {} (this mapsnap-hook reads {MANIFEST_VERSION})",
+                path.display(),
+                m.version
+            )));
+        }
+        Ok(Some(m))
+    }
+
+    /// Writes it atomically (temporary file, then rename).
+    pub fn write(&self, image_dir: &Path) -> Result<()> {
+        let path = Self::path(image_dir);
+        let mut text = serde_json::to_vec_pretty(self)
+            .map_err(|e| HookError::Other(format!("encoding the manifest: {e}")))?;
+        text.push(b'\n');
+        write_atomic(&path, &text)
+    }
+
+    pub fn sha256_bytes(&self) -> Option<[u8; 32]> {
+        let v = hex_decode(&self.sha256)?;
+        v.try_into().ok()
+    }
+}
+
+fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)
+        .map_err(|e| HookError::io(format!("writing {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        HookError::io(format!("renaming {} into place", tmp.display()), e)
+    })
+}
+
+/// The node agent's request (`<request_dir>/<container-id>.json`, docs/API.md): where the
+/// maps of a coming checkpoint of this container go.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Request {
+    /// `namespace/name` of the checkpoint object.
+    #[serde(default)]
+    pub checkpoint: String,
+    /// Snapshot location.
+    pub snapshot: String,
+    #[serde(default)]
+    pub created: Option<String>,
+    #[serde(default)]
+    pub expires: Option<String>,
+}
+
+/// Checks a container id before it becomes part of a file name.
+pub fn check_id(id: &str) -> Result<()> {
+    let ok =
+        !id.is_empty() && id.len() <= 1024 && id != "." && id != ".." && !id.contains(['/', '\0']);
+    if ok {
+        Ok(())
+    } else {
+        Err(HookError::refused(
+            format!("container id {id:?}"),
+            "it cannot name a file",
+        ))
+    }
+}
+
+impl Request {
+    /// The request for container `id`, None when there is none or it expired.
+    pub fn read(dir: &Path, id: &str, now: jiff::Timestamp) -> Result<Option<Self>> {
+        check_id(id)?;
+        let path = dir.join(format!("{id}.json"));
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(HookError::io(format!("reading {}", path.display()), e)),
+        };
+        let r: Self = serde_json::from_slice(&bytes).map_err(|e| {
+            HookError::Other(format!("{} is not a valid request: {e}", path.display()))
+        })?;
+        if let Some(exp) = r.expires.as_deref().filter(|e| !e.is_empty()) {
+            let t: jiff::Timestamp = exp.parse().map_err(|e| {
+                HookError::Other(format!("{}: expires {exp:?}: {e}", path.display()))
+            })?;
+            if t < now {
+                tracing::warn!(request = %path.display(), expires = exp, "ignoring an expired request");
+                return Ok(None);
+            }
+        }
+        if r.snapshot.is_empty() {
+            return Err(HookError::Other(format!(
+                "{}: the request names no snapshot location",
+                path.display()
+            )));
+        }
+        Ok(Some(r))
+    }
+}
+
+/// The node agent's restore request (`<restore_dir>/<namespace>_<pod>.json`, docs/API.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct RestoreRequest {
+    #[serde(default)]
+    pub checkpoint: String,
+    #[serde(default)]
+    pub pod: String,
+    pub snapshot: String,
+    #[serde(default)]
+    pub expires: Option<String>,
+}
+
+impl RestoreRequest {
+    pub fn read(dir: &Path, ns: &str, pod: &str, now: jiff::Timestamp) -> Result<Option<Self>> {
+        let name = format!("{ns}_{pod}");
+        check_id(&name)?;
+        let path = dir.join(format!("{name}.json"));
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(HookError::io(format!("reading {}", path.display()), e)),
+        };
+        let r: Self = serde_json::from_slice(&bytes).map_err(|e| {
+            HookError::Other(format!(
+                "{} is not a valid restore request: {e}",
+                path.display()
+            ))
+        })?;
+        if let Some(exp) = r.expires.as_deref().filter(|e| !e.is_empty()) {
+            let t: jiff::Timestamp = exp.parse().map_err(|e| {
+                HookError::Other(format!("{}: expires {exp:?}: {e}", path.display()))
+            })?;
+            if t < now {
+                return Ok(None);
+            }
+        }
+        Ok(Some(r))
+    }
+}
+
+/// Restore markers: prestart and createRuntime both run during `runc restore` (and both may
+/// be installed), so a restore done for this container and init pid is not done twice.
+pub fn marker_path(state_dir: &Path, id: &str) -> PathBuf {
+    state_dir.join(format!("{id}.restored"))
+}
+
+pub fn marker_matches(state_dir: &Path, id: &str, pid: Option<u32>, sha: &str) -> bool {
+    let want = format!("{} {sha}", pid.unwrap_or(0));
+    std::fs::read_to_string(marker_path(state_dir, id)).is_ok_and(|t| t.trim() == want)
+}
+
+pub fn write_marker(state_dir: &Path, id: &str, pid: Option<u32>, sha: &str) -> Result<()> {
+    std::fs::create_dir_all(state_dir)
+        .map_err(|e| HookError::io(format!("creating {}", state_dir.display()), e))?;
+    write_atomic(
+        &marker_path(state_dir, id),
+        format!("{} {sha}\n", pid.unwrap_or(0)).as_bytes(),
+    )
+}
+
+pub fn remove_marker(state_dir: &Path, id: &str) {
+    let _ = std::fs::remove_file(marker_path(state_dir, id));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_round_trip() {
+        let t = tempfile::tempdir().expect("tempdir");
+        assert_eq!(CheckpointManifest::read(t.path()).expect("none"), None);
+        let m = CheckpointManifest {
+            version: MANIFEST_VERSION,
+            container_id: "c".into(),
+            created: "2026-01-01T00:00:00Z".into(),
+            snapshot: format!("image:{IMAGE_SNAPSHOT}"),
+            sha256: "ab".repeat(32),
+            size: 10,
+            maps: vec![PinnedMap {
+                name: "pkt_count".into(),
+                pin_path: Some("sys/fs/bpf/pkt_count".into()),
+                map_type: "array".into(),
+                entries: 4,
+            }],
+            checkpoint: None,
+        };
+        m.write(t.path()).expect("write");
+        assert_eq!(
+            CheckpointManifest::read(t.path()).expect("read"),
+            Some(m.clone())
+        );
+        assert_eq!(m.sha256_bytes(), Some([0xab; 32]));
+    }
+
+    #[test]
+    fn requests() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let now: jiff::Timestamp = "2026-06-01T00:00:00Z".parse().expect("ts");
+        assert_eq!(Request::read(t.path(), "c1", now).expect("none"), None);
+        std::fs::write(
+            t.path().join("c1.json"),
+            r#"{"checkpoint":"ns/ck","snapshot":"s3://b/k","created":"2026-05-31T23:00:00Z","expires":"2026-06-01T01:00:00Z"}"#,
+        )
+        .expect("write");
+        let r = Request::read(t.path(), "c1", now)
+            .expect("read")
+            .expect("some");
+        assert_eq!(
+            (r.checkpoint.as_str(), r.snapshot.as_str()),
+            ("ns/ck", "s3://b/k")
+        );
+        let later: jiff::Timestamp = "2026-06-02T00:00:00Z".parse().expect("ts");
+        assert_eq!(Request::read(t.path(), "c1", later).expect("expired"), None);
+        assert!(Request::read(t.path(), "../c1", now).is_err());
+    }
+
+    #[test]
+    fn restore_requests() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let now: jiff::Timestamp = "2026-06-01T00:00:00Z".parse().expect("ts");
+        assert_eq!(
+            RestoreRequest::read(t.path(), "edge", "lb-0", now).expect("none"),
+            None
+        );
+        std::fs::write(
+            t.path().join("edge_lb-0.json"),
+            r#"{"checkpoint":"edge/ck","pod":"edge/lb-0","snapshot":"s3://b/k","archive":"/x.tar","created":"2026-05-31T23:00:00Z","expires":"2026-06-01T01:00:00Z"}"#,
+        )
+        .expect("write");
+        let r = RestoreRequest::read(t.path(), "edge", "lb-0", now)
+            .expect("read")
+            .expect("some");
+        assert_eq!(r.snapshot, "s3://b/k");
+        let later: jiff::Timestamp = "2026-06-02T00:00:00Z".parse().expect("ts");
+        assert_eq!(
+            RestoreRequest::read(t.path(), "edge", "lb-0", later).expect("expired"),
+            None
+        );
+        assert!(RestoreRequest::read(t.path(), "..", "x/y", now).is_err());
+    }
+
+    #[test]
+    fn markers() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let d = t.path().join("state");
+        assert!(!marker_matches(&d, "c", Some(5), "aa"));
+        write_marker(&d, "c", Some(5), "aa").expect("write");
+        assert!(marker_matches(&d, "c", Some(5), "aa"));
+        assert!(!marker_matches(&d, "c", Some(6), "aa"));
+        remove_marker(&d, "c");
+        assert!(!marker_matches(&d, "c", Some(5), "aa"));
+    }
+}
