@@ -337,18 +337,3 @@ fn cleanup_removes_everything_and_is_idempotent() {
     assert!(again.succeeded, "{again:?}");
     assert_eq!(again.message.as_deref(), Some("nothing (already clean)"));
 }
-
-#[test]
-fn remote_delete_is_reported_as_unsupported_until_storage_offers_it() {
-    let n = node();
-    let mut t = task(AgentOperation::Cleanup);
-    t.delete_objects = vec!["s3://snaps/edge/lb/u/maps.mapsnap".into()];
-    let r = n.agent.execute("edge/lb", UID, &t, "node-a", t0());
-    assert!(!r.succeeded && r.permanent, "{r:?}");
-    assert!(
-        r.message
-            .as_deref()
-            .is_some_and(|m| m.contains("Storage::delete")),
-        "{r:?}"
-    );
-}

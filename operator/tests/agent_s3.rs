@@ -221,12 +221,23 @@ fn archive_round_trip_through_s3() {
     assert!(!r.succeeded && r.permanent, "{r:?}");
     assert_eq!(r.reason.as_deref(), Some("DataMismatch"));
 
-    // Deleting remote objects waits for mapsnap::storage (reported, permanent).
+    // Cleanup deletes the remote objects and their manifests; a second cleanup (a retried
+    // finalizer) finds nothing and still succeeds.
     let mut clean = task(AgentOperation::Cleanup);
     clean.container_id = None;
-    clean.delete_objects = vec![snapshot, archive];
+    clean.delete_objects = vec![snapshot.clone(), archive.clone()];
     let r = source.execute("edge/lb", "u1", &clean, "node-a", Timestamp::now());
-    assert!(!r.succeeded && r.permanent, "{r:?}");
+    assert!(r.succeeded, "{r:?}");
+    for loc in [&snapshot, &archive] {
+        let s = Storage::open(Location::parse(loc).expect("loc"), &cfg).expect("open");
+        assert!(s.head().expect("head").is_none(), "{loc} deleted");
+        assert!(
+            s.read_manifest().expect("manifest").is_none(),
+            "{loc} manifest deleted"
+        );
+    }
+    let r = source.execute("edge/lb", "u1", &clean, "node-a", Timestamp::now());
+    assert!(r.succeeded, "{r:?}");
 }
 
 #[test]
