@@ -267,6 +267,21 @@ impl<R: Read> SnapshotReader<R> {
             )));
         }
         let raw_len = raw_len as usize;
+        // Every known section is decoded here, once; but a verify pass's ENTRIES (counted
+        // from their length) and the TRAILER (which must not be compressed; checked by itself).
+        let counting = kind == kind::ENTRIES && self.mode == Mode::Verify;
+        let payload: &[u8] = if counting || kind == kind::TRAILER {
+            &[]
+        } else {
+            decode(
+                &mut self.decompressor,
+                &self.stored,
+                &mut self.raw,
+                off,
+                compressed,
+                raw_len,
+            )?
+        };
 
         match kind {
             kind::INFO => {
@@ -275,14 +290,6 @@ impl<R: Read> SnapshotReader<R> {
                         "a second INFO section (there must be exactly one)".into(),
                     ));
                 }
-                let payload = decode(
-                    &mut self.decompressor,
-                    &self.stored,
-                    &mut self.raw,
-                    off,
-                    compressed,
-                    raw_len,
-                )?;
                 let info: SnapshotInfo =
                     serde_json::from_slice(payload).map_err(|source| FormatError::Json {
                         offset: off,
@@ -302,15 +309,7 @@ impl<R: Read> SnapshotReader<R> {
                 self.btf_count = index
                     .checked_add(1)
                     .ok_or_else(|| malformed("too many BTF sections".into()))?;
-                let blob = decode(
-                    &mut self.decompressor,
-                    &self.stored,
-                    &mut self.raw,
-                    off,
-                    compressed,
-                    raw_len,
-                )?
-                .to_vec();
+                let blob = payload.to_vec();
                 Ok(Step::Event(Event::Btf { index, blob }))
             }
             kind::MAP_BEGIN => {
@@ -321,14 +320,6 @@ impl<R: Read> SnapshotReader<R> {
                         m.index
                     )));
                 }
-                let payload = decode(
-                    &mut self.decompressor,
-                    &self.stored,
-                    &mut self.raw,
-                    off,
-                    compressed,
-                    raw_len,
-                )?;
                 let meta: MapMeta =
                     serde_json::from_slice(payload).map_err(|source| FormatError::Json {
                         offset: off,
@@ -396,14 +387,6 @@ impl<R: Read> SnapshotReader<R> {
                     m.entries += count;
                     return Ok(Step::Counted(count));
                 }
-                let payload = decode(
-                    &mut self.decompressor,
-                    &self.stored,
-                    &mut self.raw,
-                    off,
-                    compressed,
-                    raw_len,
-                )?;
                 let (count_bytes, body) = payload
                     .split_first_chunk::<4>()
                     .ok_or_else(|| bad_len("count".into()))?;
@@ -426,14 +409,6 @@ impl<R: Read> SnapshotReader<R> {
                 let Some(m) = self.open.take() else {
                     return Err(malformed("a MAP_END section with no open map".into()));
                 };
-                let payload = decode(
-                    &mut self.decompressor,
-                    &self.stored,
-                    &mut self.raw,
-                    off,
-                    compressed,
-                    raw_len,
-                )?;
                 let total = payload
                     .first_chunk::<8>()
                     .filter(|_| payload.len() == 8)
