@@ -54,7 +54,7 @@ demo: deps build
 
 clean:
 	$(CARGO) clean
-	rm -f /tmp/mapsnap-demo.snap
+	rm -f /tmp/mapsnap-demo.snap /tmp/mapsnap-demo.snap.manifest.json
 	@for d in /sys/fs/bpf/mapsnap-demo /sys/fs/bpf/mapsnap-test; do \
 	    if [[ -e "$$d" ]]; then echo "rm -rf $$d"; rm -rf "$$d" || true; fi; \
 	done

@@ -44,7 +44,7 @@ cleanup() {
         printf '\nKEEP=1: left %s and %s in place\n' "$PIN" "$SNAP"
     else
         rm -rf "$PIN"
-        rm -f "$SNAP"
+        rm -f "$SNAP" "$SNAP.manifest.json"
     fi
 }
 trap cleanup EXIT
@@ -105,7 +105,7 @@ header "List the pinned maps: mapsnap ls"
 run "$MAPSNAP" ls --pin "$PIN"
 
 header "Dump them into $SNAP: mapsnap dump"
-rm -f "$SNAP"
+rm -f "$SNAP" "$SNAP.manifest.json"
 run "$MAPSNAP" dump --pin "$PIN" -o "$SNAP"
 ls -l "$SNAP"
 
@@ -140,7 +140,7 @@ header "Clean up"
 if [[ "$KEEP" == 1 ]]; then
     echo "(KEEP=1: nothing removed)"
 else
-    echo "rm -rf $PIN; rm -f $SNAP"
+    echo "rm -rf $PIN; rm -f $SNAP $SNAP.manifest.json"
 fi
 echo
 echo "demo: OK"
