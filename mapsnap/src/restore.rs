@@ -235,13 +235,7 @@ fn refit_cpus(values: &[u8], value_size: u32, from: u32, to: u32) -> Vec<u8> {
 fn clear(map: &Map, info: &MapInfo, keep_from: u32) -> Result<()> {
     match info.map_type {
         map_type::ARRAY | map_type::PERCPU_ARRAY => {
-            let vl = match access_of(info.map_type) {
-                Ok(Access::PerCpu) => {
-                    round_up8(info.value_size) as usize * sys::possible_cpus()? as usize
-                }
-                _ => info.value_size as usize,
-            };
-            let zero = vec![0u8; vl];
+            let zero = vec![0u8; crate::dump::meta_of(info, false, None)?.value_len()];
             for i in keep_from..info.max_entries {
                 map.update(Some(&i.to_ne_bytes()), &zero, 0)?;
             }
@@ -508,44 +502,37 @@ impl Restorer<'_> {
         };
         self.progress.map_done();
         let info = cur.map.info()?;
+        // Maps this restore created get the frozen state back (RDONLY ones are frozen
+        // instead, since we had to write them); existing maps are left as they were.
+        let created = !matches!(cur.slot, Slot::Existing { .. });
+        if created && (cur.meta.frozen || cur.meta.flags & map_flags::RDONLY != 0) {
+            cur.map.freeze()?;
+        }
+        let target = match &cur.slot {
+            Slot::New { final_path: None } => {
+                // An inner map: kept for its outer map, not reported on its own.
+                self.created.insert(cur.index, cur.map);
+                return Ok(());
+            }
+            Slot::New {
+                final_path: Some(path),
+            } => path.display().to_string(),
+            Slot::Detached => "(unpinned)".into(),
+            Slot::Existing { target } => target.clone(),
+        };
+        self.report.push(RestoredMap {
+            name: cur.meta.name.clone(),
+            map_type: cur.meta.type_name(),
+            entries: cur.written,
+            target,
+            map_id: info.id,
+        });
         match cur.slot {
-            Slot::New { final_path } => {
-                if cur.meta.frozen || cur.meta.flags & map_flags::RDONLY != 0 {
-                    cur.map.freeze()?;
-                }
-                if let Some(path) = final_path {
-                    self.report.push(RestoredMap {
-                        name: cur.meta.name.clone(),
-                        map_type: cur.meta.type_name(),
-                        entries: cur.written,
-                        target: path.display().to_string(),
-                        map_id: info.id,
-                    });
-                    self.to_publish.push((cur.map, path));
-                } else {
-                    self.created.insert(cur.index, cur.map);
-                }
-            }
-            Slot::Detached => {
-                if cur.meta.frozen || cur.meta.flags & map_flags::RDONLY != 0 {
-                    cur.map.freeze()?;
-                }
-                self.report.push(RestoredMap {
-                    name: cur.meta.name.clone(),
-                    map_type: cur.meta.type_name(),
-                    entries: cur.written,
-                    target: "(unpinned)".into(),
-                    map_id: info.id,
-                });
-                self.detached.push(cur.map);
-            }
-            Slot::Existing { target } => self.report.push(RestoredMap {
-                name: cur.meta.name.clone(),
-                map_type: cur.meta.type_name(),
-                entries: cur.written,
-                target,
-                map_id: info.id,
-            }),
+            Slot::New {
+                final_path: Some(path),
+            } => self.to_publish.push((cur.map, path)),
+            Slot::Detached => self.detached.push(cur.map),
+            _ => {}
         }
         Ok(())
     }

@@ -33,11 +33,6 @@ fn count(f: &Found) -> anyhow::Result<Option<(u64, u64)>> {
         return Ok(None);
     }
     let (kl, vl) = (meta.key_len(), meta.value_len());
-    let vl = if access_of(meta.map_type) == Ok(Access::MapOfMaps) {
-        4
-    } else {
-        vl
-    };
     let n = read_entries(
         &f.map,
         kl,
