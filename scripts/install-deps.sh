@@ -79,7 +79,7 @@ fi
 # --- components with install scripts of their own ----------------------------------
 # CRIU 4.1 for the plugin tests, an S3-compatible server for the storage tests.
 here="$(dirname "${BASH_SOURCE[0]}")"
-for extra in install-criu.sh install-s3.sh; do
+for extra in install-criu.sh install-s3.sh install-helm.sh; do
     if [[ -f "$here/$extra" ]]; then
         bash "$here/$extra"
     fi
