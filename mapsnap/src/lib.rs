@@ -6,6 +6,7 @@
 //! and [`format::SnapshotReader`] -> [`restore`] creates or fills maps through [`sys`].
 //! [`diff`] compares snapshots and live maps; [`btf_fmt`] renders values by their BTF types.
 
+pub mod anchor;
 pub mod btf_fmt;
 pub mod diff;
 pub mod discover;

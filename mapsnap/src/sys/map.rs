@@ -120,17 +120,20 @@ impl Map {
     ///
     /// Not aya's `MapData::from_pin`: it would read a program's info as if it were a map's.
     pub fn from_pin(path: &Path) -> Result<Self> {
-        let fd = obj_get(path)?;
+        Self::from_obj_fd(obj_get(path)?, path.display().to_string())
+    }
+
+    /// Wraps an fd from `BPF_OBJ_GET`, refusing a pinned program or link by name.
+    pub(crate) fn from_obj_fd(fd: OwnedFd, target: String) -> Result<Self> {
         match fd_kind(fd.as_fd()) {
             ObjKind::Map => {
-                let data = MapData::from_fd(fd).map_err(|e| {
-                    aya_err("BPF_OBJ_GET_INFO_BY_FD", path.display().to_string(), e)
-                })?;
-                Self::wrap(data, path.display().to_string())
+                let data = MapData::from_fd(fd)
+                    .map_err(|e| aya_err("BPF_OBJ_GET_INFO_BY_FD", target.clone(), e))?;
+                Self::wrap(data, target)
             }
             other => Err(SysError::new(
                 "BPF_OBJ_GET",
-                path.display().to_string(),
+                target,
                 io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!("the pinned object is a {other:?}, not a BPF map"),
@@ -423,6 +426,54 @@ pub fn kind_from_link(target: &str) -> ObjKind {
         "anon_inode:bpf_link" | "anon_inode:bpf-link" => ObjKind::Link,
         "anon_inode:btf" => ObjKind::Btf,
         _ => ObjKind::Other,
+    }
+}
+
+/// `BPF_OBJ_GET` of the pin that `opath` (an `O_PATH` fd opened without following links)
+/// refers to. `BPF_OBJ_GET` always follows a final symlink, even with `BPF_F_PATH_FD`, and
+/// takes no empty path; pointing it at `/proc/self/fd/N` makes the kernel jump to exactly the
+/// inode the fd holds, so nothing swapped in after the open can redirect it.
+pub fn obj_get_opath(opath: BorrowedFd<'_>) -> Result<OwnedFd> {
+    obj_get(Path::new(&format!("/proc/self/fd/{}", opath.as_raw_fd())))
+}
+
+/// `BPF_OBJ_PIN` of `map` as the leaf `name` in the directory `dir`: `BPF_F_PATH_FD`
+/// (Linux >= 6.5), else the same through `/proc/self/fd/DIR/name`. Pinning never follows a
+/// link at the leaf: an existing name fails with EEXIST.
+pub fn obj_pin_at(map: &Map, dir: BorrowedFd<'_>, name: &str) -> Result<()> {
+    let target = || format!("pin {name:?}");
+    let c = std::ffi::CString::new(name).map_err(|_| {
+        SysError::new(
+            "BPF_OBJ_PIN",
+            target(),
+            io::Error::new(io::ErrorKind::InvalidInput, "name contains a NUL byte"),
+        )
+    })?;
+    let mut at = attr();
+    at.__bindgen_anon_4.pathname = c.as_ptr() as u64;
+    at.__bindgen_anon_4.bpf_fd = map.fd().as_raw_fd() as u32;
+    at.__bindgen_anon_4.file_flags = aya_obj::generated::BPF_F_PATH_FD;
+    at.__bindgen_anon_4.path_fd = dir.as_raw_fd();
+    match call(bpf_cmd::BPF_OBJ_PIN, &mut at) {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            // Older kernel without BPF_F_PATH_FD: the same directory, named through its fd.
+            let path = format!("/proc/self/fd/{}/{name}", dir.as_raw_fd());
+            let c = std::ffi::CString::new(path).map_err(|_| {
+                SysError::new(
+                    "BPF_OBJ_PIN",
+                    target(),
+                    io::Error::from_raw_os_error(libc::EINVAL),
+                )
+            })?;
+            let mut at = attr();
+            at.__bindgen_anon_4.pathname = c.as_ptr() as u64;
+            at.__bindgen_anon_4.bpf_fd = map.fd().as_raw_fd() as u32;
+            call(bpf_cmd::BPF_OBJ_PIN, &mut at)
+                .map(drop)
+                .map_err(|e| SysError::new("BPF_OBJ_PIN", target(), e))
+        }
+        Err(e) => Err(SysError::new("BPF_OBJ_PIN", target(), e)),
     }
 }
 
