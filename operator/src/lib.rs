@@ -11,6 +11,7 @@
 //! - [`metrics`], [`http`]: Prometheus metrics and the probe/metrics server.
 
 pub mod agent;
+pub mod ckptimage;
 pub mod config;
 pub mod controller;
 pub mod crd;
