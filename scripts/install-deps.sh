@@ -84,3 +84,5 @@ for extra in install-criu.sh install-s3.sh install-helm.sh; do
         bash "$here/$extra"
     fi
 done
+bash "$here/install-podman.sh"   # Podman, skopeo, `criu` -> the CRIU 4.1 wrapper (after install-criu.sh)
+bash "$here/install-registry.sh" # docker-registry (started by the tests themselves), skopeo
