@@ -60,6 +60,56 @@ pub struct BatchRead {
 pub struct Map {
     data: MapData,
     label: String,
+    sizes: Sizes,
+}
+
+/// The buffer sizes the kernel reads or writes for one element of a map, taken from
+/// `BPF_OBJ_GET_INFO_BY_FD` when the map is opened. Every element and batch call checks the
+/// caller's slices against them first: a short slice would make the kernel read past it
+/// (copying our heap into the map) or write past it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sizes {
+    pub map_type: u32,
+    /// Bytes of one key (0 for queues, stacks, bloom filters).
+    pub key: usize,
+    /// Bytes of one value as user space sees it: `round_up(value_size, 8) * possible CPUs`
+    /// for per-CPU maps, 4 (an fd or id) for maps of maps, else `value_size`.
+    pub value: usize,
+    /// Bytes of a batch cursor (`in_batch`/`out_batch`): a u32 bucket index for the hash
+    /// family, a whole key for the generic batch walk.
+    pub cursor: usize,
+}
+
+impl Sizes {
+    /// Sizes from a map's info; per-CPU maps need the possible-CPU count.
+    pub fn of(map_type: u32, key_size: u32, value_size: u32) -> Result<Self> {
+        const HASH: u32 = 1;
+        const ARRAY_OF_MAPS: u32 = 12;
+        const PERCPU_HASH: u32 = 5;
+        const PERCPU_ARRAY: u32 = 6;
+        const LRU_HASH: u32 = 9;
+        const LRU_PERCPU_HASH: u32 = 10;
+        const HASH_OF_MAPS: u32 = 13;
+        const PERCPU_CGROUP_STORAGE: u32 = 21;
+        let key = key_size as usize;
+        let value = match map_type {
+            PERCPU_HASH | PERCPU_ARRAY | LRU_PERCPU_HASH | PERCPU_CGROUP_STORAGE => {
+                (value_size as usize).div_ceil(8) * 8 * super::possible_cpus()? as usize
+            }
+            ARRAY_OF_MAPS | HASH_OF_MAPS => 4,
+            _ => value_size as usize,
+        };
+        let cursor = match map_type {
+            HASH | PERCPU_HASH | LRU_HASH | LRU_PERCPU_HASH | HASH_OF_MAPS => 4,
+            _ => key,
+        };
+        Ok(Self {
+            map_type,
+            key,
+            value,
+            cursor,
+        })
+    }
 }
 
 /// Ids of every map loaded in the kernel.
@@ -92,10 +142,72 @@ fn aya_err(op: &'static str, target: String, e: impl std::error::Error + 'static
 
 impl Map {
     fn wrap(data: MapData, what: String) -> Result<Self> {
-        let mut map = Self { data, label: what };
+        let mut map = Self {
+            data,
+            label: what,
+            sizes: Sizes {
+                map_type: 0,
+                key: 0,
+                value: 0,
+                cursor: 0,
+            },
+        };
         let info = map.info()?;
         map.label = format!("map {} {:?}", info.id, info.name);
+        map.sizes = Sizes::of(info.map_type, info.key_size, info.value_size)?;
         Ok(map)
+    }
+
+    /// The element sizes checked before every element and batch call.
+    pub fn sizes(&self) -> Sizes {
+        self.sizes
+    }
+
+    /// Refuses a slice shorter than the kernel will read or write, before the call.
+    fn check_len(&self, op: &'static str, what: &str, got: usize, need: usize) -> Result<()> {
+        if got >= need {
+            return Ok(());
+        }
+        Err(self.err(
+            op,
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "the {what} buffer is {got} bytes but the map needs {need}; refused before \
+                     the call (the kernel would access bytes past its end)"
+                ),
+            ),
+        ))
+    }
+
+    fn check_key(&self, op: &'static str, key: Option<&[u8]>) -> Result<()> {
+        match key {
+            Some(k) => self.check_len(op, "key", k.len(), self.sizes.key),
+            // A NULL key is how queues and stacks are used (and the first key for next_key);
+            // the kernel refuses it (EFAULT/EINVAL) on maps with keys, reading nothing of ours.
+            None => Ok(()),
+        }
+    }
+
+    /// `count` elements of `each` bytes, without overflow.
+    fn check_batch(
+        &self,
+        op: &'static str,
+        what: &str,
+        got: usize,
+        count: u32,
+        each: usize,
+    ) -> Result<()> {
+        let need = (count as usize).checked_mul(each).ok_or_else(|| {
+            self.err(
+                op,
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{count} entries of {each} bytes overflow"),
+                ),
+            )
+        })?;
+        self.check_len(op, what, got, need)
     }
 
     /// Opens the map with this kernel id.
@@ -258,6 +370,8 @@ impl Map {
         value: &mut [u8],
         flags: u64,
     ) -> Result<bool> {
+        self.check_key(op, key)?;
+        self.check_len(op, "value", value.len(), self.sizes.value)?;
         let mut at = attr();
         // SAFETY: writing plain integer fields of the element member of the union.
         let e = unsafe { &mut at.__bindgen_anon_2 };
@@ -274,6 +388,9 @@ impl Map {
 
     /// Inserts or replaces one element (`key` None for queue/stack push).
     pub fn update(&self, key: Option<&[u8]>, value: &[u8], flags: u64) -> Result<()> {
+        let op = "BPF_MAP_UPDATE_ELEM";
+        self.check_key(op, key)?;
+        self.check_len(op, "value", value.len(), self.sizes.value)?;
         let mut at = attr();
         // SAFETY: writing plain integer fields of the element member of the union.
         let e = unsafe { &mut at.__bindgen_anon_2 };
@@ -288,6 +405,7 @@ impl Map {
 
     /// Deletes one element. Ok(false) when it was not there.
     pub fn delete(&self, key: &[u8]) -> Result<bool> {
+        self.check_key("BPF_MAP_DELETE_ELEM", Some(key))?;
         let mut at = attr();
         // SAFETY: writing plain integer fields of the element member of the union.
         let e = unsafe { &mut at.__bindgen_anon_2 };
@@ -302,6 +420,9 @@ impl Map {
 
     /// Writes the key after `key` (the first key when None) into `next`; Ok(false) at the end.
     pub fn next_key(&self, key: Option<&[u8]>, next: &mut [u8]) -> Result<bool> {
+        let op = "BPF_MAP_GET_NEXT_KEY";
+        self.check_key(op, key)?;
+        self.check_len(op, "next key", next.len(), self.sizes.key)?;
         let mut at = attr();
         // SAFETY: writing plain integer fields of the element member of the union.
         let e = unsafe { &mut at.__bindgen_anon_2 };
@@ -328,6 +449,13 @@ impl Map {
         values: &mut [u8],
         max: u32,
     ) -> Result<BatchRead> {
+        let op = "BPF_MAP_LOOKUP_BATCH";
+        if let Some(c) = in_batch {
+            self.check_len(op, "in_batch cursor", c.len(), self.sizes.cursor)?;
+        }
+        self.check_len(op, "out_batch cursor", out_batch.len(), self.sizes.cursor)?;
+        self.check_batch(op, "keys", keys.len(), max, self.sizes.key)?;
+        self.check_batch(op, "values", values.len(), max, self.sizes.value)?;
         let mut at = attr();
         at.batch.in_batch = ptr(in_batch);
         at.batch.out_batch = ptr_mut(out_batch);
@@ -354,6 +482,10 @@ impl Map {
         count: u32,
         elem_flags: u64,
     ) -> std::result::Result<u32, (u32, SysError)> {
+        let op = "BPF_MAP_UPDATE_BATCH";
+        self.check_batch(op, "keys", keys.len(), count, self.sizes.key)
+            .and_then(|_| self.check_batch(op, "values", values.len(), count, self.sizes.value))
+            .map_err(|e| (0, e))?;
         let mut at = attr();
         at.batch.keys = keys.as_ptr() as u64;
         at.batch.values = values.as_ptr() as u64;
@@ -394,6 +526,7 @@ impl Map {
         Ok(Self {
             data,
             label: self.label.clone(),
+            sizes: self.sizes,
         })
     }
 }

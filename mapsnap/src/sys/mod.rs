@@ -13,7 +13,7 @@ pub use btf::{Btf, btf_raw_by_id};
 pub use cpus::possible_cpus;
 pub use map::fdinfo_field;
 pub use map::{
-    BatchRead, CreateAttrs, Map, MapInfo, ObjKind, fd_kind, kind_from_link, loaded_map_ids,
+    BatchRead, CreateAttrs, Map, MapInfo, ObjKind, Sizes, fd_kind, kind_from_link, loaded_map_ids,
     obj_get, obj_get_opath, obj_pin_at,
 };
 
