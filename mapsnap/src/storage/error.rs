@@ -2,6 +2,7 @@
 //! to exit codes.
 
 use std::fmt;
+#[cfg(feature = "remote")]
 use std::time::Duration;
 
 /// What went wrong, coarsely: enough for an exit code and for tests.
@@ -75,6 +76,7 @@ impl StorageError {
     }
 
     /// The timeout error for `what` after `limit`.
+    #[cfg(feature = "remote")]
     pub(crate) fn timeout(location: &str, what: &str, limit: Duration) -> Self {
         Self::new(
             ErrorKind::Timeout,
@@ -122,6 +124,7 @@ impl StorageError {
         None
     }
 
+    #[cfg(feature = "remote")]
     /// Classifies an `object_store` error from operation `what` (e.g. "cannot read").
     pub(crate) fn from_store(location: &str, what: &str, e: &object_store::Error) -> Self {
         use object_store::Error as E;
@@ -189,6 +192,7 @@ impl StorageError {
     }
 }
 
+#[cfg(feature = "remote")]
 /// Whether the chain holds an HTTP connect failure (refused, unresolvable, unroutable).
 fn is_connect_error(e: &object_store::Error) -> bool {
     use object_store::client::{HttpError, HttpErrorKind};
@@ -204,6 +208,7 @@ fn is_connect_error(e: &object_store::Error) -> bool {
     false
 }
 
+#[cfg(feature = "remote")]
 /// A short description of a store error: S3-style `<Code>`/`<Message>` from an XML body when
 /// there is one, the HTTP status, the innermost cause; never the whole XML.
 fn detail_of(e: &object_store::Error) -> String {
@@ -239,6 +244,7 @@ fn detail_of(e: &object_store::Error) -> String {
     out
 }
 
+#[cfg(feature = "remote")]
 /// `scheme://host:port` of the request that failed, from the retry error's text.
 fn endpoint_of(e: &object_store::Error) -> Option<String> {
     let text = e.to_string();
@@ -251,6 +257,7 @@ fn endpoint_of(e: &object_store::Error) -> Option<String> {
     Some(rest[..end].to_string())
 }
 
+#[cfg(feature = "remote")]
 fn xml_tag(s: &str, tag: &str) -> Option<String> {
     let open = format!("<{tag}>");
     let close = format!("</{tag}>");
@@ -259,6 +266,7 @@ fn xml_tag(s: &str, tag: &str) -> Option<String> {
     Some(s[start..end].trim().to_string())
 }
 
+#[cfg(feature = "remote")]
 fn status_of(s: &str) -> Option<String> {
     let i = s.find("status code: ")? + "status code: ".len();
     let rest = &s[i..];
@@ -290,6 +298,7 @@ mod tests {
         assert_eq!(StorageError::find(&wrapped), Some(&e));
     }
 
+    #[cfg(feature = "remote")]
     #[test]
     fn xml_codes_are_extracted() {
         let s = "Server returned non-2xx status code: 403 Forbidden: <?xml version=\"1.0\"?>\

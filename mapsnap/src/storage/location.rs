@@ -113,6 +113,7 @@ impl Location {
                 "the location names no object key (scheme://bucket/key)",
             ));
         }
+        #[cfg(feature = "remote")]
         object_store::path::Path::parse(&key)
             .map_err(|e| bad(&format!("invalid object key: {e}")))?;
         Ok(Location::Remote {

@@ -28,6 +28,7 @@ mod error;
 mod local;
 mod location;
 mod manifest;
+#[cfg(feature = "remote")]
 mod remote;
 
 use std::io::{Read, Write};
@@ -56,6 +57,7 @@ pub struct ObjectInfo {
 enum Backend {
     Stdio,
     Local(std::path::PathBuf),
+    #[cfg(feature = "remote")]
     Remote(remote::Remote),
 }
 
@@ -75,6 +77,7 @@ impl Storage {
         let backend = match &location {
             Location::Stdio => Backend::Stdio,
             Location::Local(p) => Backend::Local(p.clone()),
+            #[cfg(feature = "remote")]
             Location::Remote {
                 provider,
                 bucket,
@@ -82,6 +85,15 @@ impl Storage {
             } => Backend::Remote(remote::Remote::open(
                 *provider, bucket, key, &display, config,
             )?),
+            #[cfg(not(feature = "remote"))]
+            Location::Remote { .. } => {
+                let _ = config;
+                return Err(StorageError::new(
+                    ErrorKind::Other,
+                    &display,
+                    "object storage is not built into this binary (mapsnap's `remote` feature)",
+                ));
+            }
         };
         Ok(Self {
             location,
@@ -111,7 +123,10 @@ impl Storage {
     }
 
     pub fn is_remote(&self) -> bool {
-        matches!(self.backend, Backend::Remote(_))
+        #[cfg(feature = "remote")]
+        return matches!(self.backend, Backend::Remote(_));
+        #[cfg(not(feature = "remote"))]
+        false
     }
 
     /// Size and version of the snapshot, `None` when there is none (always `None` for `-`).
@@ -119,16 +134,19 @@ impl Storage {
         match &self.backend {
             Backend::Stdio => Ok(None),
             Backend::Local(p) => local::head(p),
+            #[cfg(feature = "remote")]
             Backend::Remote(r) => r.head(),
         }
     }
 
     /// A streaming reader of the snapshot. With `version` (from [`Self::head`] or a first
     /// read), a remote read fails instead of returning another version of the object.
+    #[cfg_attr(not(feature = "remote"), allow(unused_variables))]
     pub fn reader(&self, version: Option<&ObjectInfo>) -> Result<Box<dyn Read + Send>> {
         match &self.backend {
             Backend::Stdio => Ok(Box::new(std::io::stdin())),
             Backend::Local(p) => Ok(Box::new(local::reader(p)?)),
+            #[cfg(feature = "remote")]
             Backend::Remote(r) => {
                 let etag = version.and_then(|v| v.e_tag.as_deref());
                 Ok(Box::new(r.reader(etag)?))
@@ -146,6 +164,7 @@ impl Storage {
                 std::io::stdout(),
             )),
             Backend::Local(p) => WriterInner::Local(local::LocalWriter::create(p, overwrite)?),
+            #[cfg(feature = "remote")]
             Backend::Remote(r) => WriterInner::Remote(Box::new(r.writer(overwrite)?)),
         };
         Ok(ObjectWriter {
@@ -166,6 +185,7 @@ impl Storage {
                     local::remove(&m)?;
                 }
             }
+            #[cfg(feature = "remote")]
             (Backend::Remote(r), manifest) => {
                 r.delete()?;
                 if let Some(Location::Remote { key, .. }) = manifest {
@@ -188,6 +208,7 @@ impl Storage {
         };
         let bytes = match (&self.backend, self.location.manifest()) {
             (Backend::Local(_), Some(Location::Local(p))) => local::read_all(&p)?,
+            #[cfg(feature = "remote")]
             (Backend::Remote(r), Some(Location::Remote { key, .. })) => r
                 .sibling(&key)?
                 .get_small(&format!("cannot read its manifest {name}"))?,
@@ -207,6 +228,7 @@ impl Storage {
 
     /// Stores `manifest` beside the snapshot, replacing an older one (call it after the
     /// snapshot itself was committed).
+    #[cfg_attr(not(feature = "remote"), allow(unused_variables))]
     pub fn write_manifest(&self, manifest: &Manifest) -> Result<()> {
         let Some(name) = self.manifest_name() else {
             return Ok(());
@@ -215,6 +237,7 @@ impl Storage {
             (Backend::Local(_), Some(Location::Local(p))) => {
                 local::put_small(&p, &manifest.to_json())
             }
+            #[cfg(feature = "remote")]
             (Backend::Remote(r), Some(Location::Remote { key, .. })) => r.sibling(&key)?.put_small(
                 manifest.to_json(),
                 &format!("cannot write its manifest {name}"),
@@ -227,6 +250,7 @@ impl Storage {
 enum WriterInner {
     Stdout(std::io::BufWriter<std::io::Stdout>),
     Local(local::LocalWriter),
+    #[cfg(feature = "remote")]
     Remote(Box<remote::RemoteWriter>),
 }
 
@@ -262,6 +286,7 @@ impl ObjectWriter {
                 })
             }
             WriterInner::Local(w) => w.commit(),
+            #[cfg(feature = "remote")]
             WriterInner::Remote(w) => w.commit(),
         }
     }
@@ -277,6 +302,7 @@ impl Write for ObjectWriter {
         match &mut self.inner {
             WriterInner::Stdout(w) => w.write(buf),
             WriterInner::Local(w) => w.write(buf),
+            #[cfg(feature = "remote")]
             WriterInner::Remote(w) => w.write(buf),
         }
     }
@@ -285,6 +311,7 @@ impl Write for ObjectWriter {
         match &mut self.inner {
             WriterInner::Stdout(w) => w.flush(),
             WriterInner::Local(w) => w.flush(),
+            #[cfg(feature = "remote")]
             WriterInner::Remote(w) => w.flush(),
         }
     }
