@@ -36,7 +36,20 @@ pub struct InstallOptions {
     pub uninstall: bool,
 }
 
-pub const HOOKS_DIR: &str = "etc/containers/oci/hooks.d";
+/// Where the hooks.d files go: the one directory CRI-O (`hooks_dir` default) and Podman
+/// (containers.conf `hooks_dir` default) both read. `/etc/containers/oci/hooks.d` is read only
+/// where a config names it (Podman 4.3 ignores it by default).
+pub const HOOKS_DIR: &str = "usr/share/containers/oci/hooks.d";
+/// Where earlier versions wrote them: install and uninstall remove our files from there.
+pub const LEGACY_HOOKS_DIR: &str = "etc/containers/oci/hooks.d";
+/// Configs that can replace the default hooks directories, and the key that does it.
+const HOOKS_DIR_CONFIGS: &[(Runtime, &str)] = &[
+    (Runtime::Crio, "etc/crio/crio.conf"),
+    (Runtime::Crio, "etc/crio/crio.conf.d"),
+    (Runtime::Podman, "etc/containers/containers.conf"),
+    (Runtime::Podman, "etc/containers/containers.conf.d"),
+    (Runtime::Podman, "usr/share/containers/containers.conf"),
+];
 pub const CRIU_CONFS: &[&str] = &["etc/criu/runc.conf", "etc/criu/crun.conf"];
 pub const NRI_PLUGIN_LINK: &str = "opt/nri/plugins/10-hook-injector";
 /// CRIU's default plugin directory (used when no `libdir` is configured).
@@ -190,6 +203,72 @@ fn write_if_changed(path: &Path, text: &str, changes: &mut Vec<String>) -> Resul
     Ok(())
 }
 
+fn remove_if_there(path: &Path, changes: &mut Vec<String>) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {
+            changes.push(format!("removed {}", path.display()));
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(HookError::io(format!("removing {}", path.display()), e)),
+    }
+}
+
+/// `hooks_dir = [...]` values set in a TOML text (CRI-O's `[crio.runtime]`, containers.conf's
+/// `[engine]`), whatever the table: the key means the same in both.
+fn hooks_dir_values(text: &str) -> Option<Vec<String>> {
+    let v: toml::Table = toml::from_str(text).ok()?;
+    fn find(t: &toml::Table) -> Option<Vec<String>> {
+        if let Some(toml::Value::Array(a)) = t.get("hooks_dir") {
+            return Some(
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect(),
+            );
+        }
+        t.values().find_map(|v| v.as_table().and_then(find))
+    }
+    find(&v)
+}
+
+/// Warnings for configs that replace the default hooks directories without ours: the
+/// runtime would never run the hook.
+pub fn hooks_dir_overrides(opts: &InstallOptions) -> Vec<String> {
+    let ours = format!("/{HOOKS_DIR}");
+    let mut notes = Vec::new();
+    for (runtime, rel) in HOOKS_DIR_CONFIGS {
+        if *runtime != opts.runtime {
+            continue;
+        }
+        let path = under(&opts.root, rel);
+        let files: Vec<PathBuf> = if path.is_dir() {
+            let mut f: Vec<PathBuf> = std::fs::read_dir(&path)
+                .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+                .unwrap_or_default();
+            f.retain(|p| p.extension().is_some_and(|x| x == "conf"));
+            f.sort();
+            f
+        } else {
+            vec![path]
+        };
+        for f in files {
+            let Some(dirs) = std::fs::read_to_string(&f)
+                .ok()
+                .and_then(|t| hooks_dir_values(&t))
+            else {
+                continue;
+            };
+            if !dirs.iter().any(|d| d.trim_end_matches('/') == ours) {
+                notes.push(format!(
+                    "warning: {} sets hooks_dir = {dirs:?} without {ours}: the hook will not                      run until {ours} is added to that list (see docs/NODE.md)",
+                    f.display()
+                ));
+            }
+        }
+    }
+    notes
+}
+
 /// Installs (or uninstalls). Returns one line per change or note.
 pub fn install(opts: &InstallOptions) -> Result<Vec<String>> {
     let mut changes = Vec::new();
@@ -200,17 +279,19 @@ pub fn install(opts: &InstallOptions) -> Result<Vec<String>> {
         )));
     }
     let hooks = under(&opts.root, HOOKS_DIR);
+    let legacy = under(&opts.root, LEGACY_HOOKS_DIR);
     for stage in STAGES {
         let path = hooks.join(hook_file(stage));
         if opts.uninstall {
-            if path.exists() {
-                std::fs::remove_file(&path)
-                    .map_err(|e| HookError::io(format!("removing {}", path.display()), e))?;
-                changes.push(format!("removed {}", path.display()));
-            }
+            remove_if_there(&path, &mut changes)?;
         } else {
             write_if_changed(&path, &hook_json(opts, stage), &mut changes)?;
         }
+        // A node where both directories are read would run the hook twice.
+        remove_if_there(&legacy.join(hook_file(stage)), &mut changes)?;
+    }
+    if !opts.uninstall {
+        changes.extend(hooks_dir_overrides(opts));
     }
     let wrapper = under(&opts.root, CRIU_WRAPPER);
     match criu_wrapper(opts) {
@@ -411,6 +492,75 @@ mod tests {
         o.uninstall = true;
         install(&o).expect("uninstall");
         assert!(!t.path().join(CRIU_WRAPPER).exists());
+    }
+
+    #[test]
+    fn hooks_go_where_crio_and_podman_look_and_legacy_files_go_away() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let legacy = t.path().join(LEGACY_HOOKS_DIR);
+        std::fs::create_dir_all(&legacy).expect("mkdir");
+        std::fs::write(legacy.join("mapsnap-hook-poststart.json"), "{}").expect("old file");
+        std::fs::write(legacy.join("other-vendor.json"), "{}").expect("someone else's");
+        let mut o = opts(t.path());
+        o.runtime = Runtime::Podman;
+        let changes = install(&o).expect("install");
+        for stage in STAGES {
+            let p = t
+                .path()
+                .join("usr/share/containers/oci/hooks.d")
+                .join(hook_file(stage));
+            assert!(p.exists(), "{}", p.display());
+        }
+        assert!(!legacy.join("mapsnap-hook-poststart.json").exists());
+        assert!(
+            legacy.join("other-vendor.json").exists(),
+            "only our files are removed"
+        );
+        assert!(
+            changes
+                .iter()
+                .any(|c| c.starts_with("removed") && c.contains("etc/containers")),
+            "{changes:?}"
+        );
+    }
+
+    #[test]
+    fn a_hooks_dir_setting_without_ours_is_reported() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let dropins = t.path().join("etc/crio/crio.conf.d");
+        std::fs::create_dir_all(&dropins).expect("mkdir");
+        std::fs::write(
+            dropins.join("10-hooks.conf"),
+            "[crio.runtime]\nhooks_dir = [\"/etc/containers/oci/hooks.d\"]\n",
+        )
+        .expect("drop-in");
+        let o = opts(t.path());
+        let notes = install(&o).expect("install");
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("10-hooks.conf")
+                    && n.contains("/usr/share/containers/oci/hooks.d")),
+            "{notes:?}"
+        );
+        // Listing ours (with a trailing slash) is fine.
+        std::fs::write(
+            dropins.join("10-hooks.conf"),
+            "[crio.runtime]\nhooks_dir = [\"/etc/x\", \"/usr/share/containers/oci/hooks.d/\"]\n",
+        )
+        .expect("drop-in");
+        assert!(hooks_dir_overrides(&o).is_empty());
+        // Podman's containers.conf is not CRI-O's business, and the other way round.
+        let mut p = opts(t.path());
+        p.runtime = Runtime::Podman;
+        std::fs::create_dir_all(t.path().join("etc/containers")).expect("mkdir");
+        std::fs::write(
+            t.path().join("etc/containers/containers.conf"),
+            "[engine]\nhooks_dir = [\"/opt/hooks\"]\n",
+        )
+        .expect("containers.conf");
+        assert_eq!(hooks_dir_overrides(&p).len(), 1);
+        assert!(hooks_dir_overrides(&o).is_empty());
     }
 
     #[test]

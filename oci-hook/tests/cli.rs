@@ -115,7 +115,7 @@ fn install_and_uninstall_through_the_binary() {
     );
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("hook-injector"), "containerd notes: {said}");
-    let hooks = root.path().join("etc/containers/oci/hooks.d");
+    let hooks = root.path().join("usr/share/containers/oci/hooks.d");
     for stage in ["createruntime", "poststart", "poststop"] {
         assert!(hooks.join(format!("mapsnap-hook-{stage}.json")).exists());
     }
