@@ -18,6 +18,18 @@ pub enum PluginError {
     Discover(#[from] mapsnap::discover::DiscoverError),
     #[error("{file}: {reason}")]
     Image { file: String, reason: String },
+    /// A file of the image directory that cannot be opened as it must be (a link, a FIFO,
+    /// a device, too large, ...).
+    #[error(transparent)]
+    Anchor(#[from] mapsnap::anchor::AnchorError),
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The deadline passed; `during` says what was being done (which map).
+    #[error("the deadline of {} passed while {during}", mapsnap::storage::format_duration(*.limit))]
+    Deadline {
+        limit: std::time::Duration,
+        during: String,
+    },
     /// Restoring one map failed: names the map (as it was at dump time) and why.
     #[error("cannot restore {map} from {snapshot}: {source}")]
     Restore {
@@ -45,6 +57,8 @@ impl PluginError {
             Self::Mapsnap(mapsnap::Error::Sys(e)) => Some(&e.source),
             Self::Mapsnap(mapsnap::Error::Io { source, .. }) => Some(source),
             Self::Restore { source, .. } => return source.errno(),
+            Self::Anchor(e) => Some(&e.source),
+            Self::Deadline { .. } => return libc::ETIMEDOUT,
             _ => None,
         };
         io.and_then(io::Error::raw_os_error)

@@ -18,8 +18,11 @@ use std::ffi::{CStr, CString, c_char, c_int, c_uint, c_void};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::path::PathBuf;
 use std::sync::OnceLock;
+
+use mapsnap::anchor::Anchor;
+
+use crate::error::PluginError;
 
 /// `CRIU_PLUGIN_GEN_VERSION(a, b, c)`.
 pub const fn plugin_version(major: u32, minor: u32, sublevel: u32) -> u32 {
@@ -196,23 +199,63 @@ pub fn log(level: LogLevel, msg: &str) {
     }
 }
 
-/// CRIU's image directory (`criu_get_image_dir()`), as a path through `/proc/self/fd`.
-pub fn criu_image_dir() -> io::Result<PathBuf> {
+/// CRIU's image directory (`criu_get_image_dir()`), as an anchor on a duplicate of CRIU's fd:
+/// every file in it is then opened relative to that fd, never by a path (a worker thread
+/// the deadline gave up on may outlive CRIU's own fd).
+pub fn criu_image_dir() -> Result<Anchor, PluginError> {
     let p = symbol(c"criu_get_image_dir");
     if p.is_null() {
-        return Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "criu_get_image_dir is not available: not running inside criu",
+        return Err(PluginError::io(
+            "finding CRIU's image directory",
+            io::Error::new(
+                io::ErrorKind::Unsupported,
+                "criu_get_image_dir is not available: not running inside criu",
+            ),
         ));
     }
     // SAFETY: CRIU's `int criu_get_image_dir(void)`, exported for plugins.
     let fd = unsafe { std::mem::transmute::<*mut c_void, GetImageDir>(p)() };
     if fd < 0 {
-        return Err(io::Error::other(format!(
-            "criu_get_image_dir() returned {fd}: no image directory"
-        )));
+        return Err(PluginError::io(
+            "finding CRIU's image directory",
+            io::Error::other(format!("criu_get_image_dir() returned {fd}")),
+        ));
     }
-    Ok(PathBuf::from(format!("/proc/self/fd/{fd}")))
+    let own = dup_raw(fd).map_err(|e| PluginError::io("dup of the image directory fd", e))?;
+    Ok(Anchor::from_fd(own, "CRIU's image directory")?)
+}
+
+/// Keeps this library loaded until the process exits (`RTLD_NODELETE`): CRIU `dlclose`s
+/// plugins after `exit`, and a worker thread that missed the deadline may still run our code.
+pub fn keep_loaded() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let mut info = std::mem::MaybeUninit::<libc::Dl_info>::zeroed();
+        // SAFETY: dladdr only reads the address (of our own static) and fills `info`.
+        let found = unsafe {
+            libc::dladdr(
+                std::ptr::addr_of!(CR_PLUGIN_DESC).cast::<c_void>(),
+                info.as_mut_ptr(),
+            )
+        };
+        if found == 0 {
+            return;
+        }
+        // SAFETY: dladdr succeeded, so `info` is initialised; dli_fname is a NUL-terminated
+        // path owned by the loader (or null).
+        let name = unsafe { info.assume_init() }.dli_fname;
+        if name.is_null() {
+            return;
+        }
+        // SAFETY: RTLD_NOLOAD only takes another reference on an already loaded object and
+        // RTLD_NODELETE marks it never to be unloaded; the handle is deliberately leaked.
+        unsafe {
+            libc::dlopen(
+                name,
+                libc::RTLD_NOW | libc::RTLD_NOLOAD | libc::RTLD_NODELETE,
+            )
+        };
+    });
 }
 
 fn check(ret: c_int) -> io::Result<c_int> {

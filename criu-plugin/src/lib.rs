@@ -7,10 +7,14 @@
 //!
 //! - [`ffi`]: the C ABI (every `unsafe` line of the crate), exporting `CR_PLUGIN_DESC`.
 //! - [`plugin`]: dump and restore, done by the `mapsnap` library.
-//! - [`images`]: the files the plugin adds to CRIU's image directory.
+//! - [`images`]: the files the plugin adds to CRIU's image directory, read without trusting
+//!   them.
+//! - [`config`], [`deadline`]: limits and the deadline that bound the plugin's work.
 
 #![deny(unsafe_code)]
 
+pub mod config;
+pub mod deadline;
 pub mod error;
 #[allow(unsafe_code)]
 pub mod ffi;

@@ -1,48 +1,55 @@
 //! The plugin's work, in safe Rust; [`crate::ffi`] calls in here from CRIU's hooks.
 //!
-//! **Dump** (`DUMP_EXT_FILE`, in the `criu` process while the tasks are frozen): an fd whose
-//! anon inode is `bpf-map` is looked up in `/proc/self/fdinfo` (kernel map id, open flags).
-//! The first fd of a map id dumps the map with `mapsnap::dump` into
-//! `mapsnap-map-<id>.snap`; every fd gets a `mapsnap-fd-<file id>.json` record (map id,
-//! access mode). Anything else is answered `-ENOTSUP`, so CRIU asks its other plugins.
+//! **Dump** (`init(DUMP)`, then `DUMP_EXT_FILE` for each file CRIU cannot dump itself, in the
+//! `criu` process while the tasks are frozen): `init` starts the deadline and removes what an
+//! earlier dump left in the image directory (its index first). An fd whose anon inode is
+//! `bpf-map` is looked up in `/proc/self/fdinfo` (kernel map id, open flags). The first fd of
+//! a map id dumps the map with `mapsnap::dump` into `mapsnap-map-<id>.snap`; every fd adds a
+//! record to the index `mapsnap-criu.json`, rewritten (atomically) after each file together
+//! with each snapshot's size and sha256. A failed dump removes the index in `exit`. Anything
+//! that is not a map is answered `-ENOTSUP`, so CRIU asks its other plugins.
 //!
-//! **Restore** (`init(RESTORE)`, in the `criu` process before any task is forked): every
-//! record is read, each distinct map is verified and recreated once with
-//! `mapsnap::restore` (BTF, flags, inner maps, contents, frozen state) and kept open by this
-//! process. `RESTORE_EXT_FILE(id)` then runs in the restored task that owns the file and
-//! opens the new map by id with the recorded access mode (`BPF_MAP_GET_FD_BY_ID` with
-//! `BPF_F_RDONLY` / `BPF_F_WRONLY`); CRIU moves that fd to the original fd number. So all fds,
-//! in all processes, of one map before the dump share one map after the restore.
+//! **Restore** (`init(RESTORE)`, in the `criu` process before any task is forked): the index
+//! is read, each distinct map's snapshot is checked (regular file, size, sha256, dump id) and
+//! recreated once with `mapsnap::restore` (BTF, flags, inner maps, contents, frozen state)
+//! and kept open by this process. `RESTORE_EXT_FILE(id)` then runs in the restored task that
+//! owns the file and opens the new map by id with the recorded access mode
+//! (`BPF_MAP_GET_FD_BY_ID` with `BPF_F_RDONLY` / `BPF_F_WRONLY`); CRIU moves that fd to the
+//! original fd number. So all fds, in all processes, of one map before the dump share one
+//! map after the restore. Any failure, or the deadline, drops every map made so far.
 
+use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap};
 use std::ffi::c_int;
-use std::fs::File;
 use std::io::BufReader;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
-use std::path::Path;
-use std::sync::Mutex;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use mapsnap::anchor::Anchor;
 use mapsnap::discover::Found;
 use mapsnap::dump::{DumpOptions, dump, unsupported_reason};
 use mapsnap::format::{Event, SnapshotReader, VerifySummary, verify};
 use mapsnap::model::{Access as MapAccess, SnapshotInfo, access_of, type_name};
 use mapsnap::progress::NoProgress;
-use mapsnap::restore::{CpuPolicy, Destination, RestoreOptions, restore};
+use mapsnap::restore::{Destination, restore};
+use mapsnap::storage::DigestCheck;
 use mapsnap::sys::{self, Map, ObjKind};
 
+use crate::config::PluginConfig;
+use crate::deadline::{Deadline, DeadlineIo};
 use crate::error::PluginError;
 use crate::ffi::{self, LogLevel, stage};
-use crate::images::{self, Access, FileRecord, RECORD_FORMAT};
-
-/// Environment variable: `fit` restores per-CPU maps dumped on a machine with another number
-/// of possible CPUs (first CPUs' values kept, the others zero); by default they are refused.
-pub const CPU_MISMATCH_ENV: &str = "MAPSNAP_CPU_MISMATCH";
+use crate::images::{self, Access, DumpIndex, FileRecord, INDEX_FORMAT, SnapshotRecord};
 
 /// `map 42 "counters" (hash)`.
 fn label(id: u32, name: &str, map_type: &str) -> String {
     format!("map {id} {name:?} ({map_type})")
+}
+
+/// What every snapshot of dump `dump_id` has as its `source` (before the file and map).
+fn source_prefix(dump_id: &str) -> String {
+    format!("criu dump {dump_id}:")
 }
 
 /// What [`Dumper::dump_file`] did with one CRIU file.
@@ -59,19 +66,43 @@ pub enum DumpOutcome {
     },
 }
 
-/// Dump-side state: which kernel maps this dump has saved already.
-#[derive(Debug, Default)]
+/// Dump-side state: the image directory, this dump's id, and what it has saved.
+#[derive(Debug)]
 pub struct Dumper {
+    dir: Anchor,
+    index: DumpIndex,
     saved: HashMap<u32, SavedMap>,
 }
 
 impl Dumper {
-    /// Saves the map behind `fd` (CRIU file `file_id`) into the image directory `dir`.
+    /// A dump into `dir` with a fresh dump id. Call [`images::remove_stale`] first when the
+    /// directory may hold an earlier dump's files.
+    pub fn new(dir: Anchor) -> Result<Self, PluginError> {
+        Ok(Self {
+            dir,
+            index: DumpIndex {
+                format: INDEX_FORMAT.into(),
+                dump_id: images::new_dump_id()?,
+                created_unix: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                files: Vec::new(),
+                snapshots: Vec::new(),
+            },
+            saved: HashMap::new(),
+        })
+    }
+
+    pub fn dump_id(&self) -> &str {
+        &self.index.dump_id
+    }
+
+    /// Saves the map behind `fd` (CRIU file `file_id`) and records the file in the index.
     pub fn dump_file(
         &mut self,
-        dir: &Path,
         fd: BorrowedFd<'_>,
         file_id: u32,
+        deadline: &Deadline,
     ) -> Result<DumpOutcome, PluginError> {
         let kind = sys::fd_kind(fd);
         if kind != ObjKind::Map {
@@ -94,29 +125,45 @@ impl Dumper {
 
         let (saved, stats) = match self.saved.entry(map_id) {
             Entry::Occupied(o) => (o.get().clone(), None),
-            Entry::Vacant(v) => match save_map(dir, map_id, file_id)? {
-                Ok((saved, stats)) => (v.insert(saved).clone(), Some(stats)),
-                Err(unsupported) => return Ok(unsupported),
-            },
+            Entry::Vacant(v) => {
+                match save_map(&self.dir, &self.index.dump_id, map_id, file_id, deadline)? {
+                    Ok((saved, stats)) => {
+                        self.index.snapshots.push(saved.record.clone());
+                        (v.insert(saved).clone(), Some(stats))
+                    }
+                    Err(unsupported) => return Ok(unsupported),
+                }
+            }
         };
         let record = FileRecord {
-            format: RECORD_FORMAT.into(),
             file_id,
             map_id,
             access,
-            snapshot: saved.snapshot,
             map_name: saved.name,
             map_type: saved.map_type,
         };
-        images::write_record(dir, &record)?;
+        self.index.files.retain(|f| f.file_id != file_id);
+        self.index.files.push(record.clone());
+        deadline.set(format!("writing {}", images::INDEX_NAME));
+        images::write_index(&self.dir, &self.index)?;
         Ok(DumpOutcome::Saved { record, stats })
+    }
+
+    /// The index as written so far.
+    pub fn index(&self) -> &DumpIndex {
+        &self.index
+    }
+
+    /// After a failed dump: removes the index, so nothing of it can be restored.
+    pub fn abandon(&self) -> Result<bool, PluginError> {
+        Ok(self.dir.unlink(images::INDEX_NAME)?)
     }
 }
 
-/// A map saved by this dump: its snapshot file, and its name and type for the records.
+/// A map saved by this dump: its snapshot record, and its name and type for the records.
 #[derive(Debug, Clone)]
 struct SavedMap {
-    snapshot: String,
+    record: SnapshotRecord,
     name: String,
     map_type: String,
 }
@@ -135,23 +182,27 @@ pub struct SaveStats {
 /// Dumps kernel map `map_id` into its snapshot file; Err(outcome) for a type mapsnap
 /// cannot carry.
 fn save_map(
-    dir: &Path,
+    dir: &Anchor,
+    dump_id: &str,
     map_id: u32,
     file_id: u32,
+    deadline: &Deadline,
 ) -> Result<Result<(SavedMap, SaveStats), DumpOutcome>, PluginError> {
     // Our own read-write fd: the process's fd may be read-only or write-only.
     let found = Found::from_map(Map::from_id(map_id)?, None)?;
     let info = &found.info;
     let map_type = type_name(info.map_type);
+    let what = label(map_id, &info.name, map_type);
     if let Some(reason) = unsupported_reason(info) {
-        let map = label(map_id, &info.name, map_type);
-        return Ok(Err(DumpOutcome::Unsupported { map, reason }));
+        return Ok(Err(DumpOutcome::Unsupported { map: what, reason }));
     }
     let name = images::snapshot_name(map_id);
-    let meta = snapshot_info(map_id, file_id)?;
+    deadline.set(format!("dumping {what} into {name}"));
+    let meta = snapshot_info(dump_id, map_id, file_id)?;
     let report = images::write_atomically(dir, &name, |w| {
+        let out = DeadlineIo::new(w, deadline);
         let opts = DumpOptions::default();
-        let (_, report) = dump(std::slice::from_ref(&found), w, &meta, &opts, &NoProgress)?;
+        let (_, report) = dump(std::slice::from_ref(&found), out, &meta, &opts, &NoProgress)?;
         Ok(report)
     })?;
     let stats = SaveStats {
@@ -164,7 +215,11 @@ fn save_map(
         bytes: report.digest.bytes,
     };
     let saved = SavedMap {
-        snapshot: name,
+        record: SnapshotRecord {
+            map_id,
+            size: report.digest.bytes,
+            sha256: hex::encode(report.digest.sha256),
+        },
         name: info.name.clone(),
         map_type: map_type.to_string(),
     };
@@ -177,7 +232,7 @@ fn read_trimmed(path: &str) -> String {
         .unwrap_or_default()
 }
 
-fn snapshot_info(map_id: u32, file_id: u32) -> Result<SnapshotInfo, PluginError> {
+fn snapshot_info(dump_id: &str, map_id: u32, file_id: u32) -> Result<SnapshotInfo, PluginError> {
     Ok(SnapshotInfo {
         tool: format!("mapsnap-criu {}", env!("CARGO_PKG_VERSION")),
         created_unix: SystemTime::now()
@@ -186,7 +241,7 @@ fn snapshot_info(map_id: u32, file_id: u32) -> Result<SnapshotInfo, PluginError>
         hostname: read_trimmed("/proc/sys/kernel/hostname"),
         kernel: read_trimmed("/proc/sys/kernel/osrelease"),
         possible_cpus: sys::possible_cpus()?,
-        source: format!("criu:file {file_id:#x} map {map_id}"),
+        source: format!("{} file {file_id:#x} map {map_id}", source_prefix(dump_id)),
     })
 }
 
@@ -213,6 +268,7 @@ pub struct Restorer {
 /// A snapshot to restore, verified.
 struct Pending {
     old_id: u32,
+    record: SnapshotRecord,
     snapshot: String,
     label: String,
     summary: VerifySummary,
@@ -239,6 +295,30 @@ fn restore_error(map: &str, snapshot: &str, e: PluginError) -> PluginError {
     }
 }
 
+/// A snapshot opened for one pass: a regular file of the recorded size below the image
+/// directory, read through the sha256 check (which fails before the last byte of a file that
+/// is not the one the index records) and the deadline.
+type SnapshotStream = DigestCheck<BufReader<DeadlineIo<std::fs::File>>>;
+
+fn open_snapshot(
+    dir: &Anchor,
+    rec: &SnapshotRecord,
+    cfg: &PluginConfig,
+    deadline: &Deadline,
+) -> Result<SnapshotStream, PluginError> {
+    let file = images::open_snapshot(dir, rec, cfg.max_snapshot_bytes)?;
+    let sha = rec.sha256_bytes().map_err(|reason| PluginError::Image {
+        file: images::INDEX_NAME.into(),
+        reason,
+    })?;
+    Ok(DigestCheck::new(
+        BufReader::new(DeadlineIo::new(file, deadline)),
+        &rec.name(),
+        sha,
+        rec.size,
+    ))
+}
+
 impl Restorer {
     /// No maps (an image directory without mapsnap files).
     pub fn empty() -> Self {
@@ -254,39 +334,55 @@ impl Restorer {
         (self.files.len(), self.keep.len())
     }
 
-    /// Recreates every map recorded in the image directory `dir`.
-    pub fn prepare(dir: &Path, opts: &RestoreOptions) -> Result<Self, PluginError> {
-        let records = images::read_records(dir)?;
-        let mut by_map: BTreeMap<u32, &FileRecord> = BTreeMap::new();
-        for r in &records {
-            let first = by_map.entry(r.map_id).or_insert(r);
-            if first.snapshot != r.snapshot {
-                return Err(PluginError::Image {
-                    file: images::record_name(r.file_id),
-                    reason: format!(
-                        "map {} is in {}, but file {:#x} says {}",
-                        r.map_id, first.snapshot, first.file_id, r.snapshot
-                    ),
-                });
-            }
-        }
+    /// Recreates every map the index of the image directory `dir` lists. On any error every
+    /// map made so far is closed again (nothing is pinned).
+    pub fn prepare(
+        dir: &Anchor,
+        cfg: &PluginConfig,
+        deadline: &Deadline,
+    ) -> Result<Self, PluginError> {
+        deadline.set(format!("reading {}", images::INDEX_NAME));
+        let Some(index) = images::read_index(dir, cfg.max_index_bytes)? else {
+            return Ok(Self::empty());
+        };
+        let opts = cfg.restore_options();
+        let prefix = source_prefix(&index.dump_id);
         let mut pending = Vec::new();
-        for r in by_map.values() {
-            let snapshot = r.snapshot.clone();
-            let label = label(r.map_id, &r.map_name, &r.map_type);
+        for (&map_id, first) in &index.maps() {
+            let record = index
+                .snapshot(map_id)
+                .cloned()
+                .ok_or_else(|| PluginError::Image {
+                    file: images::INDEX_NAME.into(),
+                    reason: format!("map {map_id} has no snapshot"),
+                })?;
+            let snapshot = record.name();
+            let label = label(map_id, &first.map_name, &first.map_type);
             let fail = |e: PluginError| restore_error(&label, &snapshot, e);
-            let file = open(dir, &snapshot).map_err(fail)?;
-            let summary =
-                verify(BufReader::new(file)).map_err(|e| fail(mapsnap::Error::from(e).into()))?;
+            deadline.set(format!("verifying {label} in {snapshot}"));
+            let summary = verify(open_snapshot(dir, &record, cfg, deadline).map_err(fail)?)
+                .map_err(|e| fail(mapsnap::Error::from(e).into()))?;
+            let image = |reason: String| {
+                fail(PluginError::Image {
+                    file: snapshot.clone(),
+                    reason,
+                })
+            };
+            if !summary.info.source.starts_with(&prefix) {
+                return Err(image(format!(
+                    "it was written by another dump ({:?}), not dump {}",
+                    summary.info.source, index.dump_id
+                )));
+            }
             let top = summary.maps.iter().filter(|(m, _)| !m.inner).count();
             if top != 1 {
-                return Err(fail(PluginError::Image {
-                    file: snapshot.clone(),
-                    reason: format!("holds {top} top-level maps, a plugin snapshot holds one"),
-                }));
+                return Err(image(format!(
+                    "holds {top} top-level maps, a plugin snapshot holds one"
+                )));
             }
             pending.push(Pending {
-                old_id: r.map_id,
+                old_id: map_id,
+                record,
                 snapshot,
                 label,
                 summary,
@@ -301,8 +397,9 @@ impl Restorer {
         let (outer, plain): (Vec<&Pending>, Vec<&Pending>) =
             pending.iter().partition(|p| p.is_map_of_maps());
         for p in outer {
-            let map = restore_one(dir, p, opts).map_err(|e| p.fail(e))?;
-            let inner = inner_map_ids(dir, p, &map).map_err(|e| p.fail(e))?;
+            deadline.set(format!("restoring {} from {}", p.label, p.snapshot));
+            let map = restore_one(dir, p, cfg, &opts, deadline).map_err(|e| p.fail(e))?;
+            let inner = inner_map_ids(dir, p, &map, cfg, deadline).map_err(|e| p.fail(e))?;
             let id = map.info().map_err(|e| p.fail(e))?.id;
             log_restored(p, id, inner.len());
             inner_new.extend(inner);
@@ -322,13 +419,14 @@ impl Restorer {
                 new_ids.insert(p.old_id, id);
                 continue;
             }
-            let map = restore_one(dir, p, opts).map_err(|e| p.fail(e))?;
+            deadline.set(format!("restoring {} from {}", p.label, p.snapshot));
+            let map = restore_one(dir, p, cfg, &opts, deadline).map_err(|e| p.fail(e))?;
             let id = map.info().map_err(|e| p.fail(e))?.id;
             log_restored(p, id, 0);
             new_ids.insert(p.old_id, id);
             out.keep.push(map);
         }
-        for r in &records {
+        for r in &index.files {
             let map_id = new_ids[&r.map_id];
             out.files.insert(
                 r.file_id,
@@ -339,6 +437,7 @@ impl Restorer {
                 },
             );
         }
+        deadline.check()?;
         Ok(out)
     }
 
@@ -367,15 +466,15 @@ impl Restorer {
     }
 }
 
-fn open(dir: &Path, name: &str) -> Result<File, PluginError> {
-    images::check_snapshot_name(name)?;
-    File::open(dir.join(name)).map_err(|e| PluginError::io(format!("opening {name}"), e))
-}
-
-fn restore_one(dir: &Path, p: &Pending, opts: &RestoreOptions) -> Result<Map, PluginError> {
-    let file = open(dir, &p.snapshot)?;
+fn restore_one(
+    dir: &Anchor,
+    p: &Pending,
+    cfg: &PluginConfig,
+    opts: &mapsnap::restore::RestoreOptions,
+    deadline: &Deadline,
+) -> Result<Map, PluginError> {
     let report = restore(
-        BufReader::new(file),
+        open_snapshot(dir, &p.record, cfg, deadline)?,
         Some(&p.summary),
         &Destination::Detached,
         opts,
@@ -393,8 +492,14 @@ fn restore_one(dir: &Path, p: &Pending, opts: &RestoreOptions) -> Result<Map, Pl
 
 /// For a restored map of maps: dump-time id of each inner map -> id of the inner map now in
 /// the restored outer map (found by looking up the same keys).
-fn inner_map_ids(dir: &Path, p: &Pending, outer: &Map) -> Result<HashMap<u32, u32>, PluginError> {
-    let mut reader = SnapshotReader::new(BufReader::new(open(dir, &p.snapshot)?))
+fn inner_map_ids(
+    dir: &Anchor,
+    p: &Pending,
+    outer: &Map,
+    cfg: &PluginConfig,
+    deadline: &Deadline,
+) -> Result<HashMap<u32, u32>, PluginError> {
+    let mut reader = SnapshotReader::new(open_snapshot(dir, &p.record, cfg, deadline)?)
         .map_err(mapsnap::Error::from)?;
     let mut out = HashMap::new();
     let mut in_outer = false;
@@ -445,21 +550,24 @@ fn log_restored(p: &Pending, new_id: u32, inner: usize) {
     );
 }
 
-/// Restore options: defaults, with the CPU policy from [`CPU_MISMATCH_ENV`].
-pub fn restore_options() -> RestoreOptions {
-    let mut o = RestoreOptions::default();
-    if std::env::var(CPU_MISMATCH_ENV).is_ok_and(|v| v == "fit") {
-        o.cpu_policy = CpuPolicy::Fit;
-    }
-    o
-}
-
 // ---- the state behind CRIU's hooks ------------------------------------------------------
+
+/// One dump, from `init(DUMP)` to `exit`.
+#[derive(Debug)]
+struct DumpState {
+    deadline: Deadline,
+    /// The config, or why it could not be read (an error only for dumps that hold maps).
+    config: Result<PluginConfig, String>,
+    /// Created at the first map fd (shared with the worker thread doing the work).
+    dumper: Option<Arc<Mutex<Dumper>>>,
+    /// Set when the deadline passed or a worker failed badly: later files fail at once.
+    failed: Option<String>,
+}
 
 #[derive(Debug)]
 enum Phase {
     Idle,
-    Dump(Dumper),
+    Dump(DumpState),
     Restore(Restorer),
 }
 
@@ -471,50 +579,131 @@ fn phase() -> std::sync::MutexGuard<'static, Phase> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Starts a dump: the deadline first, then (bounded by it) the removal of an earlier dump's
+/// files. Never fails the dump: every `criu dump` on the node runs this, maps or not.
+fn start_dump() -> DumpState {
+    let config = PluginConfig::load().map_err(|e| e.to_string());
+    let limit = config
+        .as_ref()
+        .map_or(PluginConfig::default().deadline, |c| c.deadline);
+    let deadline = Deadline::start(limit);
+    deadline.set("removing an earlier dump's files from the image directory");
+    let cleanup =
+        ffi::criu_image_dir().and_then(|dir| deadline.run(move || images::remove_stale(&dir)));
+    match cleanup {
+        Ok(0) => {}
+        Ok(n) => ffi::log(
+            LogLevel::Info,
+            &format!("removed {n} files of an earlier dump from the image directory"),
+        ),
+        Err(e) => ffi::log(
+            LogLevel::Warn,
+            &format!("cannot remove an earlier dump's files from the image directory: {e}"),
+        ),
+    }
+    DumpState {
+        deadline,
+        config,
+        dumper: None,
+        failed: None,
+    }
+}
+
 /// `init(stage)`: a fresh dump, or every map of the image directory recreated for a restore.
 pub(crate) fn init(stage: c_int) -> c_int {
     let next = match stage {
-        stage::DUMP => Phase::Dump(Dumper::default()),
-        stage::RESTORE => {
-            let restorer = ffi::criu_image_dir()
-                .map_err(|e| PluginError::io("finding CRIU's image directory", e))
-                .and_then(|dir| Restorer::prepare(&dir, &restore_options()));
-            match restorer {
-                Ok(r) => {
-                    let (files, maps) = r.counts();
-                    if files > 0 {
-                        ffi::log(
-                            LogLevel::Info,
-                            &format!("{maps} BPF maps restored for {files} CRIU files"),
-                        );
-                    }
-                    Phase::Restore(r)
-                }
-                Err(e) => {
-                    ffi::log(LogLevel::Error, &format!("restore failed: {e}"));
-                    return -1;
-                }
+        stage::DUMP => Phase::Dump(start_dump()),
+        stage::RESTORE => match start_restore() {
+            Ok(r) => Phase::Restore(r),
+            Err(e) => {
+                ffi::log(LogLevel::Error, &format!("restore failed: {e}"));
+                return -1;
             }
-        }
+        },
         _ => Phase::Idle,
     };
     replace_phase(next);
     0
 }
 
-/// `exit(stage, ret)`: drops the state (closing this process's fds of restored maps).
-pub(crate) fn exit(_stage: c_int, _ret: c_int) {
-    replace_phase(Phase::Idle);
+/// The restore's work, on a worker bounded by the deadline (started before anything else).
+fn start_restore() -> Result<Restorer, PluginError> {
+    let config = PluginConfig::load();
+    let limit = config
+        .as_ref()
+        .map_or(PluginConfig::default().deadline, |c| c.deadline);
+    let deadline = Deadline::start(limit);
+    deadline.set("opening the image directory");
+    let dl = deadline.clone();
+    let restorer = deadline.run(move || {
+        let dir = ffi::criu_image_dir()?;
+        dl.set(format!("reading {}", images::INDEX_NAME));
+        let path = mapsnap::anchor::RelPath::parse(images::INDEX_NAME)
+            .map_err(|e| PluginError::Config(e.to_string()))?;
+        if !dir.exists(&path)? {
+            return Ok(Restorer::empty());
+        }
+        // Only now is the configuration needed: a bad one fails restores that hold maps.
+        let cfg = config?;
+        Restorer::prepare(&dir, &cfg, &dl)
+    })?;
+    let (files, maps) = restorer.counts();
+    if files > 0 {
+        ffi::log(
+            LogLevel::Info,
+            &format!("{maps} BPF maps restored for {files} CRIU files"),
+        );
+    }
+    Ok(restorer)
 }
 
-fn replace_phase(next: Phase) {
-    let old = std::mem::replace(&mut *phase(), next);
-    if let Phase::Restore(r) = old
-        && r.owner != std::process::id()
+/// `exit(stage, ret)`: drops the state (closing this process's fds of restored maps); after a
+/// failed dump, removes its index so that nothing of it is ever restored.
+pub(crate) fn exit(_stage: c_int, ret: c_int) {
+    let old = replace_phase(Phase::Idle);
+    if let Some(Phase::Dump(state)) = old
+        && let Some(dumper) = state.dumper
+        && (ret != 0 || state.failed.is_some())
     {
-        // A fork of the process that opened these fds: its fd numbers mean other files now.
-        std::mem::forget(r);
+        // Bounded like the rest: the image directory may be the thing that hangs.
+        let d = dumper.clone();
+        let removed = state.deadline.run(move || lock(&d).abandon()).or_else(|_| {
+            // Past the deadline still try once, on this thread: a dump failing on its own
+            // deadline must not leave an index behind.
+            match dumper.try_lock() {
+                Ok(d) => d.abandon(),
+                Err(_) => Ok(false),
+            }
+        });
+        match removed {
+            Ok(true) => ffi::log(
+                LogLevel::Info,
+                "the dump failed: removed mapsnap-criu.json, nothing of it can be restored",
+            ),
+            Ok(false) => {}
+            Err(e) => ffi::log(
+                LogLevel::Error,
+                &format!("the dump failed and its mapsnap-criu.json could not be removed: {e}"),
+            ),
+        }
     }
+}
+
+/// Installs the next phase; returns the previous one unless it was a restore in a forked
+/// task (whose fd numbers mean other files now: forgotten, not closed).
+fn replace_phase(next: Phase) -> Option<Phase> {
+    let old = std::mem::replace(&mut *phase(), next);
+    if let Phase::Restore(r) = old {
+        if r.owner != std::process::id() {
+            std::mem::forget(r);
+        }
+        return None;
+    }
+    Some(old)
 }
 
 /// Says why an fd that is not a map is left to CRIU (which then fails the dump).
@@ -535,6 +724,38 @@ fn not_a_map(kind: ObjKind, file_id: u32, raw: i32) -> c_int {
     -libc::ENOTSUP
 }
 
+/// Dumps one map fd on a worker bounded by the dump's deadline.
+fn dump_bounded(
+    state: &mut DumpState,
+    fd: OwnedFd,
+    file_id: u32,
+) -> Result<DumpOutcome, PluginError> {
+    if let Some(why) = &state.failed {
+        return Err(PluginError::Config(format!(
+            "an earlier step of this dump failed: {why}"
+        )));
+    }
+    let config = state.config.clone().map_err(PluginError::Config)?;
+    let _ = config;
+    let dumper = match &state.dumper {
+        Some(d) => d.clone(),
+        None => {
+            let dir = ffi::criu_image_dir()?;
+            let d = Arc::new(Mutex::new(Dumper::new(dir)?));
+            state.dumper = Some(d.clone());
+            d
+        }
+    };
+    let dl = state.deadline.clone();
+    let result = state
+        .deadline
+        .run(move || lock(&dumper).dump_file(fd.as_fd(), file_id, &dl));
+    if let Err(e @ PluginError::Deadline { .. }) = &result {
+        state.failed = Some(e.to_string());
+    }
+    result
+}
+
 /// `DUMP_EXT_FILE(fd, id)`.
 pub(crate) fn dump_ext_file(fd: BorrowedFd<'_>, file_id: u32) -> c_int {
     let raw = fd.as_raw_fd();
@@ -542,21 +763,25 @@ pub(crate) fn dump_ext_file(fd: BorrowedFd<'_>, file_id: u32) -> c_int {
     if kind != ObjKind::Map {
         return not_a_map(kind, file_id, raw);
     }
-    let dir = match ffi::criu_image_dir() {
-        Ok(d) => d,
+    // Our own fd: a worker the deadline gives up on must not use CRIU's fd number later.
+    let own = match ffi::dup_raw(raw) {
+        Ok(f) => f,
         Err(e) => {
-            ffi::log(LogLevel::Error, &format!("no image directory: {e}"));
+            ffi::log(
+                LogLevel::Error,
+                &format!("CRIU file {file_id:#x}: dup: {e}"),
+            );
             return -libc::EIO;
         }
     };
     let mut guard = phase();
     if !matches!(*guard, Phase::Dump(_)) {
-        *guard = Phase::Dump(Dumper::default());
+        *guard = Phase::Dump(start_dump());
     }
-    let Phase::Dump(dumper) = &mut *guard else {
+    let Phase::Dump(state) = &mut *guard else {
         return -libc::EIO;
     };
-    match dumper.dump_file(&dir, fd, file_id) {
+    match dump_bounded(state, own, file_id) {
         Ok(DumpOutcome::NotAMap { kind }) => not_a_map(kind, file_id, raw),
         Ok(DumpOutcome::Unsupported { map, reason }) => {
             ffi::log(
@@ -569,6 +794,7 @@ pub(crate) fn dump_ext_file(fd: BorrowedFd<'_>, file_id: u32) -> c_int {
         }
         Ok(DumpOutcome::Saved { record, stats }) => {
             let what = label(record.map_id, &record.map_name, &record.map_type);
+            let snapshot = images::snapshot_name(record.map_id);
             let how = match stats {
                 Some(s) if s.inner_maps > 0 => format!(
                     "saved {} entries with {} inner maps ({} bytes)",
@@ -580,8 +806,8 @@ pub(crate) fn dump_ext_file(fd: BorrowedFd<'_>, file_id: u32) -> c_int {
             ffi::log(
                 LogLevel::Info,
                 &format!(
-                    "CRIU file {file_id:#x} (fd {raw}): {what}, {}: {how} in {}",
-                    record.access, record.snapshot
+                    "CRIU file {file_id:#x} (fd {raw}): {what}, {}: {how} in {snapshot}",
+                    record.access
                 ),
             );
             0
@@ -610,7 +836,21 @@ pub(crate) fn restore_ext_file(file_id: u32) -> Result<Option<OwnedFd>, i32> {
             );
             Ok(Some(fd))
         }
-        Ok(None) => Ok(None),
+        Ok(None) => {
+            if r.counts().0 == 0 {
+                // Not necessarily ours (other plugins' files come here too), but if it is a
+                // BPF map this says why CRIU cannot restore it.
+                ffi::log(
+                    LogLevel::Info,
+                    &format!(
+                        "CRIU file {file_id:#x}: the image directory has no {} (if this file \
+                         is a BPF map, its dump did not finish)",
+                        images::INDEX_NAME
+                    ),
+                );
+            }
+            Ok(None)
+        }
         Err(e) => {
             ffi::log(LogLevel::Error, &format!("CRIU file {file_id:#x}: {e}"));
             Err(e.errno())

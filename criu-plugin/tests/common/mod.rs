@@ -62,6 +62,42 @@ pub fn plugin_so() -> PathBuf {
         .unwrap_or_else(|| panic!("libmapsnap_criu.so not built in {}", dir.display()))
 }
 
+/// The plugin as shipped: built once per test process by scripts/build-criu-plugin.sh (glibc
+/// 2.28 symbol versions, no object storage), in a target directory of its own so that it
+/// never waits on the cargo that runs these tests. `MAPSNAP_CRIU_PLUGIN` names a prebuilt one.
+pub fn shipped_plugin_so() -> PathBuf {
+    static SO: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    SO.get_or_init(|| {
+        if let Some(p) = std::env::var_os("MAPSNAP_CRIU_PLUGIN") {
+            return PathBuf::from(p);
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("the workspace");
+        let target = Path::new(TESTEE)
+            .parent()
+            .and_then(Path::parent)
+            .expect("the target directory");
+        let out = run(Command::new("bash")
+            .arg(root.join("scripts/build-criu-plugin.sh"))
+            .arg("--target-dir")
+            .arg(target.join("criu-plugin-glibc")));
+        assert!(
+            out.status.success(),
+            "scripts/build-criu-plugin.sh failed (zig and cargo-zigbuild come from \
+             scripts/install-zig.sh, which make deps runs)"
+        );
+        let path = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .map(|l| PathBuf::from(l.trim()))
+            .expect("the script prints the plugin's path");
+        assert!(path.is_file(), "{} not built", path.display());
+        path
+    })
+    .clone()
+}
+
 /// A CRIU plugin directory holding a copy of the plugin (CRIU loads every `*.so` there).
 pub fn plugin_dir(parent: &Path) -> PathBuf {
     let dir = parent.join("criu-lib");
@@ -159,6 +195,11 @@ pub fn read_json(path: &Path) -> Value {
     let text =
         fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
+}
+
+/// The plugin's index (`mapsnap-criu.json`) of an image directory.
+pub fn read_index(images: &Path) -> Value {
+    read_json(&images.join(mapsnap_criu::images::INDEX_NAME))
 }
 
 /// The helper's pid, its child's pid and the dump-time id of its map called `name`.
