@@ -13,7 +13,11 @@
 #   $WRAPPER                          `criu-mapsnap ARGS...` runs that criu; give it to runc
 #                                     as `runc --criu $WRAPPER ...`
 #
-# Also installs bookworm's iptables (CRIU's network lock for containers with their own netns).
+# Also installs bookworm's iptables (CRIU's network lock for containers with their own netns),
+# creates CRIU's default plugin directory /usr/lib/criu (empty; where the mapsnap plugin is
+# installed, and where the plugin tests bind-mount a private copy in their own mount
+# namespace), and runs scripts/install-zig.sh (zig and cargo-zigbuild, which build the
+# plugin against glibc 2.28: scripts/build-criu-plugin.sh).
 #
 # Idempotent and quick when already installed (a marker file records what was installed).
 # Must run as root. Environment:
@@ -77,8 +81,19 @@ ensure_iptables() {
     fi
 }
 
+# CRIU loads every *.so of /usr/lib/criu when it exists; an empty one changes nothing.
+ensure_plugin_dir() {
+    [[ -d /usr/lib/criu ]] || mkdir -p -m 0755 /usr/lib/criu
+}
+
+ensure_zig() {
+    bash "$(dirname "${BASH_SOURCE[0]}")/install-zig.sh"
+}
+
 if installed_ok; then
     ensure_iptables
+    ensure_plugin_dir
+    ensure_zig
     exit 0
 fi
 
@@ -142,5 +157,7 @@ chmod 755 "$WRAPPER.tmp"
 mv "$WRAPPER.tmp" "$WRAPPER"
 
 version=$("$WRAPPER" --version 2>&1) || die "the installed criu does not run: $version"
+ensure_plugin_dir
+ensure_zig
 printf '%s\n' "$want" >"$MARKER"
 say "installed $(head -n1 <<<"$version" | tr -s ' ') in $PREFIX; run it as $WRAPPER"

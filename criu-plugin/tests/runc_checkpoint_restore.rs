@@ -1,6 +1,8 @@
 //! `runc checkpoint` / `runc restore` of a container whose process holds BPF maps of every
-//! supported type, with runc's `--criu` pointing at CRIU 4.1 and the CRIU config file (with
-//! the plugin's `libdir`) named by the container's `org.criu.config` annotation.
+//! supported type, with runc's `--criu` pointing at CRIU 4.1 and the plugin installed the way
+//! a node has it: in CRIU's default plugin directory `/usr/lib/criu`, with no `libdir` in the
+//! CRIU config file (named by the container's `org.criu.config` annotation). The directory is
+//! a private bind mount in runc's own mount namespace, so the host's stays untouched.
 //!
 //! The container: a busybox-static rootfs plus the test helper and the shared libraries
 //! `ldd` lists for it; CAP_BPF and CAP_SYS_ADMIN (to create maps and open them by id); its
@@ -28,6 +30,13 @@ struct Container {
 impl Container {
     fn runc(&self, criu: &Path) -> Command {
         let mut c = Command::new(RUNC);
+        c.arg("--root").arg(&self.runc_root).arg("--criu").arg(criu);
+        c
+    }
+
+    /// runc with `plugins` as CRIU's default plugin directory.
+    fn runc_with_plugins(&self, criu: &Path, plugins: &Path) -> Command {
+        let mut c = with_default_plugin_dir(plugins, RUNC);
         c.arg("--root").arg(&self.runc_root).arg("--criu").arg(criu);
         c
     }
@@ -153,12 +162,14 @@ fn runc_checkpoints_and_restores_a_container_holding_maps() {
     let (status, host_pid) = ctr.state().expect("runc state");
     assert_eq!(status, "running");
 
-    // Without the plugin (a CRIU config whose libdir has none), the checkpoint fails as it
-    // always did, and the container keeps running.
-    fs::write(&criu_conf, format!("libdir {}\n", no_lib.display())).expect("criu.conf");
+    // No `libdir`: CRIU reads its default plugin directory.
+    fs::write(&criu_conf, "# no libdir: plugins from /usr/lib/criu\n").expect("criu.conf");
+
+    // Without the plugin there, the checkpoint fails as it always did, and the container
+    // keeps running.
     let work0 = root.join("work-no-plugin");
     let out = run(ctr
-        .runc(&criu)
+        .runc_with_plugins(&criu, &no_lib)
         .arg("checkpoint")
         .arg("--image-path")
         .arg(root.join("images-no-plugin"))
@@ -177,12 +188,11 @@ fn runc_checkpoints_and_restores_a_container_holding_maps() {
         "a failed checkpoint leaves the container running"
     );
 
-    // With the plugin.
-    fs::write(&criu_conf, format!("libdir {}\n", lib.display())).expect("criu.conf");
+    // With the plugin in the default directory.
     let images = root.join("images");
     let dump_work = root.join("work-dump");
     let out = run(ctr
-        .runc(&criu)
+        .runc_with_plugins(&criu, &lib)
         .arg("checkpoint")
         .arg("--image-path")
         .arg(&images)
@@ -208,7 +218,7 @@ fn runc_checkpoints_and_restores_a_container_holding_maps() {
 
     let restore_work = root.join("work-restore");
     let out = run(ctr
-        .runc(&criu)
+        .runc_with_plugins(&criu, &lib)
         .args(["restore", "-d", "--image-path"])
         .arg(&images)
         .arg("--work-path")

@@ -100,10 +100,37 @@ pub fn shipped_plugin_so() -> PathBuf {
 
 /// A CRIU plugin directory holding a copy of the plugin (CRIU loads every `*.so` there).
 pub fn plugin_dir(parent: &Path) -> PathBuf {
+    plugin_dir_with(parent, &plugin_so())
+}
+
+/// A CRIU plugin directory holding a copy of `so`.
+pub fn plugin_dir_with(parent: &Path, so: &Path) -> PathBuf {
     let dir = parent.join("criu-lib");
     fs::create_dir_all(&dir).expect("mkdir criu-lib");
-    fs::copy(plugin_so(), dir.join("libmapsnap_criu.so")).expect("copy the plugin");
+    fs::copy(so, dir.join("libmapsnap_criu.so")).expect("copy the plugin");
     dir
+}
+
+/// CRIU's default plugin directory, read when no `libdir` is configured.
+pub const CRIU_DEFAULT_PLUGIN_DIR: &str = "/usr/lib/criu";
+
+/// A command that runs `program` in a private mount namespace where `plugins` is mounted on
+/// CRIU's default plugin directory: CRIU (run by `program`, e.g. runc) finds the plugin
+/// where it is installed on a node, without a `libdir`, while the host's directory is left
+/// alone. The directory must exist (scripts/install-criu.sh creates it).
+pub fn with_default_plugin_dir(plugins: &Path, program: &str) -> Command {
+    assert!(
+        Path::new(CRIU_DEFAULT_PLUGIN_DIR).is_dir(),
+        "{CRIU_DEFAULT_PLUGIN_DIR} missing: run scripts/install-criu.sh (make deps does)"
+    );
+    let mut c = Command::new("unshare");
+    c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(format!(
+            "mount --bind \"$0\" {CRIU_DEFAULT_PLUGIN_DIR} && exec \"$@\""
+        ))
+        .arg(plugins)
+        .arg(program);
+    c
 }
 
 /// An empty directory to give CRIU as `--libdir`: no plugin at all.
