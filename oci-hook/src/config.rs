@@ -12,7 +12,10 @@
 //! storage_base = "s3://snapshots/node-a" # where relative snapshot names go
 //! allowed_locations = ["s3://snapshots/"] # remote prefixes annotations may name
 //! policy = "strict"            # default when a container does not say (strict|best-effort)
-//! require_restore_request = false  # restore-from only with the agent's restore request
+//! operator = false            # set by the Helm chart: the mapsnap operator manages this node
+//! require_restore_request = false  # default: `operator`; restore-from only with the agent's request
+//! require_checkpoint_request = false  # default: `operator`; checkpoint-to only with a request
+//! tenant_prefix = "{namespace}"  # names a pod chooses resolve below this (templated)
 //! restore_request_dir = "/run/mapsnap/restores"
 //! ```
 
@@ -45,7 +48,20 @@ pub struct HookSettings {
     pub policy: Policy,
     pub require_restore_request: bool,
     pub restore_request_dir: PathBuf,
+    /// The mapsnap operator manages this node (the chart sets it): requests are required by
+    /// default.
+    pub operator: bool,
+    /// `checkpoint-to` counts only when the node agent made a request for the checkpoint
+    /// (without one, a checkpoint's maps go into the CRIU image directory).
+    pub require_checkpoint_request: bool,
+    /// Template of the per-tenant prefix that names chosen by a pod (relative names, remote
+    /// URLs) must stay below: `{namespace}`, `{pod}`, `{container}` and literal components,
+    /// separated by `/`. Empty: no scoping (single-tenant nodes only).
+    pub tenant_prefix: String,
 }
+
+/// The default tenant prefix: a pod's namespace.
+pub const DEFAULT_TENANT_PREFIX: &str = "{namespace}";
 
 impl Default for HookSettings {
     fn default() -> Self {
@@ -70,6 +86,9 @@ impl Default for HookSettings {
             policy: Policy::Strict,
             require_restore_request: false,
             restore_request_dir: PathBuf::from("/run/mapsnap/restores"),
+            operator: false,
+            require_checkpoint_request: false,
+            tenant_prefix: DEFAULT_TENANT_PREFIX.to_string(),
         }
     }
 }
@@ -88,6 +107,9 @@ struct RawHook {
     policy: Option<String>,
     require_restore_request: Option<bool>,
     restore_request_dir: Option<String>,
+    operator: Option<bool>,
+    require_checkpoint_request: Option<bool>,
+    tenant_prefix: Option<String>,
 }
 
 /// Everything the hook reads from the node's config file.
@@ -197,16 +219,22 @@ fn settings(raw: RawHook) -> std::result::Result<HookSettings, String> {
     }
     if let Some(v) = raw.allowed_locations {
         for l in &v {
-            if !l.contains("://") {
-                return Err(format!(
-                    "allowed_locations: {l:?} is not a URL prefix like s3://bucket/prefix/"
-                ));
-            }
+            crate::location::RemoteUrl::parse(l, true).map_err(|m| {
+                format!(
+                    "allowed_locations: {l:?} is not a URL prefix like s3://bucket/prefix/: {m}"
+                )
+            })?;
         }
         s.allowed_locations = v;
     }
-    if let Some(v) = raw.require_restore_request {
-        s.require_restore_request = v;
+    s.operator = raw.operator.unwrap_or(false);
+    // With the operator installed, only what its agent asked for counts, unless the node's
+    // config says otherwise explicitly.
+    s.require_restore_request = raw.require_restore_request.unwrap_or(s.operator);
+    s.require_checkpoint_request = raw.require_checkpoint_request.unwrap_or(s.operator);
+    if let Some(v) = raw.tenant_prefix {
+        check_tenant_template(&v).map_err(|m| format!("tenant_prefix: {m}"))?;
+        s.tenant_prefix = v;
     }
     if let Some(v) = raw.restore_request_dir {
         s.restore_request_dir = absolute("restore_request_dir", &v)?;
@@ -215,6 +243,34 @@ fn settings(raw: RawHook) -> std::result::Result<HookSettings, String> {
         s.policy = v.parse().map_err(|m| format!("policy: {m}"))?;
     }
     Ok(s)
+}
+
+/// The placeholders a tenant prefix may use.
+pub const TENANT_PLACEHOLDERS: &[&str] = &["{namespace}", "{pod}", "{container}"];
+
+/// Checks a tenant prefix template: `/`-separated components, each a placeholder or a literal
+/// of `[A-Za-z0-9_.-]` (not `.` or `..`).
+pub fn check_tenant_template(t: &str) -> std::result::Result<(), String> {
+    if t.is_empty() {
+        return Ok(());
+    }
+    for c in t.split('/') {
+        if TENANT_PLACEHOLDERS.contains(&c) {
+            continue;
+        }
+        let literal_ok = !c.is_empty()
+            && c != "."
+            && c != ".."
+            && c.chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '.' | '-'));
+        if !literal_ok {
+            return Err(format!(
+                "{c:?} is neither one of {} nor a plain name",
+                TENANT_PLACEHOLDERS.join(", ")
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn absolute(key: &str, v: &str) -> std::result::Result<PathBuf, String> {
@@ -261,6 +317,28 @@ allow_http = true
         assert_eq!(c.hook.storage_base.as_deref(), Some("s3://snap/node-a"));
         assert_eq!(c.storage.timeout, Duration::from_secs(60));
         assert!(c.storage.s3.iter().any(|(k, _)| k == "endpoint"));
+    }
+
+    #[test]
+    fn operator_requires_requests_by_default() {
+        let c = NodeConfig::parse("[hook]\noperator = true\n", "t").expect("parses");
+        assert!(c.hook.require_restore_request && c.hook.require_checkpoint_request);
+        let c = NodeConfig::parse(
+            "[hook]\noperator = true\nrequire_restore_request = false\n\
+             tenant_prefix = \"tenants/{namespace}/{pod}\"\n",
+            "t",
+        )
+        .expect("parses");
+        assert!(!c.hook.require_restore_request && c.hook.require_checkpoint_request);
+        assert_eq!(c.hook.tenant_prefix, "tenants/{namespace}/{pod}");
+        let c = NodeConfig::parse("", "t").expect("parses");
+        assert!(!c.hook.require_restore_request && !c.hook.require_checkpoint_request);
+        assert_eq!(c.hook.tenant_prefix, "{namespace}");
+        for bad in ["{ns}", "../x", "a//b", "{namespace}/.."] {
+            let text = format!("[hook]\ntenant_prefix = \"{bad}\"\n");
+            let e = NodeConfig::parse(&text, "t").expect_err(bad).to_string();
+            assert!(e.contains("tenant_prefix"), "{e}");
+        }
     }
 
     #[test]

@@ -128,10 +128,10 @@ pub struct RuntimeContainer {
 }
 
 /// The start time of `pid` (field 22 of /proc/PID/stat), to tell a reused pid apart.
-fn start_time(pid: u32) -> Option<String> {
+pub fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(19).map(str::to_string)
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// Parses one state file (runc's `state.json` or crun's `status`) and returns the container
@@ -147,7 +147,7 @@ pub fn match_state(dir_name: &str, path: &Path, text: &str, pid: u32) -> Option<
     }
     if let Some(start) = v.get("init_process_start").and_then(Value::as_u64)
         && let Some(now) = start_time(pid)
-        && now != start.to_string()
+        && now != start
     {
         return None; // the pid was reused
     }

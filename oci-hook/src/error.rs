@@ -24,6 +24,10 @@ pub enum HookError {
     Spec { path: PathBuf, msg: String },
     #[error(transparent)]
     Mapsnap(#[from] mapsnap::Error),
+    /// A path below a container's mount, the storage base or an image directory that the
+    /// kernel refused to resolve (a link, an escape) or that failed.
+    #[error(transparent)]
+    Anchor(#[from] mapsnap::anchor::AnchorError),
     #[error(transparent)]
     Storage(#[from] mapsnap::storage::StorageError),
     #[error("snapshot {location}: {source}")]
@@ -55,9 +59,10 @@ impl HookError {
 
     /// True for refusals (unsafe paths or locations), as opposed to failures.
     pub fn is_refusal(&self) -> bool {
-        matches!(
-            self,
-            Self::Refused { .. } | Self::Mapsnap(mapsnap::Error::UnsafePinPath { .. })
-        )
+        match self {
+            Self::Refused { .. } | Self::Mapsnap(mapsnap::Error::UnsafePinPath { .. }) => true,
+            Self::Anchor(e) => matches!(e.errno(), Some(libc::ELOOP) | Some(libc::EXDEV)),
+            _ => false,
+        }
     }
 }

@@ -1,16 +1,19 @@
 //! The hook's flows: OCI stages (restore before the process runs, wait-and-fill after it
 //! started, snapshot at stop) and CRIU's post-dump action (snapshot at the frozen instant).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
+use mapsnap::anchor::{Anchor, RelPath};
 use oci_spec::runtime::Spec;
 
 use crate::annotations::{Annotations, Existing, Policy, RestoreMode};
 use crate::config::NodeConfig;
 use crate::container::{self, RuntimeContainer};
 use crate::error::{HookError, Result};
-use crate::location::{self, IMAGE_PREFIX, Resolved};
+use crate::location::{self, IMAGE_PREFIX, Resolved, Tenant};
 use crate::manifest::{
     self, CheckpointManifest, IMAGE_SNAPSHOT, MANIFEST_VERSION, PinnedMap, Request,
 };
@@ -70,20 +73,78 @@ pub struct Container {
     /// From the CRI annotations, when the container belongs to a pod.
     pub pod_namespace: Option<String>,
     pub pod_name: Option<String>,
+    pub container_name: Option<String>,
 }
 
-/// Reads the bundle's config.json; annotations from `state` win over the spec's.
+impl Container {
+    pub fn tenant(&self) -> Tenant {
+        Tenant {
+            namespace: self.pod_namespace.clone(),
+            pod: self.pod_name.clone(),
+            container: self.container_name.clone(),
+        }
+    }
+
+    /// The tenant prefix names chosen by this container resolve below (None: not scoped).
+    pub fn scope(&self, cfg: &NodeConfig) -> Result<Option<Vec<String>>> {
+        self.tenant().prefix(&cfg.hook)
+    }
+}
+
+/// The largest config.json read.
+pub const MAX_SPEC_SIZE: u64 = 4 << 20;
+
+/// The pod identity keys: CRI-O / Podman style first, then containerd's.
+const NAMESPACE_KEYS: &[&str] = &[
+    "io.kubernetes.pod.namespace",
+    "io.kubernetes.cri.sandbox-namespace",
+];
+const POD_KEYS: &[&str] = &["io.kubernetes.pod.name", "io.kubernetes.cri.sandbox-name"];
+const CONTAINER_KEYS: &[&str] = &[
+    "io.kubernetes.container.name",
+    "io.kubernetes.cri.container-name",
+];
+
+/// One pod identity value: every key that is present must agree (a pod annotation that
+/// tries to pass for the runtime's own key is refused, not believed).
+fn identity(all: &BTreeMap<String, String>, keys: &[&str]) -> Result<Option<String>> {
+    let mut found: Option<&String> = None;
+    for k in keys {
+        if let Some(v) = all.get(*k) {
+            match found {
+                Some(f) if f != v => {
+                    return Err(HookError::refused(
+                        format!("annotation {k}"),
+                        format!("it disagrees with {}", keys[0]),
+                    ));
+                }
+                _ => found = Some(v),
+            }
+        }
+    }
+    Ok(found.cloned())
+}
+
+/// Reads the bundle's config.json (bounded; a FIFO or device is refused without blocking);
+/// annotations from `state` win over the spec's.
 pub fn load_container(
     id: &str,
     bundle: &Path,
-    state_annotations: Option<&std::collections::BTreeMap<String, String>>,
+    state_annotations: Option<&BTreeMap<String, String>>,
 ) -> Result<Container> {
     let path = bundle.join("config.json");
-    let spec = Spec::load(&path).map_err(|e| HookError::Spec {
+    let spec_err = |msg: String| HookError::Spec {
         path: path.clone(),
-        msg: e.to_string(),
-    })?;
-    let mut all: std::collections::BTreeMap<String, String> = spec
+        msg,
+    };
+    let dir =
+        Anchor::open_trusted(bundle, "the bundle").map_err(|e| spec_err(e.source.to_string()))?;
+    let rel = RelPath::parse("config.json").map_err(|e| spec_err(e.to_string()))?;
+    let bytes = dir
+        .read_file(&rel, MAX_SPEC_SIZE)
+        .map_err(|e| spec_err(format!("{} {}", e.op, e.source)))?;
+    let spec: Spec = serde_json::from_slice(&bytes).map_err(|e| spec_err(e.to_string()))?;
+    let mut all: BTreeMap<String, String> = spec
         .annotations()
         .clone()
         .unwrap_or_default()
@@ -93,10 +154,17 @@ pub fn load_container(
         all.extend(s.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
     let annotations = Annotations::parse(&all)?;
-    for k in &annotations.unknown {
+    if !annotations.unknown.is_empty() {
+        let shown: Vec<String> = annotations
+            .unknown
+            .iter()
+            .take(8)
+            .map(|k| crate::location::truncate(k, 64))
+            .collect();
         tracing::warn!(
-            annotation = k,
-            "unknown mapsnap.io/ annotation, ignored (known: {})",
+            annotations = shown.join(", "),
+            count = annotations.unknown.len(),
+            "unknown mapsnap.io/ annotations, ignored (known: {})",
             crate::annotations::KNOWN.join(", ")
         );
     }
@@ -104,8 +172,9 @@ pub fn load_container(
         id: id.to_string(),
         mounts: ContainerMounts::from_spec(&spec),
         annotations,
-        pod_namespace: all.get("io.kubernetes.pod.namespace").cloned(),
-        pod_name: all.get("io.kubernetes.pod.name").cloned(),
+        pod_namespace: identity(&all, NAMESPACE_KEYS)?,
+        pod_name: identity(&all, POD_KEYS)?,
+        container_name: identity(&all, CONTAINER_KEYS)?,
     })
 }
 
@@ -114,6 +183,22 @@ pub fn policy_of(annotations: Option<&Annotations>, cfg: &NodeConfig) -> Policy 
     annotations
         .and_then(|a| a.policy)
         .unwrap_or(cfg.hook.policy)
+}
+
+/// Resolves `restore-from` for `ctr`: a location the node agent's request names is taken as
+/// the operator decided it; anything else stays below the pod's tenant prefix.
+fn restore_source(ctr: &Container, from: &str, cfg: &NodeConfig) -> Result<Source> {
+    let backed = check_restore_request(ctr, Some(from), cfg)?;
+    let scope = if backed { None } else { ctr.scope(cfg)? };
+    let res = location::from_annotation(
+        from,
+        &ctr.mounts,
+        &cfg.hook,
+        crate::annotations::RESTORE_FROM,
+        scope.as_deref(),
+        false,
+    )?;
+    Source::open(&res, &cfg.storage, None)
 }
 
 /// Runs one OCI stage. Returns a one-line summary of what was done.
@@ -129,21 +214,18 @@ pub fn oci(
     match stage {
         Stage::Prestart | Stage::CreateRuntime => {
             if let Some(image_dir) = container::restoring_image_dir(ancestors) {
-                if let Some(m) = CheckpointManifest::read(&image_dir)? {
-                    return restore_from_manifest(&m, &image_dir, state, ctr, cfg);
+                let dir = Arc::new(Anchor::open_trusted(
+                    &image_dir,
+                    "the CRIU image directory",
+                )?);
+                if let Some(m) = CheckpointManifest::read_at(&dir)? {
+                    return restore_from_manifest(&m, &dir, state, ctr, cfg);
                 }
-                tracing::info!(image_dir = %image_dir.display(), "restoring a checkpoint without a mapsnap-hook manifest");
+                tracing::info!("restoring a checkpoint without a mapsnap-hook manifest");
             }
             match (&ctr.annotations.restore_from, ctr.annotations.restore_mode) {
                 (Some(from), RestoreMode::Pin) => {
-                    check_restore_request(ctr, from, cfg)?;
-                    let res = location::from_annotation(
-                        from,
-                        &ctr.mounts,
-                        &cfg.hook,
-                        crate::annotations::RESTORE_FROM,
-                    )?;
-                    let src = Source::open(&res, &cfg.storage, None)?;
+                    let src = restore_source(ctr, from, cfg)?;
                     restore_pinned(&src, state, ctr, cfg, Existing::Fail)
                 }
                 _ => Ok("nothing to restore".into()),
@@ -151,14 +233,7 @@ pub fn oci(
         }
         Stage::Poststart => match (&ctr.annotations.restore_from, ctr.annotations.restore_mode) {
             (Some(from), RestoreMode::Wait) => {
-                check_restore_request(ctr, from, cfg)?;
-                let res = location::from_annotation(
-                    from,
-                    &ctr.mounts,
-                    &cfg.hook,
-                    crate::annotations::RESTORE_FROM,
-                )?;
-                let src = Source::open(&res, &cfg.storage, None)?;
+                let src = restore_source(ctr, from, cfg)?;
                 let wait_until = deadline.min(Instant::now() + cfg.hook.wait_timeout);
                 let maps =
                     snapshot::fill_pins(&src, &ctr.mounts, ctr.annotations.fill_mode, wait_until)?;
@@ -183,20 +258,17 @@ pub fn oci(
             if !ctr.annotations.snapshot_on_stop {
                 return Ok("no snapshot asked at stop".into());
             }
-            let dest = match &ctr.annotations.snapshot_to {
-                Some(to) => location::from_annotation(
-                    to,
-                    &ctr.mounts,
-                    &cfg.hook,
-                    crate::annotations::SNAPSHOT_TO,
-                )?,
-                None => location::from_annotation(
-                    &format!("stop/{}.mapsnap", state.id),
-                    &ctr.mounts,
-                    &cfg.hook,
-                    crate::annotations::SNAPSHOT_TO,
-                )?,
-            };
+            let scope = ctr.scope(cfg)?;
+            let default = format!("stop/{}.mapsnap", state.id);
+            let to = ctr.annotations.snapshot_to.as_deref().unwrap_or(&default);
+            let dest = location::from_annotation(
+                to,
+                &ctr.mounts,
+                &cfg.hook,
+                crate::annotations::SNAPSHOT_TO,
+                scope.as_deref(),
+                true,
+            )?;
             let w = take_snapshot(ctr, &dest, true, "poststop", cfg)?;
             Ok(format!(
                 "saved {} pinned maps to {} ({} bytes, sha256 {})",
@@ -212,40 +284,51 @@ pub fn oci(
     }
 }
 
-/// With `[hook] require_restore_request`, a `restore-from` annotation counts only when the
-/// node agent wrote a matching restore request for the pod (docs/API.md): anyone who can
-/// create pods can set annotations, only the operator makes the agent write requests.
-fn check_restore_request(ctr: &Container, from: &str, cfg: &NodeConfig) -> Result<()> {
-    if !cfg.hook.require_restore_request {
-        return Ok(());
-    }
+/// With `[hook] require_restore_request` (the default when the operator manages the node), a
+/// restore counts only when the node agent wrote a restore request for the pod naming this
+/// snapshot (`want`; None: any request for the pod): anyone who can create pods can set
+/// annotations, only the operator makes the agent write requests. Returns whether a matching
+/// request backs the location.
+fn check_restore_request(ctr: &Container, want: Option<&str>, cfg: &NodeConfig) -> Result<bool> {
+    let what = match want {
+        Some(w) => format!(
+            "{} {}",
+            crate::annotations::RESTORE_FROM,
+            crate::location::truncate(w, 256)
+        ),
+        None => "restore of the checkpoint's maps".to_string(),
+    };
     let (ns, pod) = match (&ctr.pod_namespace, &ctr.pod_name) {
         (Some(n), Some(p)) => (n.as_str(), p.as_str()),
+        _ if !cfg.hook.require_restore_request => return Ok(false),
         _ => {
             return Err(HookError::refused(
-                format!("{} {from}", crate::annotations::RESTORE_FROM),
+                what,
                 "this node requires a restore request and the container names no pod \
                  (io.kubernetes.pod.namespace / io.kubernetes.pod.name)",
             ));
         }
     };
-    let req = manifest::RestoreRequest::read(
+    let req = match manifest::RestoreRequest::read(
         &cfg.hook.restore_request_dir,
         ns,
         pod,
         jiff::Timestamp::now(),
-    )?;
+    ) {
+        Ok(r) => r,
+        Err(e) if cfg.hook.require_restore_request => return Err(e),
+        Err(_) => None,
+    };
+    let matches = |r: &manifest::RestoreRequest| want.is_none_or(|w| r.snapshot == w);
     match req {
-        Some(r) if r.snapshot == from => Ok(()),
-        Some(r) => Err(HookError::refused(
-            format!("{} {from}", crate::annotations::RESTORE_FROM),
-            format!(
-                "the node agent's restore request for {ns}/{pod} names {}",
-                r.snapshot
-            ),
+        Some(r) if matches(&r) => Ok(true),
+        _ if !cfg.hook.require_restore_request => Ok(false),
+        Some(_) => Err(HookError::refused(
+            what,
+            format!("the node agent's restore request for {ns}/{pod} names another snapshot"),
         )),
         None => Err(HookError::refused(
-            format!("{} {from}", crate::annotations::RESTORE_FROM),
+            what,
             format!("no (unexpired) restore request for pod {ns}/{pod} on this node"),
         )),
     }
@@ -268,14 +351,8 @@ fn take_snapshot(
         ctr.id,
         ctr.mounts.bpf_destinations()
     );
-    if let Resolved::Local(p) = dest
-        && let Some(parent) = p.parent()
-    {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| HookError::io(format!("creating {}", parent.display()), e))?;
-    }
     let w = snapshot::write_snapshot(&maps, dest, overwrite, &source, &ctr.id, &cfg.storage)?;
-    for m in w.report.maps.iter().filter(|m| !m.inner) {
+    for m in w.report.maps.iter().filter(|m| !m.inner).take(64) {
         tracing::info!(
             map = m.name,
             pin = m.pin_path.as_deref().unwrap_or(""),
@@ -313,7 +390,7 @@ fn restore_pinned(
     }
     Ok(match out {
         PinOutcome::Restored(maps) => {
-            for m in &maps {
+            for m in maps.iter().take(64) {
                 tracing::info!(
                     map = m.name,
                     pin = m.target,
@@ -332,20 +409,34 @@ fn restore_pinned(
 
 fn restore_from_manifest(
     m: &CheckpointManifest,
-    image_dir: &Path,
+    image_dir: &Arc<Anchor>,
     state: &HookState,
     ctr: &Container,
     cfg: &NodeConfig,
 ) -> Result<String> {
     tracing::info!(
-        image_dir = %image_dir.display(),
-        snapshot = m.snapshot,
+        snapshot = crate::location::truncate(&m.snapshot, 256),
         maps = m.maps.len(),
         "restoring the pinned maps of the checkpoint"
     );
-    let res = location::from_manifest(&m.snapshot, image_dir, &cfg.hook)?;
-    let expect = m.sha256_bytes().map(|s| (s, m.size));
-    let src = Source::open(&res, &cfg.storage, expect)?;
+    // The archive came from elsewhere: the restore request (when required) must be there,
+    // and a location outside the image directory must be the one it names, or be below the
+    // pod's tenant prefix.
+    let in_image = m.snapshot.starts_with(IMAGE_PREFIX);
+    let backed = check_restore_request(ctr, (!in_image).then_some(m.snapshot.as_str()), cfg)?;
+    let scope = if backed || in_image {
+        None
+    } else {
+        ctr.scope(cfg)?
+    };
+    let res = location::from_manifest(&m.snapshot, image_dir, &cfg.hook, scope.as_deref())?;
+    let expect = m.sha256_bytes().map(|s| (s, m.size)).ok_or_else(|| {
+        HookError::refused(
+            "the checkpoint manifest".to_string(),
+            "it carries no valid sha256 of the snapshot",
+        )
+    })?;
+    let src = Source::open(&res, &cfg.storage, Some(expect))?;
     // Same node, pins never removed: the live maps are the checkpointed ones; keep them.
     restore_pinned(&src, state, ctr, cfg, Existing::Keep)
 }
@@ -392,7 +483,9 @@ pub fn criu_container(
     let ctr = match &rc.bundle {
         Some(b) if b.join("config.json").exists() => load_container(&rc.id, b, None)?,
         _ => {
-            tracing::warn!(state = %rc.state_file.display(), "no bundle config.json: using the runtime state's mounts, without annotations");
+            tracing::warn!(
+                "no bundle config.json: using the runtime state's mounts, without annotations"
+            );
             Container {
                 id: rc.id.clone(),
                 mounts: rc.state_mounts.clone(),
@@ -402,64 +495,135 @@ pub fn criu_container(
                 },
                 pod_namespace: None,
                 pod_name: None,
+                container_name: None,
             }
         }
     };
     Ok(CriuTarget { container: rc, ctr })
 }
 
+/// Whether post-dump acts on this container: it carries a `mapsnap.io/` annotation or the
+/// node agent asked for this checkpoint, and it did not opt out. Everything else is left
+/// alone, so a checkpoint of a container that never asked for mapsnap is never failed by it.
+pub fn opted_in(ctr: &Container, request: Option<&Request>) -> bool {
+    (ctr.annotations.any || request.is_some()) && ctr.annotations.checkpoint
+}
+
 /// CRIU's post-dump: the container's tasks are frozen; snapshot its pinned maps and write the
 /// manifest into the image directory. Every other action returns at once.
 pub fn criu_post_dump(env: &CriuEnv, target: &CriuTarget, cfg: &NodeConfig) -> Result<String> {
-    let image_dir = env
+    let image_path = env
         .image_dir
         .as_deref()
         .ok_or_else(|| HookError::Other("CRTOOLS_IMAGE_DIR is not set".into()))?;
-    if CheckpointManifest::read(image_dir)?.is_some() {
-        return Ok(
-            "the manifest is already in the image directory (CRIU runs each action \
-                   script twice under runc)"
-                .into(),
-        );
-    }
+    let dir = Arc::new(Anchor::open_trusted(
+        image_path,
+        "the CRIU image directory",
+    )?);
     let ctr = &target.ctr;
-    if !ctr.annotations.checkpoint {
-        return Ok("the container opted out (mapsnap.io/checkpoint-maps=false)".into());
+    let request = match Request::read(&cfg.hook.request_dir, &ctr.id, jiff::Timestamp::now()) {
+        Ok(r) => r,
+        Err(e) if !ctr.annotations.any => {
+            tracing::warn!(error = %e, "ignoring an unreadable request for a container without mapsnap.io/ annotations");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let stamp = env
+        .init_pid
+        .and_then(|p| manifest::DumpStamp::current(p, &dir));
+    let existing = CheckpointManifest::read_at(&dir);
+    if !opted_in(ctr, request.as_ref()) {
+        // A manifest here is another checkpoint's (a reused directory): this one carries no
+        // maps, so it must not seem to.
+        if !matches!(existing, Ok(None)) {
+            let m = existing.as_ref().ok().and_then(Option::as_ref);
+            if let Err(e) = CheckpointManifest::remove_at(&dir, m) {
+                tracing::warn!(error = %e, "cannot remove a stale manifest from the image directory");
+            }
+        }
+        return Ok(if ctr.annotations.any {
+            "the container opted out (mapsnap.io/checkpoint-maps=false)".into()
+        } else {
+            "the container has no mapsnap.io/ annotation and no request: not touched".into()
+        });
+    }
+    match existing {
+        Ok(Some(m)) if m.container_id == ctr.id && stamp.is_some() && m.dump == stamp => {
+            return Ok(
+                "the manifest of this dump is already in the image directory (CRIU runs each \
+                 action script twice under runc)"
+                    .into(),
+            );
+        }
+        Ok(None) => {}
+        Ok(Some(m)) => {
+            tracing::warn!(
+                "a stale manifest of another dump is in the image directory: replacing it"
+            );
+            CheckpointManifest::remove_at(&dir, Some(&m))?;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "an unreadable manifest is in the image directory: replacing it");
+            CheckpointManifest::remove_at(&dir, None)?;
+        }
     }
     if ctr.mounts.bpf().next().is_none() {
         return Ok("the container has no bpffs mount: no pinned maps to save".into());
     }
-    let request = Request::read(&cfg.hook.request_dir, &ctr.id, jiff::Timestamp::now())?;
-    let (dest, overwrite, snapshot_field) = if let Some(r) = &request {
+    let image_dest = || -> Result<(Resolved, String)> {
+        let rel = RelPath::parse(IMAGE_SNAPSHOT).map_err(|e| HookError::Other(e.to_string()))?;
+        let shown = format!("{IMAGE_PREFIX}{IMAGE_SNAPSHOT}");
+        Ok((
+            Resolved::File {
+                dir: dir.clone(),
+                rel,
+                shown: shown.clone(),
+            },
+            shown,
+        ))
+    };
+    let (dest, snapshot_field) = if let Some(r) = &request {
         // docs/API.md: a retried kubelet checkpoint reuses the request, so the snapshot of an
         // earlier attempt is replaced.
-        let res = location::from_request(&r.snapshot, &cfg.hook)?;
+        let res = location::from_request(&r.snapshot, &cfg.hook, true)?;
         let field = res.as_location();
-        (res, true, field)
+        (res, field)
     } else if let Some(to) = &ctr.annotations.checkpoint_to {
-        let res = location::from_annotation(
-            to,
-            &ctr.mounts,
-            &cfg.hook,
-            crate::annotations::CHECKPOINT_TO,
-        )?;
-        if let Resolved::Local(_) = res {
-            return Err(HookError::refused(
-                format!("{} {to}", crate::annotations::CHECKPOINT_TO),
-                "a checkpoint's maps go to object storage or into the image directory (a \
-                 container volume does not travel with the checkpoint)",
-            ));
+        if cfg.hook.require_checkpoint_request {
+            tracing::warn!(
+                "mapsnap.io/checkpoint-to counts only with the node agent's request on this \
+                 node ([hook] require_checkpoint_request): saving into the image directory"
+            );
+            image_dest()?
+        } else {
+            let scope = ctr.scope(cfg)?;
+            let res = location::from_annotation(
+                to,
+                &ctr.mounts,
+                &cfg.hook,
+                crate::annotations::CHECKPOINT_TO,
+                scope.as_deref(),
+                true,
+            )?;
+            if let Resolved::File { .. } = res {
+                return Err(HookError::refused(
+                    format!(
+                        "{} {}",
+                        crate::annotations::CHECKPOINT_TO,
+                        crate::location::truncate(to, 256)
+                    ),
+                    "a checkpoint's maps go to object storage or into the image directory (a \
+                     container volume does not travel with the checkpoint)",
+                ));
+            }
+            let field = res.as_location();
+            (res, field)
         }
-        let field = res.as_location();
-        (res, true, field)
     } else {
-        (
-            Resolved::Local(image_dir.join(IMAGE_SNAPSHOT)),
-            true,
-            format!("{IMAGE_PREFIX}{IMAGE_SNAPSHOT}"),
-        )
+        image_dest()?
     };
-    let w = take_snapshot(ctr, &dest, overwrite, "checkpoint post-dump", cfg)?;
+    let w = take_snapshot(ctr, &dest, true, "checkpoint post-dump", cfg)?;
     let m = CheckpointManifest {
         version: MANIFEST_VERSION,
         container_id: ctr.id.clone(),
@@ -480,15 +644,16 @@ pub fn criu_post_dump(env: &CriuEnv, target: &CriuTarget, cfg: &NodeConfig) -> R
             })
             .collect(),
         checkpoint: request.map(|r| r.checkpoint).filter(|c| !c.is_empty()),
+        dump: stamp,
     };
-    m.write(image_dir)?;
+    m.write_at(&dir)?;
     Ok(format!(
-        "saved {} pinned maps of container {} to {} ({} bytes, sha256 {}); manifest {}",
+        "saved {} pinned maps of container {} to {} ({} bytes, sha256 {}); manifest written \
+         into the image directory",
         m.maps.len(),
         ctr.id,
         w.location,
         w.size,
         w.sha256,
-        CheckpointManifest::path(image_dir).display()
     ))
 }

@@ -7,6 +7,8 @@
 //! why; structured (JSON) logs go to the node's log file.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -120,10 +122,13 @@ enum End {
     Fail(String),
 }
 
-/// Runs `work` on its own thread; past `deadline` the run ends as `on_timeout` says.
+/// Runs `work` on its own thread, from the first blocking step on; past `deadline` the run
+/// ends: failed unless `tolerate` says the runtime must not fail (set by the work as soon as
+/// it knows: poststop, best-effort, a container that did not opt in). A restore publishing at
+/// that moment is told to roll back, and given a moment to do so.
 fn with_deadline(
     deadline: Duration,
-    fail_on_timeout: bool,
+    tolerate: Arc<AtomicBool>,
     work: impl FnOnce() -> End + Send + 'static,
 ) -> End {
     let (tx, rx) = mpsc::channel();
@@ -133,14 +138,20 @@ fn with_deadline(
     match rx.recv_timeout(deadline) {
         Ok(end) => end,
         Err(_) => {
+            mapsnap_hook::snapshot::cancel();
+            let late = rx.recv_timeout(Duration::from_secs(2)).ok();
             let msg = format!(
-                "gave up after the {}s deadline ([hook] deadline)",
-                deadline.as_secs_f64()
+                "gave up after the {}s deadline ([hook] deadline){}",
+                deadline.as_secs_f64(),
+                match late {
+                    Some(End::Fail(m)) | Some(End::Tolerated(m)) => format!("; {m}"),
+                    _ => String::new(),
+                }
             );
-            if fail_on_timeout {
-                End::Fail(msg)
-            } else {
+            if tolerate.load(Ordering::SeqCst) {
                 End::Tolerated(msg)
+            } else {
+                End::Fail(msg)
             }
         }
     }
@@ -149,24 +160,42 @@ fn with_deadline(
 fn run_oci(stage: Stage, cfg: NodeConfig, config_path: Option<PathBuf>) -> End {
     let start = Instant::now();
     let what = stage.to_string();
-    let state = match HookState::read(std::io::stdin().lock()) {
-        Ok(s) => s,
-        // Nothing can be decided without the state; poststop must still not fail.
-        Err(e) => {
-            let end = if stage == Stage::Poststop {
-                End::Tolerated(e.to_string())
-            } else {
-                End::Fail(e.to_string())
-            };
-            log_end(&end, &what);
-            return end;
-        }
+    let background = std::env::var_os(BACKGROUND_ENV).is_some();
+    let tolerate = Arc::new(AtomicBool::new(
+        stage == Stage::Poststop || cfg.hook.policy == Policy::BestEffort,
+    ));
+    // Detached waiters live as long as the wait allows, plus the run's own budget.
+    let budget = if background {
+        cfg.hook.wait_timeout + cfg.hook.deadline
+    } else {
+        cfg.hook.deadline
     };
-    let span =
-        tracing::info_span!("hook", stage = %stage, container = state.id, status = state.status);
-    let _g = span.enter();
-    let end = oci_in_span(stage, cfg, state, &span, start, config_path);
-    log_end(&end, &what);
+    let t2 = tolerate.clone();
+    let end = with_deadline(budget, tolerate, move || {
+        let state = match HookState::read(std::io::stdin().lock()) {
+            Ok(s) => s,
+            // Nothing can be decided without the state; poststop must still not fail.
+            Err(e) => {
+                let end = if stage == Stage::Poststop {
+                    End::Tolerated(e.to_string())
+                } else {
+                    End::Fail(e.to_string())
+                };
+                log_end(&end, &what);
+                return end;
+            }
+        };
+        let span = tracing::info_span!("hook", stage = %stage, container = state.id, status = state.status);
+        let _g = span.enter();
+        let end = oci_in_span(stage, cfg, state, start, config_path, &t2);
+        log_end(&end, &what);
+        end
+    });
+    if let End::Fail(m) | End::Tolerated(m) = &end
+        && m.contains("[hook] deadline")
+    {
+        tracing::error!("{stage}: {m}");
+    }
     end
 }
 
@@ -174,14 +203,15 @@ fn oci_in_span(
     stage: Stage,
     cfg: NodeConfig,
     state: HookState,
-    span: &tracing::Span,
     start: Instant,
     config_path: Option<PathBuf>,
+    tolerate_flag: &AtomicBool,
 ) -> End {
     let deadline = start + cfg.hook.deadline;
     let ctr = flows::load_container(&state.id, &state.bundle, Some(&state.annotations));
     let policy = flows::policy_of(ctr.as_ref().ok().map(|c| &c.annotations), &cfg);
     let tolerate = stage == Stage::Poststop || policy == Policy::BestEffort;
+    tolerate_flag.store(tolerate, Ordering::SeqCst);
     let ctr = match ctr {
         Ok(c) => c,
         Err(e) if tolerate => return End::Tolerated(e.to_string()),
@@ -207,7 +237,7 @@ fn oci_in_span(
     }
     if background {
         // Detached from the runtime: bounded by the wait timeout (and the storage timeout).
-        let end = match flows::oci(
+        return match flows::oci(
             stage,
             &state,
             &ctr,
@@ -219,30 +249,63 @@ fn oci_in_span(
             Err(e) if tolerate => End::Tolerated(e.to_string()),
             Err(e) => {
                 // Strict: the app must not run without its state; stop the container as a
-                // failed start would.
-                if let Some(pid) = state.pid() {
-                    // SAFETY: kill(2) with a pid and a signal number.
-                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                }
-                End::Fail(format!(
-                    "{e}; killed the container's init process {:?}",
-                    state.pid()
-                ))
+                // failed start would, through the pidfd taken while the runtime still held
+                // the process (a pid number could have been reused by now).
+                let killed = kill_through_pidfd();
+                End::Fail(format!("{e}; {killed}"))
             }
         };
-        return end;
     }
     let ancestors = mapsnap_hook::container::ancestors();
-    let span2 = span.clone();
-    let budget = cfg.hook.deadline.saturating_sub(start.elapsed());
-    with_deadline(budget, !tolerate, move || {
-        let _g = span2.enter();
-        match flows::oci(stage, &state, &ctr, &cfg, &ancestors, deadline) {
-            Ok(msg) => End::Ok(msg),
-            Err(e) if tolerate => End::Tolerated(e.to_string()),
-            Err(e) => End::Fail(e.to_string()),
-        }
-    })
+    match flows::oci(stage, &state, &ctr, &cfg, &ancestors, deadline) {
+        Ok(msg) => End::Ok(msg),
+        Err(e) if tolerate => End::Tolerated(e.to_string()),
+        Err(e) => End::Fail(e.to_string()),
+    }
+}
+
+/// The fd number the background waiter finds the container init's pidfd at.
+const PIDFD_ENV: &str = "MAPSNAP_HOOK_PIDFD";
+
+/// Opens a pidfd for `pid` (pidfd_open(2)).
+fn pidfd_open(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags; it returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd; nobody else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// SIGKILLs the process the runtime handed us, through the inherited pidfd: a process that
+/// already exited is never confused with a newer one holding the same pid.
+fn kill_through_pidfd() -> String {
+    let Some(fd) = std::env::var(PIDFD_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    else {
+        return "no pidfd of the container's init: not killed".into();
+    };
+    // SAFETY: pidfd_send_signal with an fd, a signal, no siginfo and no flags.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd,
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc == 0 {
+        "killed the container's init process".into()
+    } else {
+        format!(
+            "the container's init process is gone already ({})",
+            std::io::Error::last_os_error()
+        )
+    }
 }
 
 /// Set in the environment of the background poststart waiter.
@@ -270,9 +333,30 @@ fn spawn_background(state: &HookState, config: Option<&std::path::Path>) -> Resu
             Ok(())
         });
     }
+    // The init's pidfd, taken now while the runtime holds the process: the waiter kills
+    // through it, never through a pid number it read long before.
+    let pidfd = match state.pid() {
+        Some(pid) => Some(pidfd_open(pid).map_err(|e| format!("pidfd_open({pid}): {e}"))?),
+        None => None,
+    };
+    if let Some(fd) = &pidfd {
+        use std::os::fd::AsRawFd;
+        let raw = fd.as_raw_fd();
+        cmd.env(PIDFD_ENV, "3");
+        // SAFETY: dup2 is async-signal-safe; it puts the pidfd at fd 3 (without CLOEXEC).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(raw, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot start the background waiter: {e}"))?;
+    drop(pidfd);
     let json = state_json(state);
     if let Some(mut stdin) = child.stdin.take() {
         stdin
@@ -299,31 +383,43 @@ fn run_criu(cfg: NodeConfig) -> End {
     if env.action != "post-dump" {
         return End::Ok(String::new());
     }
-    let span = tracing::info_span!("criu", action = env.action, init_pid = env.init_pid);
-    let _g = span.enter();
-    let end = criu_in_span(env, cfg, &span);
-    log_end(&end, "criu post-dump");
-    end
+    // Until the container is known to have opted in, a failure or the deadline must not
+    // fail its checkpoint.
+    let tolerate = Arc::new(AtomicBool::new(true));
+    let t2 = tolerate.clone();
+    with_deadline(cfg.hook.deadline, tolerate, move || {
+        let span = tracing::info_span!("criu", action = env.action, init_pid = env.init_pid);
+        let _g = span.enter();
+        let end = criu_in_span(env, cfg, &t2);
+        log_end(&end, "criu post-dump");
+        end
+    })
 }
 
-fn criu_in_span(env: CriuEnv, cfg: NodeConfig, span: &tracing::Span) -> End {
+fn criu_in_span(env: CriuEnv, cfg: NodeConfig, tolerate_flag: &AtomicBool) -> End {
     let ancestors = mapsnap_hook::container::ancestors();
     let target = match flows::criu_container(&env, &cfg, &ancestors) {
         Ok(t) => t,
-        Err(e) if cfg.hook.policy == Policy::BestEffort => return End::Tolerated(e.to_string()),
-        Err(e) => return End::Fail(e.to_string()),
+        // Without the container, whether it opted in is unknown: never fail its checkpoint.
+        Err(e) => return End::Tolerated(e.to_string()),
     };
+    let request = mapsnap_hook::manifest::Request::read(
+        &cfg.hook.request_dir,
+        &target.ctr.id,
+        jiff::Timestamp::now(),
+    )
+    .ok()
+    .flatten();
+    let opted = flows::opted_in(&target.ctr, request.as_ref());
     let policy = flows::policy_of(Some(&target.ctr.annotations), &cfg);
-    let tolerate = policy == Policy::BestEffort;
-    let span2 = tracing::info_span!(parent: span, "dump", container = target.ctr.id);
-    with_deadline(cfg.hook.deadline, !tolerate, move || {
-        let _g = span2.enter();
-        match flows::criu_post_dump(&env, &target, &cfg) {
-            Ok(msg) => End::Ok(msg),
-            Err(e) if tolerate => End::Tolerated(e.to_string()),
-            Err(e) => End::Fail(e.to_string()),
-        }
-    })
+    let tolerate = !opted || policy == Policy::BestEffort;
+    tolerate_flag.store(tolerate, Ordering::SeqCst);
+    let _g = tracing::info_span!("dump", container = target.ctr.id).entered();
+    match flows::criu_post_dump(&env, &target, &cfg) {
+        Ok(msg) => End::Ok(msg),
+        Err(e) if tolerate => End::Tolerated(e.to_string()),
+        Err(e) => End::Fail(e.to_string()),
+    }
 }
 
 fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<NodeConfig> {
@@ -475,18 +571,23 @@ mod tests {
     #[test]
     fn the_deadline_ends_a_stuck_run() {
         let t = Instant::now();
-        let end = with_deadline(Duration::from_millis(100), true, || {
+        let strict = || Arc::new(AtomicBool::new(false));
+        let end = with_deadline(Duration::from_millis(100), strict(), || {
             std::thread::sleep(Duration::from_secs(30));
             End::Ok("late".into())
         });
         assert!(t.elapsed() < Duration::from_secs(5));
         assert!(matches!(end, End::Fail(m) if m.contains("deadline")));
-        let end = with_deadline(Duration::from_millis(100), false, || {
-            std::thread::sleep(Duration::from_secs(30));
-            End::Ok("late".into())
-        });
+        let end = with_deadline(
+            Duration::from_millis(100),
+            Arc::new(AtomicBool::new(true)),
+            || {
+                std::thread::sleep(Duration::from_secs(30));
+                End::Ok("late".into())
+            },
+        );
         assert!(matches!(end, End::Tolerated(_)));
-        let end = with_deadline(Duration::from_secs(5), true, || End::Ok("done".into()));
+        let end = with_deadline(Duration::from_secs(5), strict(), || End::Ok("done".into()));
         assert!(matches!(end, End::Ok(m) if m == "done"));
     }
 }

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use mapsnap::anchor::{Anchor, RelPath};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{HookError, Result};
@@ -12,6 +13,8 @@ pub const MANIFEST_NAME: &str = "mapsnap-hook.json";
 /// The snapshot's file name when it rides inside the image directory.
 pub const IMAGE_SNAPSHOT: &str = "mapsnap-pins.mapsnap";
 pub const MANIFEST_VERSION: u32 = 1;
+/// The largest manifest or request file read.
+pub const MAX_MANIFEST_SIZE: u64 = 1 << 20;
 
 /// Written at post-dump: where the container's pinned maps went.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,6 +32,40 @@ pub struct CheckpointManifest {
     /// The node agent's request this answered (`namespace/name`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<String>,
+    /// Which dump wrote it: the dumped init's pid and start time, and CRIU's `pstree.img`
+    /// (inode, mtime) at post-dump. A manifest whose stamp is not the current dump's is stale
+    /// (an image directory reused by a later checkpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dump: Option<DumpStamp>,
+}
+
+/// Identifies one CRIU dump (see [`CheckpointManifest::dump`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DumpStamp {
+    pub init_pid: u32,
+    pub init_start: u64,
+    #[serde(default)]
+    pub pstree: Option<String>,
+}
+
+impl DumpStamp {
+    /// The stamp of the dump running now: `pid` is CRIU's `CRTOOLS_INIT_PID` (frozen, alive).
+    pub fn current(pid: u32, image_dir: &Anchor) -> Option<Self> {
+        let init_start = crate::container::start_time(pid)?;
+        let pstree = RelPath::parse("pstree.img")
+            .ok()
+            .and_then(|r| image_dir.open_file(&r, u64::MAX).ok())
+            .and_then(|f| f.metadata().ok())
+            .map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                format!("{}:{}.{}", m.ino(), m.mtime(), m.mtime_nsec())
+            });
+        Some(Self {
+            init_pid: pid,
+            init_start,
+            pstree,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,42 +78,80 @@ pub struct PinnedMap {
     pub entries: u64,
 }
 
+fn manifest_rel() -> Result<RelPath> {
+    RelPath::parse(MANIFEST_NAME).map_err(|e| HookError::Other(e.to_string()))
+}
+
 impl CheckpointManifest {
     pub fn path(image_dir: &Path) -> PathBuf {
         image_dir.join(MANIFEST_NAME)
     }
 
-    /// The manifest in `image_dir`, None when there is none.
-    pub fn read(image_dir: &Path) -> Result<Option<Self>> {
-        let path = Self::path(image_dir);
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(HookError::io(format!("reading {}", path.display()), e)),
-        };
-        let m: Self = serde_json::from_slice(&bytes).map_err(|e| {
+    /// Parses a manifest's bytes (the fuzzing entry point too).
+    pub fn parse(bytes: &[u8]) -> Result<Self> {
+        let m: Self = serde_json::from_slice(bytes).map_err(|e| {
             HookError::Other(format!(
-                "{} is not a mapsnap-hook manifest: {e}",
-                path.display()
+                "{MANIFEST_NAME} is not a mapsnap-hook manifest: {e}"
             ))
         })?;
         if m.version != MANIFEST_VERSION {
             return Err(HookError::Other(format!(
-                "{}: manifest version {} (this mapsnap-hook reads {MANIFEST_VERSION})",
-                path.display(),
+                "{MANIFEST_NAME}: manifest version {} (this mapsnap-hook reads {MANIFEST_VERSION})",
                 m.version
             )));
         }
-        Ok(Some(m))
+        Ok(m)
     }
 
-    /// Writes it atomically (temporary file, then rename).
-    pub fn write(&self, image_dir: &Path) -> Result<()> {
-        let path = Self::path(image_dir);
+    /// The manifest in the image directory, None when there is none. Read through the
+    /// directory's fd: a link, a FIFO or an oversized file is refused.
+    pub fn read_at(image_dir: &Anchor) -> Result<Option<Self>> {
+        let rel = manifest_rel()?;
+        match image_dir.read_file(&rel, MAX_MANIFEST_SIZE) {
+            Ok(b) => Self::parse(&b).map(Some),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// [`Self::read_at`] for a directory named by the caller (trusted: the runtime's image
+    /// path).
+    pub fn read(image_dir: &Path) -> Result<Option<Self>> {
+        let a = Anchor::open_trusted(image_dir, "the CRIU image directory")?;
+        Self::read_at(&a)
+    }
+
+    /// Writes it atomically (temporary file, then rename) through the directory's fd.
+    pub fn write_at(&self, image_dir: &Anchor) -> Result<()> {
         let mut text = serde_json::to_vec_pretty(self)
             .map_err(|e| HookError::Other(format!("encoding the manifest: {e}")))?;
         text.push(b'\n');
-        write_atomic(&path, &text)
+        let (mut f, tmp) = image_dir.create_temp(".mapsnap-hook-tmp-", 0o600)?;
+        let r = std::io::Write::write_all(&mut f, &text)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| HookError::io("writing the manifest", e))
+            .and_then(|()| Ok(image_dir.rename(&tmp, MANIFEST_NAME, true)?));
+        if r.is_err() {
+            let _ = image_dir.unlink(&tmp);
+        }
+        r
+    }
+
+    /// Removes a stale manifest (and the snapshot it names inside the image directory).
+    pub fn remove_at(image_dir: &Anchor, m: Option<&Self>) -> Result<()> {
+        if let Some(name) = m.and_then(|m| m.snapshot.strip_prefix(crate::location::IMAGE_PREFIX))
+            && RelPath::parse(name).is_ok_and(|r| r.components().len() == 1)
+        {
+            image_dir.unlink(name)?;
+        }
+        image_dir.unlink(MANIFEST_NAME)?;
+        Ok(())
+    }
+
+    /// [`Self::write_at`] for a directory named by the caller.
+    pub fn write(&self, image_dir: &Path) -> Result<()> {
+        let a = Anchor::open_trusted(image_dir, "the CRIU image directory")?;
+        self.write_at(&a)
     }
 
     pub fn sha256_bytes(&self) -> Option<[u8; 32]> {
@@ -121,6 +196,23 @@ pub struct Request {
     pub expires: Option<String>,
 }
 
+/// Reads the file `name` of the directory `dir` (node config, trusted), bounded, refusing
+/// links, FIFOs and devices; None when either does not exist.
+fn read_small(dir: &Path, name: &str) -> Result<Option<Vec<u8>>> {
+    let a = match Anchor::open_trusted(dir, "a request directory") {
+        Ok(a) => a,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let rel = RelPath::parse(name)
+        .map_err(|e| HookError::refused(format!("request {name:?}"), e.reason))?;
+    match a.read_file(&rel, MAX_MANIFEST_SIZE) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Checks a container id before it becomes part of a file name.
 pub fn check_id(id: &str) -> Result<()> {
     let ok =
@@ -140,10 +232,8 @@ impl Request {
     pub fn read(dir: &Path, id: &str, now: jiff::Timestamp) -> Result<Option<Self>> {
         check_id(id)?;
         let path = dir.join(format!("{id}.json"));
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(HookError::io(format!("reading {}", path.display()), e)),
+        let Some(bytes) = read_small(dir, &format!("{id}.json"))? else {
+            return Ok(None);
         };
         let r: Self = serde_json::from_slice(&bytes).map_err(|e| {
             HookError::Other(format!("{} is not a valid request: {e}", path.display()))
@@ -184,10 +274,8 @@ impl RestoreRequest {
         let name = format!("{ns}_{pod}");
         check_id(&name)?;
         let path = dir.join(format!("{name}.json"));
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(HookError::io(format!("reading {}", path.display()), e)),
+        let Some(bytes) = read_small(dir, &format!("{name}.json"))? else {
+            return Ok(None);
         };
         let r: Self = serde_json::from_slice(&bytes).map_err(|e| {
             HookError::Other(format!(
@@ -253,6 +341,7 @@ mod tests {
                 entries: 4,
             }],
             checkpoint: None,
+            dump: None,
         };
         m.write(t.path()).expect("write");
         assert_eq!(

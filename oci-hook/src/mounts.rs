@@ -1,53 +1,43 @@
 //! The container's bind mounts, and the only ways paths cross between the container's view
 //! and the host: a pin path stored in a snapshot (relative to the container's root, e.g.
-//! `sys/fs/bpf/app/counters`) or a container path from an annotation is mapped to the host
-//! through the mount whose destination is its longest prefix. `..`, absolute pin paths, paths
-//! outside every mount and symbolic links anywhere below the mount's host source are refused.
+//! `sys/fs/bpf/app/counters`) or a container path from an annotation is mapped to a
+//! directory fd plus a checked relative path, through the mount whose destination is its
+//! longest prefix.
 //!
-//! Residual risk, documented in docs/NODE.md: the checks and the kernel's use of a path are
-//! two steps, so a process that can write the mount's host directory at that very moment
-//! could swap a component for a link. At createRuntime and poststop the container's own
-//! processes are not running; at post-dump they are frozen.
+//! Each mount's host source (named by the runtime's config, trusted) is opened once, as an
+//! [`Anchor`]; everything below it is resolved by the kernel beneath that fd without following
+//! any link and without crossing into another mount, at the moment of use. A container (or a
+//! sibling sharing the volume) that swaps a directory for a link to a host directory makes
+//! the operation fail instead of redirecting it. No host path is ever built from container
+//! input, and messages name container paths only.
 
-use std::ffi::CString;
-use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use mapsnap::anchor::{Anchor, RelPath};
 
 use crate::error::{HookError, Result};
 
-/// `statfs.f_type` of a bpffs.
-pub const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
-/// The filesystem magic of the filesystem holding `path` (following links).
-pub fn fs_magic(path: &Path) -> io::Result<i64> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
-    // SAFETY: `statfs` is plain data; the kernel fills it in; `c` is a valid C string.
-    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointers for the duration of the call.
-    let rc = unsafe { libc::statfs(c.as_ptr(), &mut buf) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    #[allow(clippy::unnecessary_cast)]
-    Ok(buf.f_type as i64)
-}
-
-pub fn is_bpffs(path: &Path) -> bool {
-    fs_magic(path).is_ok_and(|m| m == BPF_FS_MAGIC)
-}
-
 /// One bind mount of the container.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Mount {
     /// Destination inside the container, as normal components (`["sys", "fs", "bpf"]`).
     pub dest: Vec<String>,
-    /// Host source, canonical.
+    /// Host source as the runtime's config names it (for logs on the node only).
     pub source: PathBuf,
     /// The source lies in a bpffs.
     pub bpf: bool,
+    /// The source directory, opened once.
+    pub anchor: Arc<Anchor>,
 }
+
+impl PartialEq for Mount {
+    fn eq(&self, other: &Self) -> bool {
+        self.dest == other.dest && self.source == other.source && self.bpf == other.bpf
+    }
+}
+
+impl Eq for Mount {}
 
 impl Mount {
     /// Destination as an absolute container path.
@@ -58,6 +48,29 @@ impl Mount {
     /// Destination relative to the container's root, as stored in snapshot pin paths.
     pub fn dest_rel(&self) -> String {
         self.dest.join("/")
+    }
+
+    /// The container path of `rel` below this mount.
+    pub fn container_path(&self, rel: &RelPath) -> String {
+        if rel.is_root() {
+            self.destination()
+        } else {
+            format!("{}/{rel}", self.destination())
+        }
+    }
+}
+
+/// A file or pin below a mount: the mount's directory fd and the checked path below it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub mount: Mount,
+    pub rel: RelPath,
+}
+
+impl Target {
+    /// The path inside the container (for messages).
+    pub fn container_path(&self) -> String {
+        self.mount.container_path(&self.rel)
     }
 }
 
@@ -70,6 +83,9 @@ pub fn components(path: &str, absolute: bool) -> std::result::Result<Vec<String>
     }
     if path.contains('\0') {
         return Err("it contains a NUL byte");
+    }
+    if path.len() > mapsnap::anchor::MAX_PATH_LEN {
+        return Err("it is longer than 4096 bytes");
     }
     let is_abs = path.starts_with('/');
     if absolute && !is_abs {
@@ -90,6 +106,9 @@ pub fn components(path: &str, absolute: bool) -> std::result::Result<Vec<String>
             Component::Prefix(_) => return Err("it has a prefix"),
         }
     }
+    if out.len() > mapsnap::anchor::MAX_DEPTH {
+        return Err("it is nested more than 32 levels deep");
+    }
     Ok(out)
 }
 
@@ -108,12 +127,16 @@ pub struct RawMount<'a> {
     pub options: &'a [String],
 }
 
+/// The most bind mounts of one container the hook opens.
+pub const MAX_MOUNTS: usize = 256;
+
 impl ContainerMounts {
-    /// Bind mounts from `raw` whose source exists; `bpf` is decided by the source's
-    /// filesystem. Mounts with odd destinations are left out (they cannot be named).
+    /// Bind mounts from `raw` whose source is a directory, each opened once; `bpf` is decided
+    /// by the opened directory's filesystem. Mounts with odd destinations, file mounts and
+    /// sources that cannot be opened are left out (they cannot be named).
     pub fn from_raw<'a>(raw: impl IntoIterator<Item = RawMount<'a>>) -> Self {
         let mut mounts = Vec::new();
-        for m in raw {
+        for m in raw.into_iter().take(MAX_MOUNTS) {
             let bind =
                 m.typ == Some("bind") || m.options.iter().any(|o| o == "bind" || o == "rbind");
             let Some(src) = m.source else { continue };
@@ -126,11 +149,22 @@ impl ContainerMounts {
             if dest.is_empty() {
                 continue;
             }
-            let Ok(source) = src.canonicalize() else {
+            let label = format!(
+                "the container's mount {}",
+                format_args!("/{}", dest.join("/"))
+            );
+            // The source comes from the runtime's config (trusted); the directory it names is
+            // opened once here and everything below it is resolved from this fd.
+            let Ok(anchor) = Anchor::open_trusted(src, label) else {
                 continue;
             };
-            let bpf = source.is_dir() && is_bpffs(&source);
-            mounts.push(Mount { dest, source, bpf });
+            let bpf = anchor.is_bpffs();
+            mounts.push(Mount {
+                dest,
+                source: src.to_path_buf(),
+                bpf,
+                anchor: Arc::new(anchor),
+            });
         }
         Self { mounts }
     }
@@ -170,9 +204,9 @@ impl ContainerMounts {
             .map(|m| (m, &comps[m.dest.len()..]))
     }
 
-    /// Host path of a snapshot pin path (`sys/fs/bpf/app/counters`), which must fall in a
-    /// bpffs mount of this container.
-    pub fn pin_to_host(&self, pin: &str) -> Result<PathBuf> {
+    /// Where a snapshot pin path (`sys/fs/bpf/app/counters`) goes: below a bpffs mount of
+    /// this container. Only the shape is checked here; the kernel resolves it at use.
+    pub fn pin_target(&self, pin: &str) -> Result<Target> {
         let refuse = |reason: String| HookError::refused(format!("pin path {pin:?}"), reason);
         let comps = components(pin, false).map_err(|r| refuse(r.into()))?;
         let (m, rest) = self.longest(&comps).ok_or_else(|| {
@@ -194,12 +228,16 @@ impl ContainerMounts {
                 m.destination()
             )));
         }
-        check_beneath(&m.source, rest, true).map_err(refuse)
+        let rel = RelPath::parse(&rest.join("/")).map_err(|e| refuse(e.reason.into()))?;
+        Ok(Target {
+            mount: m.clone(),
+            rel,
+        })
     }
 
-    /// Host path of a file named by an absolute container path (a snapshot location in an
-    /// annotation), which must fall in a bind mount that is not a bpffs.
-    pub fn file_to_host(&self, path: &str) -> Result<PathBuf> {
+    /// Where a file named by an absolute container path (a snapshot location in an
+    /// annotation) is: below a bind mount that is not a bpffs.
+    pub fn file_target(&self, path: &str) -> Result<Target> {
         let refuse =
             |reason: String| HookError::refused(format!("container path {path:?}"), reason);
         let comps = components(path, true).map_err(|r| refuse(r.into()))?;
@@ -222,7 +260,11 @@ impl ContainerMounts {
                 m.destination()
             )));
         }
-        check_beneath(&m.source, rest, false).map_err(refuse)
+        let rel = RelPath::parse(&rest.join("/")).map_err(|e| refuse(e.reason.into()))?;
+        Ok(Target {
+            mount: m.clone(),
+            rel,
+        })
     }
 
     /// Checks that an absolute container directory (a `maps` pattern's literal part) lies in,
@@ -245,98 +287,6 @@ impl ContainerMounts {
             )))
         }
     }
-
-    /// Creates the directories a pin path needs below its mount (bpffs allows mkdir), after
-    /// [`Self::pin_to_host`] accepted it.
-    pub fn make_parent_dirs(&self, host: &Path) -> Result<()> {
-        let Some(parent) = host.parent() else {
-            return Ok(());
-        };
-        let Some(m) = self.bpf().find(|m| parent.starts_with(&m.source)) else {
-            return Err(HookError::refused(
-                format!("{}", host.display()),
-                "it is not below a bpffs mount source",
-            ));
-        };
-        let mut cur = m.source.clone();
-        for c in parent
-            .strip_prefix(&m.source)
-            .unwrap_or(Path::new(""))
-            .components()
-        {
-            cur.push(c);
-            match std::fs::symlink_metadata(&cur) {
-                Ok(md) if md.is_dir() => {}
-                Ok(_) => {
-                    return Err(HookError::refused(
-                        cur.display().to_string(),
-                        "it exists and is not a directory",
-                    ));
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    std::fs::create_dir(&cur)
-                        .map_err(|e| HookError::io(format!("creating {}", cur.display()), e))?;
-                }
-                Err(e) => return Err(HookError::io(format!("checking {}", cur.display()), e)),
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Joins `rest` under `source`, refusing symbolic links and non-directories on the way and a
-/// link or directory at the end. With `bpf`, the deepest existing directory must be in a
-/// bpffs (no other filesystem mounted over part of the tree).
-fn check_beneath(
-    source: &Path,
-    rest: &[String],
-    bpf: bool,
-) -> std::result::Result<PathBuf, String> {
-    match std::fs::symlink_metadata(source) {
-        Ok(md) if md.is_dir() => {}
-        Ok(_) => {
-            return Err(format!(
-                "the mount source {} is not a directory",
-                source.display()
-            ));
-        }
-        Err(e) => return Err(format!("the mount source {}: {e}", source.display())),
-    }
-    let mut cur = source.to_path_buf();
-    let mut deepest_dir = source.to_path_buf();
-    let mut missing = false;
-    for (i, c) in rest.iter().enumerate() {
-        cur.push(c);
-        if missing {
-            continue;
-        }
-        let last = i + 1 == rest.len();
-        match std::fs::symlink_metadata(&cur) {
-            Ok(md) if md.file_type().is_symlink() => {
-                return Err(format!(
-                    "{} is a symbolic link (links are never followed out of a mount)",
-                    cur.display()
-                ));
-            }
-            Ok(md) if !last && !md.is_dir() => {
-                return Err(format!("{} is not a directory", cur.display()));
-            }
-            Ok(md) if last && md.is_dir() => {
-                return Err(format!("{} is a directory", cur.display()));
-            }
-            Ok(_) => {
-                if !last {
-                    deepest_dir = cur.clone();
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => missing = true,
-            Err(e) => return Err(format!("{}: {e}", cur.display())),
-        }
-    }
-    if bpf && !is_bpffs(&deepest_dir) {
-        return Err(format!("{} is not in a bpffs", deepest_dir.display()));
-    }
-    Ok(cur)
 }
 
 #[cfg(test)]
@@ -392,11 +342,9 @@ mod tests {
     fn files_map_through_bind_mounts_only() {
         let t = tempfile::tempdir().expect("tempdir");
         let m = mounts(t.path());
-        let data = t.path().join("data").canonicalize().expect("canon");
-        assert_eq!(
-            m.file_to_host("/data/snap/x.mapsnap").expect("inside"),
-            data.join("snap/x.mapsnap")
-        );
+        let target = m.file_target("/data/snap/x.mapsnap").expect("inside");
+        assert_eq!(target.rel.as_string(), "snap/x.mapsnap");
+        assert_eq!(target.container_path(), "/data/snap/x.mapsnap");
         for bad in [
             "/etc/passwd",
             "/data/../etc/passwd",
@@ -404,15 +352,20 @@ mod tests {
             "relative",
             "/sys/fs/bpf/x",
         ] {
-            let e = m.file_to_host(bad).expect_err(bad);
+            let e = m.file_target(bad).expect_err(bad);
             assert!(e.is_refusal(), "{bad}: {e}");
+            assert!(!e.to_string().contains(t.path().to_str().expect("utf-8")));
         }
+        // A link below the mount is refused when the file is opened (by the kernel).
+        let data = t.path().join("data");
         std::os::unix::fs::symlink("/etc", data.join("link")).expect("symlink");
-        let e = m.file_to_host("/data/link/passwd").expect_err("link");
-        assert!(e.to_string().contains("symbolic link"), "{e}");
-        std::os::unix::fs::symlink("/etc/passwd", data.join("file-link")).expect("symlink");
-        let e = m.file_to_host("/data/file-link").expect_err("link");
-        assert!(e.to_string().contains("symbolic link"), "{e}");
+        let target = m.file_target("/data/link/passwd").expect("shape is fine");
+        let e = target
+            .mount
+            .anchor
+            .read_file(&target.rel, 1 << 20)
+            .expect_err("link");
+        assert_eq!(e.errno(), Some(libc::ELOOP), "{e}");
     }
 
     #[test]
@@ -428,12 +381,11 @@ mod tests {
             "sys/fs/bpf",
             "",
         ] {
-            let e = m.pin_to_host(bad).expect_err(bad);
+            let e = m.pin_target(bad).expect_err(bad);
             assert!(e.is_refusal(), "{bad}: {e}");
         }
-        // Not a real bpffs here: the mount is refused by the filesystem check.
-        let e = m.pin_to_host("sys/fs/bpf/counters").expect_err("tmpfs");
-        assert!(e.to_string().contains("not in a bpffs"), "{e}");
+        let p = m.pin_target("sys/fs/bpf/app/counters").expect("inside");
+        assert_eq!(p.rel.as_string(), "app/counters");
     }
 
     #[test]

@@ -1,11 +1,22 @@
 //! Taking and restoring a container's pinned maps with the mapsnap library.
+//!
+//! Every pin, directory and file below a container's mounts is reached through the mount's
+//! directory fd ([`mapsnap::anchor`]): the bpffs walk, the open of each pin (`BPF_OBJ_GET` on
+//! the inode found without following links), the publish of restored maps (pinned by fd under
+//! a temporary name, then renamed without replacing unless asked), and snapshot files in
+//! volumes (temporary file, then rename, all relative to the volume's fd).
 
-use std::collections::{BTreeMap, HashSet};
-use std::io::Read;
-use std::path::PathBuf;
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use mapsnap::discover::{Found, find_pinned};
+use mapsnap::anchor::{Anchor, AnchorError, EntryKind, RelPath};
+use mapsnap::discover::Found;
 use mapsnap::dump::{DumpOptions, DumpReport, dump};
 use mapsnap::format::{VerifySummary, verify};
 use mapsnap::model::SnapshotInfo;
@@ -14,22 +25,47 @@ use mapsnap::restore::{Destination, FillMode, IntoTarget, RestoreOptions, Restor
 use mapsnap::storage::{
     DigestCheck, Location, Manifest, ManifestSource, ObjectInfo, Storage, StorageConfig,
 };
-use mapsnap::sys::Map;
+use mapsnap::sys::{Map, ObjKind};
 
 use crate::annotations::{Existing, MapFilter};
 use crate::error::{HookError, Result};
-use crate::location::Resolved;
-use crate::mounts::ContainerMounts;
+use crate::location::{Resolved, truncate};
+use crate::mounts::{ContainerMounts, Mount, Target};
+
+/// The most entries (pins, directories, links) one walk of a container's bpffs mounts visits.
+pub const MAX_WALK_ENTRIES: usize = 65_536;
+
+/// The largest snapshot file read from a volume, the storage base or an image directory.
+pub const MAX_LOCAL_SNAPSHOT: u64 = 64 << 30;
+
+/// Prefix of the temporary pin names a restore stages its maps under (bpffs refuses dots).
+pub const TMP_PIN_PREFIX: &str = "mapsnap_tmp_";
+
+/// Set when the run's deadline passed: a publish in progress rolls back instead of going on.
+static CANCELLED: AtomicBool = AtomicBool::new(false);
+
+/// Asks a running publish to stop and remove what it staged or published.
+pub fn cancel() {
+    CANCELLED.store(true, Ordering::SeqCst);
+}
+
+fn cancelled() -> bool {
+    CANCELLED.load(Ordering::SeqCst)
+}
 
 /// A symbolic link found in a container's bpffs mount: never followed, never dumped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SkippedLink {
     pub container_path: String,
-    pub target: String,
+}
+
+fn anchor_err(e: AnchorError) -> HookError {
+    HookError::from(e)
 }
 
 /// The maps pinned in the container's bpffs mounts that `filter` takes, with `pin_rel`
-/// rewritten to the path relative to the container's root. Links are reported, not followed.
+/// relative to the container's root. Links are reported, not followed; other filesystems
+/// mounted below are not entered.
 pub fn collect_pins(
     mounts: &ContainerMounts,
     filter: &MapFilter,
@@ -37,57 +73,96 @@ pub fn collect_pins(
     for (pattern, literal) in filter.literal_prefixes() {
         mounts.check_filter_dir(pattern, literal)?;
     }
-    let mut out = Vec::new();
-    let mut links = Vec::new();
-    let mut seen = HashSet::new();
+    let mut w = Walk {
+        filter,
+        out: Vec::new(),
+        links: Vec::new(),
+        seen: HashSet::new(),
+        visited: 0,
+    };
     for m in mounts.bpf() {
-        find_links(&m.source, &m.destination(), &mut links);
-        for mut f in find_pinned(&m.source).map_err(mapsnap::Error::from)? {
-            let Some(rel) = f.pin_rel.take() else {
-                continue;
-            };
-            let container_path = format!("{}/{rel}", m.destination());
-            if !filter.matches(&container_path) {
-                tracing::debug!(pin = container_path, "not selected by mapsnap.io/maps");
-                continue;
-            }
-            if !seen.insert(f.info.id) {
-                continue; // the same map under two mounts
-            }
-            f.pin_rel = Some(format!("{}/{rel}", m.dest_rel()));
-            out.push(f);
-        }
+        let root = m.anchor.open_dir(&RelPath::root()).map_err(anchor_err)?;
+        w.dir(m, &root, &RelPath::root())?;
     }
-    for l in &links {
+    for l in w.links.iter().take(16) {
         tracing::warn!(
             link = l.container_path,
-            target = l.target,
             "refused: symbolic link in the container's bpffs mount (it may point at maps \
              outside the container's mounts); not followed, not saved"
         );
     }
-    Ok((out, links))
+    if w.links.len() > 16 {
+        tracing::warn!(count = w.links.len(), "more symbolic links refused");
+    }
+    Ok((w.out, w.links))
 }
 
-fn find_links(dir: &std::path::Path, container_dir: &str, out: &mut Vec<SkippedLink>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let Ok(ft) = e.file_type() else { continue };
-        let name = e.file_name().to_string_lossy().into_owned();
-        let cpath = format!("{container_dir}/{name}");
-        if ft.is_symlink() {
-            let target = std::fs::read_link(e.path())
-                .map(|t| t.display().to_string())
-                .unwrap_or_default();
-            out.push(SkippedLink {
-                container_path: cpath,
-                target,
-            });
-        } else if ft.is_dir() {
-            find_links(&e.path(), &cpath, out);
+struct Walk<'a> {
+    filter: &'a MapFilter,
+    out: Vec<Found>,
+    links: Vec<SkippedLink>,
+    seen: HashSet<u32>,
+    visited: usize,
+}
+
+impl Walk<'_> {
+    fn dir(&mut self, m: &Mount, dir: &Anchor, rel: &RelPath) -> Result<()> {
+        for e in dir.entries().map_err(anchor_err)? {
+            self.visited += 1;
+            if self.visited > MAX_WALK_ENTRIES {
+                return Err(HookError::refused(
+                    format!("the bpffs mount {}", m.destination()),
+                    format!("it holds more than {MAX_WALK_ENTRIES} entries"),
+                ));
+            }
+            let leaf = RelPath::parse(&e.name).map_err(|x| {
+                HookError::refused(format!("pin {:?}", truncate(&e.name, 64)), x.reason)
+            })?;
+            let child = rel
+                .join(&e.name)
+                .map_err(|x| HookError::refused(m.container_path(rel), x.reason))?;
+            let container_path = m.container_path(&child);
+            match e.kind {
+                EntryKind::Symlink => self.links.push(SkippedLink { container_path }),
+                EntryKind::Dir => match dir.open_dir(&leaf) {
+                    Ok(sub) => self.dir(m, &sub, &child)?,
+                    Err(x) if x.errno() == Some(libc::EXDEV) => {
+                        tracing::warn!(
+                            dir = container_path,
+                            "another filesystem is mounted here: not entered"
+                        );
+                    }
+                    Err(x) if x.is_not_found() => {}
+                    Err(x) => return Err(x.into()),
+                },
+                EntryKind::File | EntryKind::Other => {
+                    if !self.filter.matches(&container_path) {
+                        tracing::debug!(pin = container_path, "not selected by mapsnap.io/maps");
+                        continue;
+                    }
+                    let opath = match dir.open_path(&leaf) {
+                        Ok(fd) => fd,
+                        Err(x) if x.is_not_found() => continue,
+                        Err(x) => return Err(x.into()),
+                    };
+                    // BPF_OBJ_GET on the inode just opened (no link followed, no name looked
+                    // up again): the object is the one in this directory.
+                    let fd =
+                        mapsnap::sys::obj_get_opath(opath.as_fd()).map_err(mapsnap::Error::from)?;
+                    if mapsnap::sys::fd_kind(fd.as_fd()) != ObjKind::Map {
+                        tracing::debug!(pin = container_path, "not a map: skipped");
+                        continue;
+                    }
+                    let map = Map::from_fd(fd).map_err(mapsnap::Error::from)?;
+                    let f = Found::from_map(map, Some(format!("{}/{child}", m.dest_rel())))
+                        .map_err(mapsnap::Error::from)?;
+                    if self.seen.insert(f.info.id) {
+                        self.out.push(f);
+                    }
+                }
+            }
         }
+        Ok(())
     }
 }
 
@@ -119,6 +194,32 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+/// Writes `bytes` as the leaf `name` of `dir`: a new temporary file, synced, renamed over.
+fn write_file_at(
+    dir: &Anchor,
+    name: &str,
+    replace: bool,
+    write: impl FnOnce(&mut BufWriter<File>) -> Result<()>,
+) -> Result<()> {
+    let (f, tmp) = dir
+        .create_temp(".mapsnap-tmp-", 0o640)
+        .map_err(anchor_err)?;
+    let result = (|| {
+        let mut w = BufWriter::new(f);
+        write(&mut w)?;
+        let f = w
+            .into_inner()
+            .map_err(|e| HookError::io("writing the snapshot", e.into_error()))?;
+        f.sync_all()
+            .map_err(|e| HookError::io("syncing the snapshot", e))?;
+        dir.rename(&tmp, name, replace).map_err(anchor_err)
+    })();
+    if result.is_err() {
+        let _ = dir.unlink(&tmp);
+    }
+    result
+}
+
 /// Dumps `maps` to `dest` (with the storage layer's manifest beside it).
 pub fn write_snapshot(
     maps: &[Found],
@@ -128,11 +229,6 @@ pub fn write_snapshot(
     container_id: &str,
     storage: &StorageConfig,
 ) -> Result<Written> {
-    let location = match dest {
-        Resolved::Local(p) => Location::Local(p.clone()),
-        Resolved::Remote(u) => Location::parse(u)?,
-    };
-    let target = Storage::open(location, storage)?;
     let info = SnapshotInfo {
         tool: format!("mapsnap-hook {}", env!("CARGO_PKG_VERSION")),
         created_unix: now_unix(),
@@ -141,36 +237,88 @@ pub fn write_snapshot(
         possible_cpus: mapsnap::sys::possible_cpus().map_err(mapsnap::Error::from)?,
         source: source.to_string(),
     };
-    let writer = target.writer(overwrite)?;
     let opts = DumpOptions {
         skip_unsupported: false,
         threads: 1,
         ..DumpOptions::default()
     };
-    let (writer, report) = dump(maps, writer, &info, &opts, &NoProgress)?;
-    writer.commit()?;
-    let manifest = Manifest::new(
-        target.name(),
-        &info,
-        &report,
-        ManifestSource {
-            container_id: Some(container_id.to_string()),
-            ..ManifestSource::default()
-        },
-    );
-    target.write_manifest(&manifest)?;
-    Ok(Written {
-        location: target.name().to_string(),
-        sha256: report.digest.sha256_hex(),
-        size: report.digest.bytes,
-        report,
-    })
+    let msource = ManifestSource {
+        container_id: Some(container_id.to_string()),
+        ..ManifestSource::default()
+    };
+    match dest {
+        Resolved::Remote(u) => {
+            let target = Storage::open(Location::parse(u)?, storage)?;
+            let writer = target.writer(overwrite)?;
+            let (writer, report) = dump(maps, writer, &info, &opts, &NoProgress)?;
+            writer.commit()?;
+            let manifest = Manifest::new(target.name(), &info, &report, msource);
+            target.write_manifest(&manifest)?;
+            Ok(Written {
+                location: target.name().to_string(),
+                sha256: report.digest.sha256_hex(),
+                size: report.digest.bytes,
+                report,
+            })
+        }
+        Resolved::File { dir, rel, shown } => {
+            let (parent, leaf) = rel.split_leaf().ok_or_else(|| {
+                HookError::refused(format!("snapshot {shown}"), "it names no file")
+            })?;
+            let d = dir.create_dir_all(&parent, 0o750).map_err(anchor_err)?;
+            let mut report = None;
+            write_file_at(&d, leaf, overwrite, |w| {
+                let (_, r) = dump(maps, &mut *w, &info, &opts, &NoProgress)?;
+                report = Some(r);
+                Ok(())
+            })?;
+            let report =
+                report.ok_or_else(|| HookError::Other("the dump wrote no report".into()))?;
+            let manifest = Manifest::new(shown, &info, &report, msource);
+            let text = serde_json::to_vec_pretty(&manifest)
+                .map_err(|e| HookError::Other(format!("encoding the manifest: {e}")))?;
+            let mname = format!("{leaf}{}", mapsnap::storage::MANIFEST_SUFFIX);
+            write_file_at(&d, &mname, true, |w| {
+                w.write_all(&text)
+                    .map_err(|e| HookError::io("writing the manifest", e))
+            })?;
+            Ok(Written {
+                location: shown.clone(),
+                sha256: report.digest.sha256_hex(),
+                size: report.digest.bytes,
+                report,
+            })
+        }
+    }
 }
 
-/// A snapshot to read, possibly several times (verify, then apply), always the same version.
+/// Reads a file by offset (pread), so several readers of one open file never disturb each
+/// other and all read the same inode.
+struct PosReader {
+    file: Arc<File>,
+    pos: u64,
+}
+
+impl Read for PosReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+enum Src {
+    Remote {
+        storage: Box<Storage>,
+        version: Option<ObjectInfo>,
+    },
+    File(Arc<File>),
+}
+
+/// A snapshot to read, possibly several times (verify, then apply), always the same version
+/// (object version, or the one open file).
 pub struct Source {
-    storage: Storage,
-    version: Option<ObjectInfo>,
+    src: Src,
     expect: Option<([u8; 32], u64)>,
     name: String,
 }
@@ -190,24 +338,40 @@ impl Source {
         storage: &StorageConfig,
         expect: Option<([u8; 32], u64)>,
     ) -> Result<Self> {
-        let location = match res {
-            Resolved::Local(p) => Location::Local(p.clone()),
-            Resolved::Remote(u) => Location::parse(u)?,
-        };
-        let st = Storage::open(location, storage)?;
-        let version = st.head()?;
-        if version.is_none() {
-            return Err(HookError::Other(format!(
-                "snapshot {} does not exist",
-                st.name()
-            )));
+        match res {
+            Resolved::Remote(u) => {
+                let st = Storage::open(Location::parse(u)?, storage)?;
+                let version = st.head()?;
+                if version.is_none() {
+                    return Err(HookError::Other(format!(
+                        "snapshot {} does not exist",
+                        st.name()
+                    )));
+                }
+                Ok(Self {
+                    name: st.name().to_string(),
+                    src: Src::Remote {
+                        storage: Box::new(st),
+                        version,
+                    },
+                    expect,
+                })
+            }
+            Resolved::File { dir, rel, shown } => {
+                let f = dir.open_file(rel, MAX_LOCAL_SNAPSHOT).map_err(|e| {
+                    if e.is_not_found() {
+                        HookError::Other(format!("snapshot {shown} does not exist"))
+                    } else {
+                        e.into()
+                    }
+                })?;
+                Ok(Self {
+                    name: shown.clone(),
+                    src: Src::File(Arc::new(f)),
+                    expect,
+                })
+            }
         }
-        Ok(Self {
-            name: st.name().to_string(),
-            storage: st,
-            version,
-            expect,
-        })
     }
 
     pub fn name(&self) -> &str {
@@ -215,7 +379,13 @@ impl Source {
     }
 
     pub fn reader(&self) -> Result<Box<dyn Read + Send>> {
-        let r = self.storage.reader(self.version.as_ref())?;
+        let r: Box<dyn Read + Send> = match &self.src {
+            Src::Remote { storage, version } => storage.reader(version.as_ref())?,
+            Src::File(f) => Box::new(PosReader {
+                file: f.clone(),
+                pos: 0,
+            }),
+        };
         Ok(match self.expect {
             Some((sha, size)) => Box::new(DigestCheck::new(r, &self.name, sha, size)),
             None => r,
@@ -246,15 +416,23 @@ fn top_level_pins(summary: &VerifySummary) -> Vec<String> {
         .collect()
 }
 
-/// Maps every top-level pin path to its host path; any refusal refuses all.
+/// Maps every top-level pin path to its mount and path below it, in snapshot order; any
+/// refusal (or two maps for one pin) refuses all.
 pub fn resolve_pins(
     summary: &VerifySummary,
     mounts: &ContainerMounts,
-) -> Result<BTreeMap<String, PathBuf>> {
-    let mut out = BTreeMap::new();
+) -> Result<Vec<(String, Target)>> {
+    let mut out: Vec<(String, Target)> = Vec::new();
+    let mut seen = HashSet::new();
     for pin in top_level_pins(summary) {
-        let host = mounts.pin_to_host(&pin)?;
-        out.insert(pin, host);
+        let t = mounts.pin_target(&pin)?;
+        if !seen.insert(t.container_path()) {
+            return Err(HookError::refused(
+                format!("pin path {:?}", truncate(&pin, 256)),
+                "the snapshot holds two maps for it",
+            ));
+        }
+        out.push((pin, t));
     }
     Ok(out)
 }
@@ -268,7 +446,8 @@ pub enum PinOutcome {
 }
 
 /// Restores the snapshot as new maps pinned in the container's bpffs mounts, published only
-/// after the whole snapshot verified.
+/// after the whole snapshot verified; a failure removes whatever this run staged or
+/// published, so a retry starts from the same state.
 pub fn restore_pins(
     src: &Source,
     mounts: &ContainerMounts,
@@ -276,7 +455,12 @@ pub fn restore_pins(
 ) -> Result<PinOutcome> {
     let summary = src.verify()?;
     let targets = resolve_pins(&summary, mounts)?;
-    let present: Vec<&PathBuf> = targets.values().filter(|p| p.exists()).collect();
+    let mut present = Vec::new();
+    for (_, t) in &targets {
+        if t.mount.anchor.exists(&t.rel).map_err(anchor_err)? {
+            present.push(t.container_path());
+        }
+    }
     if !present.is_empty() {
         match existing {
             Existing::Fail => {
@@ -284,7 +468,7 @@ pub fn restore_pins(
                     format!("restore from {}", src.name()),
                     format!(
                         "{} already exists (set mapsnap.io/existing to keep or overwrite)",
-                        present[0].display()
+                        present[0]
                     ),
                 ));
             }
@@ -298,41 +482,174 @@ pub fn restore_pins(
                         "{} of {} pins exist ({} among them): keep needs all or none",
                         present.len(),
                         targets.len(),
-                        present[0].display()
+                        present[0]
                     ),
                 ));
             }
             Existing::Overwrite => {}
         }
     }
-    for host in targets.values() {
-        mounts.make_parent_dirs(host)?;
-    }
-    let table = targets.clone();
-    let resolve: mapsnap::restore::PinResolver = Box::new(move |pin: &str| {
-        table
-            .get(pin)
-            .cloned()
-            .ok_or_else(|| mapsnap::Error::UnsafePinPath {
-                path: pin.to_string(),
-                reason: "it was not checked by mapsnap-hook",
-            })
-    });
-    let dest = Destination::PinMapped {
-        resolve,
-        overwrite: existing == Existing::Overwrite,
-    };
     let report = restore(
         src.reader()?,
         Some(&summary),
-        &dest,
+        &Destination::Detached,
         &RestoreOptions::default(),
         &NoProgress,
     )?;
-    Ok(PinOutcome::Restored(report.maps))
+    if report.detached.len() != targets.len() {
+        return Err(HookError::Other(format!(
+            "the restore created {} maps for {} pins",
+            report.detached.len(),
+            targets.len()
+        )));
+    }
+    publish(&targets, &report.detached, existing == Existing::Overwrite)?;
+    let maps = report
+        .maps
+        .into_iter()
+        .zip(&targets)
+        .map(|(mut m, (_, t))| {
+            m.target = t.container_path();
+            m
+        })
+        .collect();
+    Ok(PinOutcome::Restored(maps))
+}
+
+struct Staged {
+    dir: Anchor,
+    tmp: String,
+    leaf: String,
+    id: u32,
+}
+
+fn cancelled_err() -> HookError {
+    HookError::Other("the deadline passed while publishing: rolled back".into())
+}
+
+/// Whether `name` in `dir` is (still) the map `id`.
+fn is_our_pin(dir: &Anchor, name: &str, id: u32) -> bool {
+    RelPath::parse(name)
+        .ok()
+        .and_then(|r| dir.open_map(&r).ok())
+        .and_then(|m| m.info().ok())
+        .is_some_and(|i| i.id == id)
+}
+
+/// Pins each map under a temporary name in its directory (by fd), checks it, then renames
+/// them into place; any failure removes the temporary pins and, when nothing was replaced,
+/// the pins this run already published.
+fn publish(targets: &[(String, Target)], maps: &[Map], overwrite: bool) -> Result<()> {
+    let pid = std::process::id();
+    let mut staged: Vec<Staged> = Vec::new();
+    let stage = (|| {
+        for (i, ((_, t), map)) in targets.iter().zip(maps).enumerate() {
+            let (parent, leaf) = t.rel.split_leaf().ok_or_else(|| {
+                HookError::refused(t.container_path(), "it names the mount point")
+            })?;
+            let dir = t
+                .mount
+                .anchor
+                .create_dir_all(&parent, 0o755)
+                .map_err(anchor_err)?;
+            if !dir.is_bpffs() {
+                return Err(HookError::refused(
+                    t.container_path(),
+                    "it is not in a bpffs",
+                ));
+            }
+            clear_stale_temps(&dir, pid);
+            let tmp = format!("{TMP_PIN_PREFIX}{pid}_{i}");
+            let id = map.info().map_err(mapsnap::Error::from)?.id;
+            dir.pin_map(map, &tmp).map_err(mapsnap::Error::from)?;
+            staged.push(Staged {
+                dir,
+                tmp: tmp.clone(),
+                leaf: leaf.to_string(),
+                id,
+            });
+            let s = staged.last().ok_or_else(cancelled_err)?;
+            if !is_our_pin(&s.dir, &tmp, id) {
+                return Err(HookError::refused(
+                    t.container_path(),
+                    "the map pinned under the temporary name is not the one restored",
+                ));
+            }
+            if cancelled() {
+                return Err(cancelled_err());
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = stage {
+        for s in &staged {
+            let _ = s.dir.unlink(&s.tmp);
+        }
+        return Err(e);
+    }
+    for (n, s) in staged.iter().enumerate() {
+        let r = if cancelled() {
+            Err(cancelled_err())
+        } else {
+            s.dir.rename(&s.tmp, &s.leaf, overwrite).map_err(anchor_err)
+        };
+        if let Err(e) = r {
+            for later in &staged[n..] {
+                let _ = later.dir.unlink(&later.tmp);
+            }
+            if !overwrite {
+                for done in &staged[..n] {
+                    if is_our_pin(&done.dir, &done.leaf, done.id) {
+                        let _ = done.dir.unlink(&done.leaf);
+                    }
+                }
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Removes temporary pins an earlier, interrupted restore left in `dir` (other pids' names).
+fn clear_stale_temps(dir: &Anchor, pid: u32) {
+    let own = format!("{TMP_PIN_PREFIX}{pid}_");
+    let Ok(entries) = dir.entries() else { return };
+    for e in entries {
+        if e.name.starts_with(TMP_PIN_PREFIX)
+            && !e.name.starts_with(&own)
+            && e.kind != EntryKind::Dir
+        {
+            let _ = dir.unlink(&e.name);
+        }
+    }
+}
+
+/// Opens the map pinned at `t` through the mount's fd, twice, and keeps it only when both
+/// opens found the same map: the pin is the app's own, stable one.
+fn open_confirmed(t: &Target) -> std::result::Result<Map, String> {
+    let a = t.mount.anchor.open_map(&t.rel).map_err(|e| short(&e))?;
+    let b = t.mount.anchor.open_map(&t.rel).map_err(|e| short(&e))?;
+    let ia = a.info().map_err(|e| short(&e))?.id;
+    let ib = b.info().map_err(|e| short(&e))?.id;
+    if ia != ib {
+        return Err("the pin changed while it was opened".into());
+    }
+    Ok(a)
+}
+
+/// The reason of a failed open, without sizes or host paths.
+fn short(e: &mapsnap::sys::SysError) -> String {
+    match e.errno() {
+        Some(libc::ELOOP) => "it is a symbolic link".into(),
+        Some(libc::EXDEV) => "it leaves the mount".into(),
+        Some(libc::ENOENT) => "it does not exist yet".into(),
+        Some(n) => std::io::Error::from_raw_os_error(n).to_string(),
+        None => "it is not a BPF map".into(),
+    }
 }
 
 /// Waits (until `deadline`) for the app to pin every map the snapshot has, then fills them.
+/// Each pin is opened through the mount's fd (a link swapped in is refused, never followed).
 pub fn fill_pins(
     src: &Source,
     mounts: &ContainerMounts,
@@ -342,23 +659,21 @@ pub fn fill_pins(
     let summary = src.verify()?;
     let targets = resolve_pins(&summary, mounts)?;
     let mut into = Vec::new();
-    for (pin, host) in &targets {
+    for (pin, t) in &targets {
         let map = loop {
-            match Map::from_pin(host) {
+            match open_confirmed(t) {
                 Ok(m) => break m,
-                Err(e) => {
+                Err(reason) => {
                     if Instant::now() >= deadline {
                         return Err(HookError::Other(format!(
-                            "the app did not pin {} in time (waited for {pin}): {e}",
-                            host.display()
+                            "the app did not pin {} in time ({reason})",
+                            t.container_path()
                         )));
                     }
                     std::thread::sleep(Duration::from_millis(50));
                 }
             }
         };
-        // Re-check after the wait: the pin must still be where the checks said.
-        mounts.pin_to_host(pin)?;
         into.push(IntoTarget {
             select: Some(pin.clone()),
             map,

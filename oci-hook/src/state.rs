@@ -25,6 +25,14 @@ pub struct HookState {
     pub annotations: BTreeMap<String, String>,
 }
 
+/// The largest state accepted on stdin.
+pub const MAX_STATE_SIZE: u64 = 1 << 20;
+
+/// Parses the OCI state JSON (the fuzzing entry point too): the same as [`HookState::parse`].
+pub fn parse(bytes: &[u8]) -> Result<HookState> {
+    HookState::parse(bytes)
+}
+
 impl HookState {
     pub fn parse(bytes: &[u8]) -> Result<Self> {
         let s: HookState = serde_json::from_slice(bytes).map_err(|e| {
@@ -35,11 +43,15 @@ impl HookState {
                 "the container state on stdin has an empty id".into(),
             ));
         }
+        if s.id.len() > 1024 {
+            return Err(HookError::Other(
+                "the container state's id is longer than 1024 bytes".into(),
+            ));
+        }
         if !s.bundle.is_absolute() {
-            return Err(HookError::Other(format!(
-                "the container state's bundle {:?} is not an absolute path",
-                s.bundle
-            )));
+            return Err(HookError::Other(
+                "the container state's bundle is not an absolute path".into(),
+            ));
         }
         Ok(s)
     }
@@ -47,7 +59,7 @@ impl HookState {
     /// Reads the state from `r` (stdin), at most 1 MiB.
     pub fn read(r: impl Read) -> Result<Self> {
         let mut buf = Vec::new();
-        r.take(1 << 20)
+        r.take(MAX_STATE_SIZE)
             .read_to_end(&mut buf)
             .map_err(|e| HookError::io("reading the container state from stdin", e))?;
         Self::parse(&buf)

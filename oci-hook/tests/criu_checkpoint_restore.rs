@@ -62,7 +62,11 @@ struct Run {
 fn checkpoint_and_restore(b: &Bench, extra_annotations: &[(&str, &str)]) -> Run {
     let criu = criu();
     let conf = criu_conf(b);
-    let mut ann = vec![("org.criu.config", conf.to_str().expect("utf-8"))];
+    // Post-dump acts only on containers that opted in (any mapsnap.io/ annotation).
+    let mut ann = vec![
+        ("org.criu.config", conf.to_str().expect("utf-8")),
+        ("mapsnap.io/policy", "strict"),
+    ];
     ann.extend_from_slice(extra_annotations);
     let bundle = b.bundle("bundle", &ann);
     let id = format!("{}-ctr", b.tag);
