@@ -11,6 +11,7 @@ mod podman;
 use std::io::Write as _;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use mapsnap_operator::ckptimage::{self, Registry, RegistryAuth, annotations};
 use podman::*;
@@ -208,4 +209,320 @@ fn checkpoint_image_round_trips_through_a_real_registry() {
         msg.contains(&gone.repository) && msg.contains("reachable"),
         "{msg}"
     );
+}
+
+// ---- Podman end to end ----------------------------------------------------------------------
+
+type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Two maps pinned in the container's bpffs directory (the host side of its bind mount):
+/// a hash of counters and an array of 16-byte records. Returns their contents by name.
+fn make_pins(dir: &Path) -> Vec<(String, Entries)> {
+    use mapsnap::model::map_type;
+    use mapsnap::sys::{CreateAttrs, Map};
+    let specs: [(&str, u32, u32, u32, u32, Entries); 2] = [
+        (
+            "counters",
+            map_type::HASH,
+            4,
+            8,
+            256,
+            (0..200u32)
+                .map(|i| {
+                    let v = u64::from(i) * u64::from(i) + 0x5eed;
+                    (i.to_le_bytes().to_vec(), v.to_le_bytes().to_vec())
+                })
+                .collect(),
+        ),
+        (
+            "records",
+            map_type::ARRAY,
+            4,
+            16,
+            16,
+            (0..16u32)
+                .map(|i| {
+                    let v: Vec<u8> = (0..16u8).map(|b| b ^ (i as u8).wrapping_mul(37)).collect();
+                    (i.to_le_bytes().to_vec(), v)
+                })
+                .collect(),
+        ),
+    ];
+    let mut out = Vec::new();
+    for (name, map_type, key, value, max, entries) in specs {
+        let map = Map::create(&CreateAttrs {
+            map_type,
+            name,
+            key_size: key,
+            value_size: value,
+            max_entries: max,
+            ..CreateAttrs::default()
+        })
+        .expect("create map");
+        for (k, v) in &entries {
+            map.update(Some(k), v, 0).expect("update");
+        }
+        map.pin(&dir.join(name)).expect("pin");
+        out.push((name.to_string(), entries));
+    }
+    out
+}
+
+/// A pinned map's entries, sorted by key.
+fn read_pin(path: &Path) -> Entries {
+    let map = mapsnap::sys::Map::from_pin(path)
+        .unwrap_or_else(|e| panic!("{} is not a pinned map: {e}", path.display()));
+    let info = map.info().expect("info");
+    let (ks, vs) = (info.key_size as usize, info.value_size as usize);
+    let mut out = Vec::new();
+    let mut key: Option<Vec<u8>> = None;
+    let mut next = vec![0u8; ks];
+    while map.next_key(key.as_deref(), &mut next).expect("next_key") {
+        let mut v = vec![0u8; vs];
+        assert!(map.lookup(Some(&next), &mut v, 0).expect("lookup"));
+        out.push((next.clone(), v));
+        key = Some(next.clone());
+    }
+    out.sort();
+    out
+}
+
+/// The entry names of a `podman container checkpoint --export` archive (zstd tar) and its
+/// config.dump.
+fn archive_listing(path: &Path) -> (Vec<String>, serde_json::Value) {
+    let f = std::fs::File::open(path).expect("archive");
+    let dec = zstd::stream::read::Decoder::new(f).expect("zstd archive");
+    let mut ar = tar::Archive::new(dec);
+    let mut names = Vec::new();
+    let mut config = serde_json::Value::Null;
+    for e in ar.entries().expect("tar") {
+        let mut e = e.expect("entry");
+        let name = e.path().expect("path").to_string_lossy().into_owned();
+        if name == "config.dump" {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut e, &mut s).expect("config.dump");
+            config = serde_json::from_str(&s).expect("config.dump JSON");
+        }
+        names.push(name);
+    }
+    (names, config)
+}
+
+#[test]
+fn podman_restores_bpf_maps_from_a_pushed_checkpoint_image() {
+    require_root();
+    for tool in ["podman", "skopeo", "criu"] {
+        assert!(
+            which(tool).is_some(),
+            "{tool} not on PATH: run `bash scripts/install-podman.sh` (make deps does)"
+        );
+    }
+    let art = artifacts();
+    let reg = RegistryServer::start();
+    let work = tempfile::Builder::new()
+        .prefix("mapsnap-podman.")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let w = work.path();
+    let tag = format!("{}", std::process::id());
+
+    // The node's hook setup, as `mapsnap-hook install --runtime podman` writes it, under a
+    // private root instead of / (so the machine's own hooks and CRIU config stay untouched).
+    let host = w.join("host");
+    let config = w.join("hook.toml");
+    let hook_log = w.join("hook.log");
+    std::fs::write(
+        &config,
+        format!(
+            "[hook]\nlog_file = \"{}\"\ndeadline = \"25s\"\nstate_dir = \"{}\"\n\
+             request_dir = \"{}\"\nruntime_roots = [\"/run/runc\"]\n",
+            hook_log.display(),
+            w.join("hook-state").display(),
+            w.join("requests").display()
+        ),
+    )
+    .expect("hook config");
+    ok(Command::new(&art.hook)
+        .arg("--config")
+        .arg(&config)
+        .args(["install", "--runtime", "podman", "--root"])
+        .arg(&host)
+        .arg("--hook-path")
+        .arg(&art.hook)
+        .arg("--criu-libdir")
+        .arg(host.join("usr/lib/criu"))
+        .arg("--criu-plugin")
+        .arg(&art.plugin));
+    let hooks_dir = host.join("usr/share/containers/oci/hooks.d");
+    for stage in ["createruntime", "poststart", "poststop"] {
+        assert!(
+            hooks_dir
+                .join(format!("mapsnap-hook-{stage}.json"))
+                .exists()
+        );
+    }
+    // runc hands CRIU the file the container's org.criu.config annotation names: install's
+    // runc.conf, with the action script's path under the private root.
+    let wrapper = "/usr/local/libexec/mapsnap-hook/criu-action";
+    let installed = std::fs::read_to_string(host.join("etc/criu/runc.conf")).expect("runc.conf");
+    assert!(
+        installed.contains(&format!("action-script {wrapper}")),
+        "{installed}"
+    );
+    let criu_conf = w.join("criu.conf");
+    std::fs::write(
+        &criu_conf,
+        installed.replace(wrapper, &host.join(&wrapper[1..]).display().to_string()),
+    )
+    .expect("criu.conf");
+    eprintln!(
+        "CRIU config:\n{}",
+        std::fs::read_to_string(&criu_conf).unwrap_or_default()
+    );
+
+    // Pinned maps in the container's bpffs directory.
+    let bpf = BpffsDir::new(&format!("mapsnap-podman-{tag}"));
+    let pins = make_pins(&bpf.0);
+
+    // Two nodes; the base image on A, copied to B with save/load (same image ID).
+    let a = Node::new(w, "node-a", &hooks_dir);
+    let b = Node::new(w, "node-b", &hooks_dir);
+    let rootfs = w.join("rootfs");
+    testee_rootfs(&rootfs, &art.testee);
+    let image = format!("localhost/mapsnap-testee:{tag}");
+    a.import_rootfs(&rootfs, &image);
+    let base = w.join("base.tar");
+    ok(a.podman().args(["save", "-o"]).arg(&base).arg(&image));
+    ok(b.podman().arg("load").arg("-i").arg(&base));
+
+    // The container: maps held by fd (every type the plugin carries) and the pins.
+    let state = w.join("state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    let name = format!("mapsnap-e2e-{tag}");
+    ok(a.podman()
+        .args(["run", "-d", "--name", &name, "--network", "none"])
+        .args([
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1024:1024",
+        ])
+        .args([
+            "--cap-add",
+            "sys_admin",
+            "--cap-add",
+            "bpf",
+            "--cap-add",
+            "perfmon",
+        ])
+        .arg("--annotation")
+        .arg(format!("org.criu.config={}", criu_conf.display()))
+        .args(["--annotation", "mapsnap.io/policy=strict"])
+        .arg("-v")
+        .arg(format!("{}:/state", state.display()))
+        .arg("-v")
+        .arg(format!("{}:/sys/fs/bpf", bpf.0.display()))
+        .args([&image, "/testee", "run", "--dir", "/state"]));
+    wait_for_file(&state.join("ready"), Duration::from_secs(60), &state);
+
+    // Checkpoint on A.
+    let archive = w.join("checkpoint.tar.zst");
+    let out = run(a
+        .podman()
+        .args(["container", "checkpoint", "--export"])
+        .arg(&archive)
+        .arg(&name));
+    assert!(
+        out.status.success(),
+        "podman checkpoint failed\n--- hook log ---\n{}",
+        std::fs::read_to_string(&hook_log).unwrap_or_default()
+    );
+    let (names, config_dump) = archive_listing(&archive);
+    let plugin_files = names
+        .iter()
+        .filter(|n| n.starts_with("checkpoint/mapsnap-map-"))
+        .count();
+    assert_eq!(
+        plugin_files, 14,
+        "the CRIU plugin saved one file per map held by fd"
+    );
+    for f in [
+        "checkpoint/mapsnap-hook.json",
+        "checkpoint/mapsnap-pins.mapsnap",
+    ] {
+        assert!(
+            names.iter().any(|n| n == f),
+            "{f} missing from the archive: {names:?}"
+        );
+    }
+
+    // Node B's bpffs directory starts empty.
+    bpf.clear();
+    assert_eq!(std::fs::read_dir(&bpf.0).expect("bpffs dir").count(), 0);
+
+    // The checkpoint image.
+    let reference =
+        checkpoint_image_cli(&archive, &name, &format!("{}/mapsnap/e2e:{tag}", reg.addr));
+    let manifest = skopeo_inspect(&reference, &["--raw"]);
+    assert_eq!(manifest["layers"].as_array().map(Vec::len), Some(1));
+    assert_eq!(manifest["layers"][0]["digest"], sha256_file(&archive));
+    for key in [
+        annotations::CRIO_NAME,
+        annotations::CRIU_NAME,
+        annotations::PODMAN_NAME,
+    ] {
+        assert_eq!(manifest["annotations"][key], name.as_str(), "{key}");
+    }
+    assert_eq!(
+        manifest["annotations"][annotations::PODMAN_RUNTIME_NAME],
+        "runc"
+    );
+
+    // One machine, two nodes: conmon's pidfile is named under A's run root in config.dump.
+    if let Some(p) = config_dump["conmonPidFile"].as_str().map(Path::new) {
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("conmon pidfile dir");
+    }
+
+    // Pull and restore on B.
+    ok(b.podman().args(["pull", "--tls-verify=false", &reference]));
+    let inspect = ok(b.podman().args(["image", "inspect", &reference]));
+    assert!(inspect.contains(annotations::PODMAN_NAME), "{inspect}");
+    let out = run(b.podman().args(["container", "restore", &reference]));
+    assert!(
+        out.status.success(),
+        "podman container restore {reference} failed\n--- hook log ---\n{}",
+        std::fs::read_to_string(&hook_log).unwrap_or_default()
+    );
+    let status = b.inspect(&name).map(|v| v["State"]["Status"].clone());
+    assert_eq!(status, Some(json!("running")), "restored on node B");
+
+    // The pins, put back by the createRuntime hook before the tasks resumed.
+    for (pin, entries) in &pins {
+        let got = read_pin(&bpf.0.join(pin));
+        assert_eq!(got.len(), entries.len(), "{pin}: entry count");
+        for ((k, v), (gk, gv)) in entries.iter().zip(&got) {
+            assert_eq!((k, v), (gk, gv), "{pin}: entry {k:?}");
+        }
+        eprintln!("pin {pin}: {} entries, all equal", got.len());
+    }
+    let log = std::fs::read_to_string(&hook_log).unwrap_or_default();
+    assert!(log.contains("restored 2 pinned maps"), "hook log:\n{log}");
+
+    // The maps held by fd: the restored testee compares each with what it held before.
+    std::fs::write(state.join("go"), "").expect("go");
+    wait_for_file(&state.join("result.json"), Duration::from_secs(60), &state);
+    let result: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(state.join("result.json")).expect("result"))
+            .expect("result JSON");
+    eprintln!(
+        "---- testee after restore ----\n{}",
+        std::fs::read_to_string(state.join("after.txt")).unwrap_or_default()
+    );
+    eprintln!(
+        "testee: {} checks passed, failed: {}",
+        result["passed"], result["failed"]
+    );
+    assert_eq!(result["ok"], json!(true), "{:#}", result["failed"]);
+    drop(a);
+    drop(b);
 }

@@ -254,7 +254,7 @@ pub fn checkpoint_annotations(
     for k in [CRIO_NAME, CRIU_NAME, PODMAN_NAME] {
         put(k, container);
     }
-    // Podman writes rootfsImageName/rootfsImageID/rawImageName/runtime; CRI-O (and the
+    // Podman (4.3) writes rootfsImageName/rootfsImageID/RawImageName/runtime; CRI-O (and the
     // checkpointctl library) rootfsImageName/rootfsImageRef/rootfsImage/runtime.
     if let Some(v) = dump_field(config_dump, &["rootfsImageName"]) {
         for k in [
@@ -274,7 +274,10 @@ pub fn checkpoint_annotations(
             put(k, v);
         }
     }
-    if let Some(v) = dump_field(config_dump, &["rawImageName", "rootfsImage"]) {
+    if let Some(v) = dump_field(
+        config_dump,
+        &["rawImageName", "RawImageName", "rootfsImage"],
+    ) {
         put(PODMAN_RAW_IMAGE_NAME, v);
     }
     // Podman's `run IMAGE` takes the runtime name as the checkpoint marker: always set it.

@@ -30,7 +30,7 @@ fn repositories_need_a_registry_host() {
 fn annotations_carry_every_engines_marker_and_the_dump_fields() {
     let dump = serde_json::json!({
         "name": "web", "rootfsImageName": "localhost/busybox:ck",
-        "rootfsImageID": "abc123", "rawImageName": "busybox:ck", "runtime": "runc"
+        "rootfsImageID": "abc123", "RawImageName": "busybox:ck", "runtime": "runc"
     });
     let a = checkpoint_annotations("web", &dump);
     assert_eq!(a[annotations::CRIO_NAME], "web");

@@ -187,3 +187,227 @@ pub fn sha256_file(path: &Path) -> String {
     std::io::copy(&mut f, &mut h).expect("hash");
     format!("sha256:{}", hex::encode(h.finalize()))
 }
+
+// ---- Podman nodes -------------------------------------------------------------------------
+
+/// One "node": a Podman storage root, run root and tmp dir of its own (one machine, two
+/// nodes), with the hooks directory `mapsnap-hook install` wrote. Drop removes every
+/// container, image and layer it holds (`podman system reset`).
+pub struct Node {
+    pub name: &'static str,
+    pub root: PathBuf,
+    pub runroot: PathBuf,
+    pub tmpdir: PathBuf,
+    pub hooks_dir: PathBuf,
+}
+
+impl Node {
+    pub fn new(base: &Path, name: &'static str, hooks_dir: &Path) -> Self {
+        let dir = base.join(name);
+        let n = Node {
+            name,
+            root: dir.join("root"),
+            runroot: dir.join("run"),
+            tmpdir: dir.join("tmp"),
+            hooks_dir: hooks_dir.to_path_buf(),
+        };
+        for d in [&n.root, &n.runroot, &n.tmpdir] {
+            std::fs::create_dir_all(d).expect("mkdir node dir");
+        }
+        n
+    }
+
+    /// `podman` with this node's global flags. cgroupfs and file events: no systemd here.
+    /// `--hooks-dir`: the test's private hooks directory instead of the machine's.
+    pub fn podman(&self) -> Command {
+        let mut c = Command::new("podman");
+        c.arg("--root")
+            .arg(&self.root)
+            .arg("--runroot")
+            .arg(&self.runroot)
+            .arg("--tmpdir")
+            .arg(&self.tmpdir)
+            .arg("--hooks-dir")
+            .arg(&self.hooks_dir)
+            .args(["--cgroup-manager=cgroupfs", "--events-backend=file"]);
+        c
+    }
+
+    /// `tar -C rootfs -c . | podman import - image`.
+    pub fn import_rootfs(&self, rootfs: &Path, image: &str) {
+        let mut tar = Command::new("tar")
+            .arg("-C")
+            .arg(rootfs)
+            .args(["-c", "."])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("tar");
+        let out = self
+            .podman()
+            .args(["import", "-", image])
+            .stdin(tar.stdout.take().expect("tar stdout"))
+            .output()
+            .expect("podman import");
+        let tar_status = tar.wait().expect("tar");
+        assert!(
+            tar_status.success() && out.status.success(),
+            "tar | podman import ({tar_status}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `podman inspect` of a container as JSON (None when it does not exist).
+    pub fn inspect(&self, name: &str) -> Option<Value> {
+        let out = self
+            .podman()
+            .args(["container", "inspect", name])
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        v.get(0).cloned()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        for args in [
+            &["rm", "--all", "--force", "--time", "0"][..],
+            &["system", "reset", "--force"],
+        ] {
+            let _ = self
+                .podman()
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// Binaries of the other workspace crates the end-to-end test needs: cargo builds them into
+/// this test's target directory (quick when they are up to date).
+pub struct Artifacts {
+    pub hook: PathBuf,
+    pub testee: PathBuf,
+    pub plugin: PathBuf,
+}
+
+pub fn artifacts() -> Artifacts {
+    // target/<profile>/deps/<this test> -> target/<profile>
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary under target/<profile>/deps")
+        .to_path_buf();
+    let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.arg("build")
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .args(["-p", "mapsnap-hook", "--bin", "mapsnap-hook"])
+        .args([
+            "-p",
+            "mapsnap-criu",
+            "--bin",
+            "mapsnap-criu-testee",
+            "--lib",
+        ])
+        .env("CARGO_TARGET_DIR", &target_dir);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    ok(&mut cmd);
+    let a = Artifacts {
+        hook: profile_dir.join("mapsnap-hook"),
+        testee: profile_dir.join("mapsnap-criu-testee"),
+        plugin: profile_dir.join("libmapsnap_criu.so"),
+    };
+    for p in [&a.hook, &a.testee, &a.plugin] {
+        assert!(p.exists(), "{} was not built", p.display());
+    }
+    a
+}
+
+/// Copies `src` to the same absolute path under `rootfs`.
+pub fn copy_into(rootfs: &Path, src: &Path) {
+    let dst = rootfs.join(src.strip_prefix("/").expect("absolute path"));
+    std::fs::create_dir_all(dst.parent().expect("parent")).expect("mkdir");
+    std::fs::copy(src, &dst).unwrap_or_else(|e| panic!("copy {}: {e}", src.display()));
+}
+
+/// A busybox-static rootfs with `bin` at /testee and the shared libraries `ldd` lists for it.
+pub fn testee_rootfs(rootfs: &Path, bin: &Path) {
+    for d in ["bin", "proc", "sys/fs/bpf", "dev", "tmp", "state"] {
+        std::fs::create_dir_all(rootfs.join(d)).expect("mkdir");
+    }
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("busybox not found: install busybox-static (make deps)");
+    std::fs::copy(busybox, rootfs.join("bin/busybox")).expect("copy busybox");
+    std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).expect("symlink sh");
+    std::fs::copy(bin, rootfs.join("testee")).expect("copy the testee");
+    let ldd = Command::new("ldd").arg(bin).output().expect("ldd");
+    for lib in String::from_utf8_lossy(&ldd.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+    {
+        copy_into(rootfs, Path::new(lib));
+    }
+}
+
+/// Waits for `path`; on timeout (or when the testee wrote its error file) panics with why.
+pub fn wait_for_file(path: &Path, timeout: Duration, state_dir: &Path) {
+    let start = Instant::now();
+    while !path.exists() {
+        if let Ok(e) = std::fs::read_to_string(state_dir.join("error.txt")) {
+            panic!("the testee failed: {e}");
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{} did not appear within {timeout:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Removes a host bpffs directory with its pins when dropped.
+pub struct BpffsDir(pub PathBuf);
+
+impl BpffsDir {
+    pub fn new(name: &str) -> Self {
+        let mounted = std::fs::read_to_string("/proc/mounts")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "));
+        if !mounted {
+            ok(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]));
+        }
+        let dir = PathBuf::from("/sys/fs/bpf").join(name);
+        let d = BpffsDir(dir);
+        d.clear();
+        std::fs::create_dir_all(&d.0).expect("mkdir in bpffs");
+        d
+    }
+
+    /// Unlinks every pin (a fresh node's empty directory).
+    pub fn clear(&self) {
+        if let Ok(rd) = std::fs::read_dir(&self.0) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+impl Drop for BpffsDir {
+    fn drop(&mut self) {
+        self.clear();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
