@@ -318,6 +318,12 @@ fn podman_restores_bpf_maps_from_a_pushed_checkpoint_image() {
         );
     }
     let art = artifacts();
+    eprintln!(
+        "using {}, {} and {}",
+        art.hook.display(),
+        art.testee.display(),
+        art.plugin.display()
+    );
     let reg = RegistryServer::start();
     let work = tempfile::Builder::new()
         .prefix("mapsnap-podman.")

@@ -286,12 +286,22 @@ impl Drop for Node {
     }
 }
 
-/// Binaries of the other workspace crates the end-to-end test needs: cargo builds them into
-/// this test's target directory (quick when they are up to date).
+/// Binaries of the other workspace crates the end-to-end test needs, from this test's target
+/// directory: a workspace test run (`make test`) has built them with its own tests. When one
+/// is missing (only this crate's tests were built), cargo builds them. They are not rebuilt
+/// when present: another crate's tests may be running them at this moment.
 pub struct Artifacts {
     pub hook: PathBuf,
     pub testee: PathBuf,
     pub plugin: PathBuf,
+}
+
+fn newest(candidates: &[PathBuf]) -> Option<PathBuf> {
+    candidates
+        .iter()
+        .filter_map(|p| Some((std::fs::metadata(p).ok()?.modified().ok()?, p.clone())))
+        .max()
+        .map(|(_, p)| p)
 }
 
 pub fn artifacts() -> Artifacts {
@@ -302,6 +312,20 @@ pub fn artifacts() -> Artifacts {
         .and_then(Path::parent)
         .expect("test binary under target/<profile>/deps")
         .to_path_buf();
+    let find = || {
+        Some(Artifacts {
+            hook: newest(&[profile_dir.join("mapsnap-hook")])?,
+            testee: newest(&[profile_dir.join("mapsnap-criu-testee")])?,
+            // `cargo test` leaves the fresh cdylib in deps/, `cargo build` copies it up.
+            plugin: newest(&[
+                profile_dir.join("libmapsnap_criu.so"),
+                profile_dir.join("deps/libmapsnap_criu.so"),
+            ])?,
+        })
+    };
+    if let Some(a) = find() {
+        return a;
+    }
     let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     let mut cmd = Command::new(env!("CARGO"));
@@ -321,15 +345,12 @@ pub fn artifacts() -> Artifacts {
         cmd.arg("--release");
     }
     ok(&mut cmd);
-    let a = Artifacts {
-        hook: profile_dir.join("mapsnap-hook"),
-        testee: profile_dir.join("mapsnap-criu-testee"),
-        plugin: profile_dir.join("libmapsnap_criu.so"),
-    };
-    for p in [&a.hook, &a.testee, &a.plugin] {
-        assert!(p.exists(), "{} was not built", p.display());
-    }
-    a
+    find().unwrap_or_else(|| {
+        panic!(
+            "mapsnap-hook, mapsnap-criu-testee or libmapsnap_criu.so missing in {} after cargo build",
+            profile_dir.display()
+        )
+    })
 }
 
 /// Copies `src` to the same absolute path under `rootfs`.
