@@ -85,8 +85,12 @@ impl Container {
         }
     }
 
-    /// The tenant prefix names chosen by this container resolve below (None: not scoped).
-    pub fn scope(&self, cfg: &NodeConfig) -> Result<Option<Vec<String>>> {
+    /// The tenant prefix a location chosen by this container resolves below (None: not
+    /// scoped). Paths in the container's own volumes need none.
+    pub fn scope(&self, location: &str, cfg: &NodeConfig) -> Result<Option<Vec<String>>> {
+        if location.starts_with('/') || location.starts_with("file://") {
+            return Ok(None);
+        }
         self.tenant().prefix(&cfg.hook)
     }
 }
@@ -189,7 +193,7 @@ pub fn policy_of(annotations: Option<&Annotations>, cfg: &NodeConfig) -> Policy 
 /// the operator decided it; anything else stays below the pod's tenant prefix.
 fn restore_source(ctr: &Container, from: &str, cfg: &NodeConfig) -> Result<Source> {
     let backed = check_restore_request(ctr, Some(from), cfg)?;
-    let scope = if backed { None } else { ctr.scope(cfg)? };
+    let scope = if backed { None } else { ctr.scope(from, cfg)? };
     let res = location::from_annotation(
         from,
         &ctr.mounts,
@@ -258,9 +262,9 @@ pub fn oci(
             if !ctr.annotations.snapshot_on_stop {
                 return Ok("no snapshot asked at stop".into());
             }
-            let scope = ctr.scope(cfg)?;
             let default = format!("stop/{}.mapsnap", state.id);
             let to = ctr.annotations.snapshot_to.as_deref().unwrap_or(&default);
+            let scope = ctr.scope(to, cfg)?;
             let dest = location::from_annotation(
                 to,
                 &ctr.mounts,
@@ -427,7 +431,7 @@ fn restore_from_manifest(
     let scope = if backed || in_image {
         None
     } else {
-        ctr.scope(cfg)?
+        ctr.tenant().prefix(&cfg.hook)?
     };
     let res = location::from_manifest(&m.snapshot, image_dir, &cfg.hook, scope.as_deref())?;
     let expect = m.sha256_bytes().map(|s| (s, m.size)).ok_or_else(|| {
@@ -597,7 +601,7 @@ pub fn criu_post_dump(env: &CriuEnv, target: &CriuTarget, cfg: &NodeConfig) -> R
             );
             image_dest()?
         } else {
-            let scope = ctr.scope(cfg)?;
+            let scope = ctr.scope(to, cfg)?;
             let res = location::from_annotation(
                 to,
                 &ctr.mounts,

@@ -132,7 +132,9 @@ impl RemoteUrl {
             for c in path.split('/') {
                 match c {
                     "" => {
-                        return Err("it has an empty path component (`//` or a trailing `/`)".into());
+                        return Err(
+                            "it has an empty path component (`//` or a trailing `/`)".into()
+                        );
                     }
                     "." | ".." => return Err("it contains `.` or `..`".into()),
                     c => comps.push(c.to_string()),

@@ -78,7 +78,8 @@ fn criu_actions_other_than_post_dump_return_at_once() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    // post-dump for a pid no runtime knows: the checkpoint must not complete.
+    // post-dump for a pid no runtime knows: whether that container opted in cannot be told,
+    // so its checkpoint is not failed (the line on stderr says why nothing was saved).
     let out = hook(
         &["criu"],
         b"",
@@ -88,8 +89,13 @@ fn criu_actions_other_than_post_dump_return_at_once() {
             ("CRTOOLS_IMAGE_DIR", "/tmp"),
         ],
     );
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no runtime state names init pid"));
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no runtime state names init pid"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("(ignored)"), "{stderr}");
 }
 
 #[test]
