@@ -192,7 +192,8 @@ fn checkpoint_carries_pins_through_s3() {
     let s3 = S3::start("snap");
     let b = Bench::new("ckpt-s3");
     b.write_config(&format!(
-        "storage_base = \"s3://snap/nodes\"\n\n[s3]\nendpoint = \"{}\"\nallow_http = true\n\
+        // A single-tenant node (no pods): the manifest's location needs no tenant prefix.
+        "storage_base = \"s3://snap/nodes\"\ntenant_prefix = \"\"\n\n[s3]\nendpoint = \"{}\"\nallow_http = true\n\
          region = \"us-east-1\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\n",
         s3.endpoint()
     ));

@@ -155,7 +155,7 @@ fn refusals_touch_nothing() {
         &b,
         "remote",
         &[("mapsnap.io/restore-from", "s3://someone-elses-bucket/x")],
-        "allows no object storage",
+        "refused",
     );
 
     // A node that requires the agent's restore request refuses a restore-from annotation that
