@@ -6,7 +6,9 @@
 #   mapsnap-hook       OCI hook and CRIU action script (copied to the host by the agent's
 #                      init container; static so it runs on any node)
 #   mapsnap-operator   `controller` (Deployment) and `agent` (DaemonSet)
-#   libmapsnap_criu.so the CRIU plugin (glibc, loaded by the host's CRIU; copied to the host)
+#   libmapsnap_criu.so the CRIU plugin (loaded by the host's CRIU; copied to the host into
+#                      /usr/lib/criu): linked against glibc 2.28 symbol versions with zig, so
+#                      it loads on every host from RHEL 8 on, and built without object storage
 #
 #   docker build -t ghcr.io/mapsnap/mapsnap:0.1.0 .
 #   docker buildx build --platform linux/amd64,linux/arm64 -t ... --push .
@@ -20,9 +22,12 @@ ARG RUST_VERSION=1.95
 FROM rust:${RUST_VERSION}-bookworm AS build
 ARG TARGETARCH
 # musl-tools: C parts (zstd, ring, aws-lc) of the static binaries; cmake/clang: aws-lc-sys.
+# python3-pip + zig (PyPI ziglang) + cargo-zigbuild: the CRIU plugin against glibc 2.28.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends musl-tools cmake clang file \
- && rm -rf /var/lib/apt/lists/*
+ && apt-get install -y --no-install-recommends musl-tools cmake clang file python3-pip \
+ && rm -rf /var/lib/apt/lists/* \
+ && pip3 install --break-system-packages --no-cache-dir ziglang==0.17.1 \
+ && cargo install --locked cargo-zigbuild@0.24.1
 RUN case "$TARGETARCH" in \
       amd64) echo x86_64 > /arch ;; \
       arm64) echo aarch64 > /arch ;; \
@@ -37,14 +42,13 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     arch="$(cat /arch)"; \
     cargo build --release --locked --target "$arch-unknown-linux-musl" \
         --bin mapsnap --bin mapsnap-hook --bin mapsnap-operator; \
-    cargo build --release --locked -p mapsnap-criu --lib; \
     mkdir -p /out/bin /out/lib; \
+    bash scripts/build-criu-plugin.sh --locked --out /out/lib/libmapsnap_criu.so; \
     for b in mapsnap mapsnap-hook mapsnap-operator; do \
         cp "target/$arch-unknown-linux-musl/release/$b" /out/bin/; \
         file "/out/bin/$b" | grep -Eq 'statically linked|static-pie linked' \
             || { echo "$b is not static" >&2; exit 1; }; \
-    done; \
-    cp target/release/libmapsnap_criu.so /out/lib/
+    done
 
 # Minimal final image: no shell, no package manager; CA certificates for object storage.
 FROM gcr.io/distroless/static-debian12:nonroot
