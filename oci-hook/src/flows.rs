@@ -386,7 +386,7 @@ fn restore_pinned(
             src.name()
         ));
     }
-    let out = snapshot::restore_pins(src, &ctr.mounts, existing)?;
+    let out = snapshot::restore_pins(src, &ctr.mounts, existing, &cfg.hook.state_dir)?;
     if let Err(e) =
         manifest::write_marker(&cfg.hook.state_dir, &state.id, state.pid(), &summary_sha)
     {

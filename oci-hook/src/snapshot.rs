@@ -11,6 +11,7 @@ use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -452,9 +453,22 @@ pub fn restore_pins(
     src: &Source,
     mounts: &ContainerMounts,
     existing: Existing,
+    state_dir: &Path,
 ) -> Result<PinOutcome> {
     let summary = src.verify()?;
     let targets = resolve_pins(&summary, mounts)?;
+    let journal = Journal::new(state_dir, &summary.digest.sha256_hex(), &targets);
+    // A run killed between its renames left some pins published: take them back (only those
+    // still holding the maps it created), so this run starts from the state before it.
+    journal.undo(mounts);
+    // Temporary pins a run killed mid-publish left behind would only confuse retries.
+    for (_, t) in &targets {
+        if let Some((parent, _)) = t.rel.split_leaf()
+            && let Ok(dir) = t.mount.anchor.open_dir(&parent)
+        {
+            clear_stale_temps(&dir, std::process::id());
+        }
+    }
     let mut present = Vec::new();
     for (_, t) in &targets {
         if t.mount.anchor.exists(&t.rel).map_err(anchor_err)? {
@@ -503,7 +517,12 @@ pub fn restore_pins(
             targets.len()
         )));
     }
-    publish(&targets, &report.detached, existing == Existing::Overwrite)?;
+    publish(
+        &targets,
+        &report.detached,
+        existing == Existing::Overwrite,
+        &journal,
+    )?;
     let maps = report
         .maps
         .into_iter()
@@ -539,7 +558,12 @@ fn is_our_pin(dir: &Anchor, name: &str, id: u32) -> bool {
 /// Pins each map under a temporary name in its directory (by fd), checks it, then renames
 /// them into place; any failure removes the temporary pins and, when nothing was replaced,
 /// the pins this run already published.
-fn publish(targets: &[(String, Target)], maps: &[Map], overwrite: bool) -> Result<()> {
+fn publish(
+    targets: &[(String, Target)],
+    maps: &[Map],
+    overwrite: bool,
+    journal: &Journal,
+) -> Result<()> {
     let pid = std::process::id();
     let mut staged: Vec<Staged> = Vec::new();
     let stage = (|| {
@@ -558,7 +582,6 @@ fn publish(targets: &[(String, Target)], maps: &[Map], overwrite: bool) -> Resul
                     "it is not in a bpffs",
                 ));
             }
-            clear_stale_temps(&dir, pid);
             let tmp = format!("{TMP_PIN_PREFIX}{pid}_{i}");
             let id = map.info().map_err(mapsnap::Error::from)?.id;
             dir.pin_map(map, &tmp).map_err(mapsnap::Error::from)?;
@@ -587,6 +610,14 @@ fn publish(targets: &[(String, Target)], maps: &[Map], overwrite: bool) -> Resul
         }
         return Err(e);
     }
+    // Before the first rename: what a retry must take back if this run dies half-way
+    // (nothing was replaced only without overwrite; with it there is no old state to return to).
+    if !overwrite && let Err(e) = journal.write(targets, &staged) {
+        for s in &staged {
+            let _ = s.dir.unlink(&s.tmp);
+        }
+        return Err(e);
+    }
     for (n, s) in staged.iter().enumerate() {
         let r = if cancelled() {
             Err(cancelled_err())
@@ -604,10 +635,114 @@ fn publish(targets: &[(String, Target)], maps: &[Map], overwrite: bool) -> Resul
                     }
                 }
             }
+            journal.remove();
             return Err(e);
         }
     }
+    journal.remove();
     Ok(())
+}
+
+/// The pins one publish is about to rename into place, in the hook's state directory (node
+/// config): `publish-<key>.json`, keyed by the snapshot's digest and the mounts' sources.
+struct Journal {
+    path: std::path::PathBuf,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct JournalEntry {
+    /// The pin's container path (`/sys/fs/bpf/app/x`).
+    pin: String,
+    map_id: u32,
+}
+
+/// FNV-1a: a stable short key for file names (not a security boundary: the journal is
+/// only ever acted on for pins still holding the map ids it lists).
+fn fnv64(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.iter().chain(&[0u8]) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    h
+}
+
+impl Journal {
+    fn new(state_dir: &Path, sha: &str, targets: &[(String, Target)]) -> Self {
+        let mut parts: Vec<&[u8]> = vec![sha.as_bytes()];
+        for (_, t) in targets {
+            parts.push(t.mount.source.as_os_str().as_encoded_bytes());
+        }
+        Self {
+            path: state_dir.join(format!("publish-{:016x}.json", fnv64(&parts))),
+        }
+    }
+
+    fn write(&self, targets: &[(String, Target)], staged: &[Staged]) -> Result<()> {
+        let entries: Vec<JournalEntry> = targets
+            .iter()
+            .zip(staged)
+            .map(|((_, t), s)| JournalEntry {
+                pin: t.container_path(),
+                map_id: s.id,
+            })
+            .collect();
+        let text = serde_json::to_vec(&entries)
+            .map_err(|e| HookError::Other(format!("encoding the publish journal: {e}")))?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| HookError::io("creating the hook's state directory", e))?;
+        }
+        crate::manifest::write_atomic(&self.path, &text)
+    }
+
+    fn remove(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+
+    /// Removes the pins a killed run published (those still holding its map ids), and the
+    /// temporary file of a journal it was killed while writing.
+    fn undo(&self, mounts: &ContainerMounts) {
+        if let (Some(dir), Some(stem)) = (
+            self.path.parent(),
+            self.path.file_stem().and_then(|s| s.to_str()),
+        ) && let Ok(entries) = std::fs::read_dir(dir)
+        {
+            let tmp = format!("{stem}.tmp");
+            for e in entries.flatten() {
+                if e.file_name().to_str().is_some_and(|n| n.starts_with(&tmp)) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        let Ok(bytes) = std::fs::read(&self.path) else {
+            return;
+        };
+        let entries: Vec<JournalEntry> = serde_json::from_slice(&bytes).unwrap_or_default();
+        for e in entries {
+            let Some(rel) = e.pin.strip_prefix('/') else {
+                continue;
+            };
+            let Ok(t) = mounts.pin_target(rel) else {
+                continue;
+            };
+            let Some((parent, leaf)) = t.rel.split_leaf() else {
+                continue;
+            };
+            if let Ok(dir) = t.mount.anchor.open_dir(&parent)
+                && is_our_pin(&dir, leaf, e.map_id)
+            {
+                tracing::warn!(
+                    pin = e.pin,
+                    "removing a pin an interrupted restore published"
+                );
+                let _ = dir.unlink(leaf);
+            }
+        }
+        self.remove();
+    }
 }
 
 /// Removes temporary pins an earlier, interrupted restore left in `dir` (other pids' names).

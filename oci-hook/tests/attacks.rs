@@ -905,3 +905,150 @@ fn the_waiter_never_kills_a_reused_pid() {
     let _ = decoy.kill();
     let _ = decoy.wait();
 }
+
+/// Finding: a publish that failed half-way left earlier pins published and temporary pins
+/// behind, so retries were refused forever. Here the container keeps turning the second
+/// target name into a directory and back while the hook restores two maps sixty times:
+/// every run either published both maps or left nothing (no first pin, no temporary pin),
+/// and temporary pins an interrupted run left behind are cleared by the next one.
+#[test]
+fn a_failed_publish_leaves_nothing_behind() {
+    let w = World::new("publish");
+    let snap = snapshot_bytes(vec![
+        (array("first", [1; 4]), "sys/fs/bpf/first"),
+        (array("second", [2; 4]), "sys/fs/bpf/second"),
+    ]);
+    fs::write(w.data.join("two.mapsnap"), snap).expect("snapshot");
+    // What a run killed between pinning and renaming leaves: a temporary pin of another pid.
+    array("leftover", [0; 4])
+        .pin(&w.bpf.join("mapsnap_tmp_1_0"))
+        .expect("pin leftover");
+    let second = w.bpf.join("second");
+    let s2 = second.clone();
+    let flipper = Flipper::start(1_000, move || {
+        if fs::create_dir(&s2).is_ok() {
+            let _ = fs::remove_dir(&s2);
+        }
+    });
+    let start = w.bundle("start", &[("mapsnap.io/restore-from", "/data/two.mapsnap")]);
+    let (mut both, mut none) = (0, 0);
+    for i in 0..60 {
+        let out = w.hook("createRuntime", &start, &format!("pub-{i}"), None);
+        let temps: Vec<String> = fs::read_dir(&w.bpf)
+            .expect("read")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("mapsnap_tmp_"))
+            .collect();
+        assert!(temps.is_empty(), "run {i}: temporary pins left: {temps:?}");
+        if out.status.success() {
+            both += 1;
+            let f = Map::from_pin(&w.bpf.join("first")).expect("first");
+            let s = Map::from_pin(&second).expect("second");
+            assert_eq!(contents(&f), 1u64.to_ne_bytes().repeat(4));
+            assert_eq!(contents(&s), 2u64.to_ne_bytes().repeat(4));
+            fs::remove_file(w.bpf.join("first")).expect("rm");
+            fs::remove_file(&second).expect("rm");
+        } else {
+            none += 1;
+            let err = stderr(&out);
+            eprintln!("run {i} refused: {}", err.lines().last().unwrap_or(""));
+            assert!(
+                !w.bpf.join("first").exists(),
+                "run {i}: a failed restore left its first pin: {}",
+                stderr(&out)
+            );
+        }
+    }
+    let flips = flipper.finish();
+    eprintln!("{flips} flips; {both} runs published both maps, {none} published nothing");
+    assert!(both > 0, "{}", w.log_text());
+}
+
+/// A restore killed at any point (SIGKILL after a random delay, so the kill lands before,
+/// during or after the publish): the retry always succeeds and leaves exactly the snapshot's
+/// pins, without temporary pins or journals.
+#[test]
+fn a_restore_killed_at_any_point_is_retried_cleanly() {
+    let w = World::new("kill");
+    let snap = snapshot_bytes(vec![
+        (array("first", [1; 4]), "sys/fs/bpf/first"),
+        (array("second", [2; 4]), "sys/fs/bpf/second"),
+    ]);
+    fs::write(w.data.join("two.mapsnap"), snap).expect("snapshot");
+    let bundle = w.bundle(
+        "start",
+        &[
+            ("mapsnap.io/restore-from", "/data/two.mapsnap"),
+            ("mapsnap.io/existing", "keep"),
+        ],
+    );
+    let state_dir = w.dir.path().join("hook-state");
+    let mut outcomes = BTreeMap::new();
+    for i in 0..80u32 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("time")
+            .subsec_nanos();
+        let delay = Duration::from_micros(u64::from(nanos % 12_000));
+        let state = json!({"ociVersion": "1.0.2", "id": format!("kill-{i}"), "status": "creating",
+                           "bundle": bundle});
+        let mut child = Command::new(HOOK)
+            .arg("--config")
+            .arg(&w.config)
+            .args(["oci", "createRuntime"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("hook");
+        if let Some(mut s) = child.stdin.take() {
+            let _ = std::io::Write::write_all(&mut s, state.to_string().as_bytes());
+        }
+        std::thread::sleep(delay);
+        let _ = child.kill();
+        let status = child.wait().expect("wait");
+        let pins: Vec<String> = ["first", "second"]
+            .into_iter()
+            .filter(|n| w.bpf.join(n).exists())
+            .map(String::from)
+            .collect();
+        *outcomes
+            .entry(format!(
+                "{} {pins:?}",
+                if status.success() {
+                    "finished"
+                } else {
+                    "killed"
+                }
+            ))
+            .or_insert(0) += 1;
+        let out = w.hook("createRuntime", &bundle, &format!("retry-{i}"), None);
+        assert!(
+            out.status.success(),
+            "run {i}: the retry failed: {}",
+            stderr(&out)
+        );
+        let f = Map::from_pin(&w.bpf.join("first")).expect("first");
+        let s = Map::from_pin(&w.bpf.join("second")).expect("second");
+        assert_eq!(contents(&f), 1u64.to_ne_bytes().repeat(4));
+        assert_eq!(contents(&s), 2u64.to_ne_bytes().repeat(4));
+        let names: Vec<String> = fs::read_dir(&w.bpf)
+            .expect("read")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 2, "run {i}: {names:?}");
+        let journals = fs::read_dir(&state_dir)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("publish-"))
+                    .count()
+            })
+            .unwrap_or(0);
+        assert_eq!(journals, 0, "run {i}: a journal was left");
+        fs::remove_file(w.bpf.join("first")).expect("rm");
+        fs::remove_file(w.bpf.join("second")).expect("rm");
+    }
+    eprintln!("state after the kill, before the retry: {outcomes:?}");
+}
