@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install a real OCI registry for the checkpoint-image tests: Debian's `docker-registry`
-# (the CNCF distribution registry) and `skopeo` to inspect what was pushed. The registry is
+# (the CNCF distribution registry), `skopeo` to inspect what was pushed, and what the tests
+# use to give the registry a password (`htpasswd -B`, apache2-utils) and a TLS certificate
+# (`openssl`). The registry is
 # NOT started or enabled here: each test starts its own `docker-registry serve CONFIG` on
 # 127.0.0.1 with a private root, and stops it.
 #
@@ -12,7 +14,7 @@ die() { printf 'install-registry: error: %s\n' "$*" >&2; exit 1; }
 
 [[ "$(id -u)" -eq 0 ]] || die "must run as root (apt-get); try: sudo $0"
 
-PKGS=(docker-registry skopeo)
+PKGS=(docker-registry skopeo apache2-utils openssl)
 missing=()
 for p in "${PKGS[@]}"; do
     status=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)

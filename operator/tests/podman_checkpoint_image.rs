@@ -211,6 +211,126 @@ fn checkpoint_image_round_trips_through_a_real_registry() {
     );
 }
 
+#[test]
+fn checkpoint_image_with_a_password_and_a_private_ca() {
+    require_root();
+    let reg = RegistryServer::start_with(&Security {
+        tls: true,
+        user: Some(("pusher".into(), "s3cret pass".into())),
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let archive = dir.path().join("checkpoint.tar.zst");
+    synthetic_archive(&archive, Some(1));
+    let repo = format!("{}/mapsnap/auth", reg.addr);
+    let ca = reg.ca_file();
+    let pw = dir.path().join("password");
+    std::fs::write(&pw, "s3cret pass\n").expect("password file");
+    let push = |extra: &[&std::ffi::OsStr], tag: &str| {
+        run(Command::new(OPERATOR)
+            .arg("checkpoint-image")
+            .arg("--archive")
+            .arg(&archive)
+            .args(["--container", "web", "--push", &format!("{repo}:{tag}")])
+            .args(extra))
+    };
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    // User and password file, the registry's certificate as CA.
+    let out = push(
+        &[
+            "--username".as_ref(),
+            "pusher".as_ref(),
+            "--password-file".as_ref(),
+            pw.as_os_str(),
+            "--ca-file".as_ref(),
+            ca.as_os_str(),
+        ],
+        "pw",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let reference = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let manifest = skopeo_inspect(&reference, &["--creds", "pusher:s3cret pass", "--raw"]);
+    assert_eq!(manifest["annotations"][annotations::CRIO_NAME], "web");
+
+    // The same credentials from a docker config JSON (a dockerconfigjson Secret's value).
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode("pusher:s3cret pass");
+    let authfile = dir.path().join("config.json");
+    std::fs::write(
+        &authfile,
+        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, reg.addr),
+    )
+    .expect("authfile");
+    let out = push(
+        &[
+            "--authfile".as_ref(),
+            authfile.as_os_str(),
+            "--ca-file".as_ref(),
+            ca.as_os_str(),
+        ],
+        "authfile",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // A wrong password: refused, and the message says to check the credentials.
+    let bad = dir.path().join("bad");
+    std::fs::write(&bad, "nope").expect("bad password");
+    let out = push(
+        &[
+            "--username".as_ref(),
+            "pusher".as_ref(),
+            "--password-file".as_ref(),
+            bad.as_os_str(),
+            "--ca-file".as_ref(),
+            ca.as_os_str(),
+        ],
+        "bad",
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(&reg.addr) && stderr(&out).contains("credentials"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Without the CA the certificate is not trusted: refused, naming --ca-file.
+    let out = push(
+        &[
+            "--username".as_ref(),
+            "pusher".as_ref(),
+            "--password-file".as_ref(),
+            pw.as_os_str(),
+        ],
+        "noca",
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--ca-file"), "{}", stderr(&out));
+
+    // Delete with the same credentials.
+    let registry = Registry {
+        repository: repo.clone(),
+        auth: RegistryAuth::Basic {
+            username: "pusher".into(),
+            password: "s3cret pass".into(),
+        },
+        insecure_http: false,
+        ca_file: Some(ca.clone()),
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(ckptimage::delete(&reference, &registry))
+        .expect("delete");
+    let out = run(Command::new("skopeo")
+        .args([
+            "inspect",
+            "--tls-verify=false",
+            "--creds",
+            "pusher:s3cret pass",
+            "--raw",
+        ])
+        .arg(format!("docker://{reference}")));
+    assert!(!out.status.success(), "the manifest is gone");
+}
+
 // ---- Podman end to end ----------------------------------------------------------------------
 
 type Entries = Vec<(Vec<u8>, Vec<u8>)>;

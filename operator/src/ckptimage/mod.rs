@@ -203,7 +203,10 @@ fn client(registry: &Registry) -> Result<Client, ImageError> {
 fn registry_error(registry: &Registry, what: &str, e: OciDistributionError) -> ImageError {
     let hint = match &e {
         OciDistributionError::AuthenticationFailure(_)
-        | OciDistributionError::UnauthorizedError { .. } => {
+        | OciDistributionError::UnauthorizedError { .. }
+        | OciDistributionError::ServerError {
+            code: 401 | 403, ..
+        } => {
             " (check the credentials: username/password or the dockerconfigjson Secret, and \
              that they may push to this repository)"
         }
@@ -219,8 +222,24 @@ fn registry_error(registry: &Registry, what: &str, e: OciDistributionError) -> I
     };
     ImageError::Registry {
         registry: registry_host(&registry.repository).to_string(),
-        message: format!("{what} {}: {e}{hint}", registry.repository),
+        message: format!("{what} {}: {}{hint}", registry.repository, chain(&e)),
     }
+}
+
+/// An error with its causes: the HTTP client's own message hides the TLS or connection
+/// detail a user needs ("invalid peer certificate: UnknownIssuer").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
 }
 
 /// The go-style architecture name image configs use.
@@ -461,7 +480,7 @@ pub async fn delete(reference: &str, registry: &Registry) -> Result<(), ImageErr
     };
     let resp = req.send().await.map_err(|e| ImageError::Registry {
         registry: registry_host(repo).to_string(),
-        message: format!("DELETE {url}: {e}"),
+        message: format!("DELETE {url}: {}", chain(&e)),
     })?;
     let status = resp.status();
     if status.is_success() || status == reqwest::StatusCode::NOT_FOUND {

@@ -70,8 +70,26 @@ pub struct RegistryServer {
     pub dir: tempfile::TempDir,
 }
 
+/// What the test registry demands.
+#[derive(Debug, Default, Clone)]
+pub struct Security {
+    /// TLS with a self-signed certificate for 127.0.0.1 (its PEM is the CA to trust).
+    pub tls: bool,
+    /// Basic auth: this user and password (htpasswd, bcrypt).
+    pub user: Option<(String, String)>,
+}
+
 impl RegistryServer {
     pub fn start() -> Self {
+        Self::start_with(&Security::default())
+    }
+
+    /// The CA certificate clients must trust (with `Security::tls`).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    pub fn start_with(sec: &Security) -> Self {
         let bin = which("docker-registry").unwrap_or_else(|| {
             panic!(
                 "docker-registry not found: run `bash scripts/install-registry.sh` (make deps does)"
@@ -83,13 +101,74 @@ impl RegistryServer {
             .expect("tempdir");
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
+        let mut extra = String::new();
+        if sec.tls {
+            // A CA and a server certificate it signed: TLS verifiers refuse a self-signed
+            // CA certificate as the server's own.
+            let p = |n: &str| dir.path().join(n);
+            let (cert, key) = (p("cert.pem"), p("key.pem"));
+            ok(Command::new("openssl")
+                .args([
+                    "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                ])
+                .args(["-subj", "/CN=mapsnap test CA", "-keyout"])
+                .arg(p("ca.key"))
+                .arg("-out")
+                .arg(p("ca.pem")));
+            ok(Command::new("openssl")
+                .args([
+                    "req",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-subj",
+                    "/CN=127.0.0.1",
+                ])
+                .arg("-keyout")
+                .arg(&key)
+                .arg("-out")
+                .arg(p("server.csr")));
+            std::fs::write(
+                p("server.ext"),
+                "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+                 extendedKeyUsage=serverAuth\n",
+            )
+            .expect("ext");
+            ok(Command::new("openssl")
+                .args(["x509", "-req", "-days", "1", "-in"])
+                .arg(p("server.csr"))
+                .arg("-CA")
+                .arg(p("ca.pem"))
+                .arg("-CAkey")
+                .arg(p("ca.key"))
+                .arg("-CAcreateserial")
+                .arg("-extfile")
+                .arg(p("server.ext"))
+                .arg("-out")
+                .arg(&cert));
+            extra.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            ));
+        }
+        let mut auth = String::new();
+        if let Some((user, password)) = &sec.user {
+            let line = ok(Command::new("htpasswd").args(["-Bbn", user, password]));
+            let file = dir.path().join("htpasswd");
+            std::fs::write(&file, line.trim()).expect("htpasswd file");
+            auth = format!(
+                "auth:\n  htpasswd:\n    realm: mapsnap-test\n    path: {}\n",
+                file.display()
+            );
+        }
         let config = dir.path().join("config.yml");
         std::fs::write(
             &config,
             format!(
                 "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n\
                  storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-                 http:\n  addr: {addr}\n",
+                 http:\n  addr: {addr}\n{extra}{auth}",
                 dir.path().join("data").display()
             ),
         )
@@ -105,10 +184,9 @@ impl RegistryServer {
             .expect("start docker-registry");
         let mut r = RegistryServer { addr, child, dir };
         let start = Instant::now();
-        loop {
-            if r.get_v2() == Some(200) {
-                break;
-            }
+        // Any HTTP answer means it listens (a TLS port answers plain HTTP with 400, an
+        // authenticated one with 401).
+        while r.get_v2().is_none() {
             if let Ok(Some(status)) = r.child.try_wait() {
                 panic!("docker-registry exited ({status}): {}", r.log());
             }
