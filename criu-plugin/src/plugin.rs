@@ -23,7 +23,9 @@ use std::collections::hash_map::Entry;
 use std::ffi::c_int;
 use std::io::BufReader;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use mapsnap::anchor::Anchor;
@@ -72,6 +74,9 @@ pub struct Dumper {
     dir: Anchor,
     index: DumpIndex,
     saved: HashMap<u32, SavedMap>,
+    /// Set by `exit` of a failed dump: a worker still running then removes the index it
+    /// writes, so a late worker cannot publish one after the dump failed.
+    abandoned: Arc<AtomicBool>,
 }
 
 impl Dumper {
@@ -90,7 +95,13 @@ impl Dumper {
                 snapshots: Vec::new(),
             },
             saved: HashMap::new(),
+            abandoned: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// The flag [`Self::dump_file`] checks after writing the index.
+    pub fn abandoned_flag(&self) -> Arc<AtomicBool> {
+        self.abandoned.clone()
     }
 
     pub fn dump_id(&self) -> &str {
@@ -146,6 +157,10 @@ impl Dumper {
         self.index.files.push(record.clone());
         deadline.set(format!("writing {}", images::INDEX_NAME));
         images::write_index(&self.dir, &self.index)?;
+        if self.abandoned.load(Ordering::SeqCst) {
+            self.abandon()?;
+            return Err(deadline.expired());
+        }
         Ok(DumpOutcome::Saved { record, stats })
     }
 
@@ -560,8 +575,12 @@ struct DumpState {
     config: Result<PluginConfig, String>,
     /// Created at the first map fd (shared with the worker thread doing the work).
     dumper: Option<Arc<Mutex<Dumper>>>,
+    /// The dumper's abandoned flag (readable while a worker holds the dumper).
+    abandoned: Arc<AtomicBool>,
     /// Set when the deadline passed or a worker failed badly: later files fail at once.
     failed: Option<String>,
+    /// The earlier dump's files could not be removed at `init`: tried again at `exit`.
+    stale_left: bool,
 }
 
 #[derive(Debug)]
@@ -594,6 +613,7 @@ fn start_dump() -> DumpState {
     deadline.set("removing an earlier dump's files from the image directory");
     let cleanup =
         ffi::criu_image_dir().and_then(|dir| deadline.run(move || images::remove_stale(&dir)));
+    let stale_left = cleanup.is_err();
     match cleanup {
         Ok(0) => {}
         Ok(n) => ffi::log(
@@ -609,7 +629,9 @@ fn start_dump() -> DumpState {
         deadline,
         config,
         dumper: None,
+        abandoned: Arc::new(AtomicBool::new(false)),
         failed: None,
+        stale_left,
     }
 }
 
@@ -665,20 +687,28 @@ fn start_restore() -> Result<Restorer, PluginError> {
 /// failed dump, removes its index so that nothing of it is ever restored.
 pub(crate) fn exit(_stage: c_int, ret: c_int) {
     let old = replace_phase(Phase::Idle);
+    if let Some(Phase::Dump(state)) = &old
+        && state.dumper.is_none()
+        && state.stale_left
+    {
+        // A dump without maps must not leave an earlier dump's index behind either.
+        let removed = Deadline::start(Duration::from_secs(1))
+            .run(|| ffi::criu_image_dir().and_then(|dir| images::remove_stale(&dir)));
+        if let Err(e) = removed {
+            ffi::log(
+                LogLevel::Error,
+                &format!("an earlier dump's files are still in the image directory: {e}"),
+            );
+        }
+    }
     if let Some(Phase::Dump(state)) = old
         && let Some(dumper) = state.dumper
         && (ret != 0 || state.failed.is_some())
     {
-        // Bounded like the rest: the image directory may be the thing that hangs.
-        let d = dumper.clone();
-        let removed = state.deadline.run(move || lock(&d).abandon()).or_else(|_| {
-            // Past the deadline still try once, on this thread: a dump failing on its own
-            // deadline must not leave an index behind.
-            match dumper.try_lock() {
-                Ok(d) => d.abandon(),
-                Err(_) => Ok(false),
-            }
-        });
+        // A worker still running (past the deadline) removes the index it writes itself.
+        state.abandoned.store(true, Ordering::SeqCst);
+        // Bounded, even past the dump's deadline: the image directory may be what hangs.
+        let removed = Deadline::start(Duration::from_secs(1)).run(move || lock(&dumper).abandon());
         match removed {
             Ok(true) => ffi::log(
                 LogLevel::Info,
@@ -724,6 +754,21 @@ fn not_a_map(kind: ObjKind, file_id: u32, raw: i32) -> c_int {
     -libc::ENOTSUP
 }
 
+/// `map 42 "counters" (hash)` for a map fd, from its fdinfo and the kernel (both answer at
+/// once), so that even a deadline that passes before the worker starts names the map.
+fn describe_map_fd(fd: BorrowedFd<'_>) -> String {
+    let map_id = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))
+        .ok()
+        .and_then(|t| images::fdinfo_field(&t, "map_id").and_then(|v| v.parse::<u32>().ok()));
+    let Some(id) = map_id else {
+        return "a BPF map".into();
+    };
+    match Map::from_id(id).and_then(|m| m.info()) {
+        Ok(info) => label(id, &info.name, type_name(info.map_type)),
+        Err(_) => format!("map {id}"),
+    }
+}
+
 /// Dumps one map fd on a worker bounded by the dump's deadline.
 fn dump_bounded(
     state: &mut DumpState,
@@ -735,13 +780,18 @@ fn dump_bounded(
             "an earlier step of this dump failed: {why}"
         )));
     }
-    let config = state.config.clone().map_err(PluginError::Config)?;
-    let _ = config;
+    state.config.clone().map_err(PluginError::Config)?;
+    state.deadline.set(format!(
+        "dumping {} (CRIU file {file_id:#x})",
+        describe_map_fd(fd.as_fd())
+    ));
     let dumper = match &state.dumper {
         Some(d) => d.clone(),
         None => {
             let dir = ffi::criu_image_dir()?;
-            let d = Arc::new(Mutex::new(Dumper::new(dir)?));
+            let dumper = Dumper::new(dir)?;
+            state.abandoned = dumper.abandoned_flag();
+            let d = Arc::new(Mutex::new(dumper));
             state.dumper = Some(d.clone());
             d
         }

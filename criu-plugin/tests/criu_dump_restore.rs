@@ -78,6 +78,46 @@ fn criu_checkpoints_and_restores_every_map_type() {
         "a failed dump leaves the tree running"
     );
 
+    // With the plugin but a deadline too short for any map: the dump fails with a line naming
+    // the map, the tree keeps running, and no index is left to restore from.
+    let img_late = empty_dir(root, "images-deadline");
+    let out = run(Command::new(&criu)
+        .env("MAPSNAP_CRIU_DEADLINE", "1ms")
+        .args([
+            "dump",
+            "-v4",
+            "-o",
+            "dump.log",
+            "-t",
+            &pid.to_string(),
+            "-D",
+        ])
+        .arg(&img_late)
+        .arg("--libdir")
+        .arg(&lib));
+    let late_log = fs::read_to_string(img_late.join("dump.log")).unwrap_or_default();
+    let line = late_log
+        .lines()
+        .find(|l| l.contains("Error (mapsnap)"))
+        .unwrap_or_default()
+        .to_string();
+    eprintln!("deadline: {line}");
+    assert!(
+        !out.status.success()
+            && line.contains("the deadline of 1ms passed while dumping map ")
+            && line.contains("(CRIU file "),
+        "a dump past its deadline must fail naming the map:\n{}",
+        tail(&img_late.join("dump.log"), 20)
+    );
+    assert!(
+        alive(pid) && alive(child),
+        "a failed dump leaves the tree running"
+    );
+    assert!(
+        !img_late.join("mapsnap-criu.json").exists(),
+        "no index after a failed dump"
+    );
+
     // With the plugin.
     let img = empty_dir(root, "images");
     let out = run(Command::new(&criu)
