@@ -259,6 +259,43 @@ impl Anchor {
         Ok(Self { fd, label })
     }
 
+    /// Opens a directory given by an absolute path or one relative to the working directory,
+    /// refusing a symbolic link at **any** component (`RESOLVE_NO_SYMLINKS`; mounts may be
+    /// crossed). For paths that are configuration but may sit in a directory others can write
+    /// (a snapshot location on a shared volume): a component swapped for a link fails instead
+    /// of redirecting the operation.
+    pub fn open_dir_nolinks(path: &Path, label: impl Into<String>) -> Result<Self> {
+        let label = label.into();
+        let p = if path.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            path
+        };
+        let fd = rfs::openat2(
+            rfs::CWD,
+            p,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        )
+        .map_err(|e| AnchorError {
+            op: "open directory",
+            anchor: label.clone(),
+            path: String::new(),
+            source: e.into(),
+        })?;
+        Ok(Self { fd, label })
+    }
+
+    /// Flushes the directory itself (after a rename into it) to stable storage.
+    pub fn sync(&self) -> Result<()> {
+        let root = RelPath::root();
+        let fd = self
+            .open_raw(&root, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())
+            .map_err(|e| self.err("open directory", &root, e))?;
+        rfs::fsync(&fd).map_err(|e| self.err("fsync", &root, e.into()))
+    }
+
     /// Adopts an fd that must refer to a directory (e.g. the image directory CRIU hands out).
     pub fn from_fd(fd: OwnedFd, label: impl Into<String>) -> Result<Self> {
         let label = label.into();
@@ -479,15 +516,21 @@ impl Anchor {
     /// Renames `from` to `to`, both leaves of this directory. With `replace` false the
     /// rename fails if `to` exists (renameat2 RENAME_NOREPLACE), so nothing is overwritten.
     pub fn rename(&self, from: &str, to: &str, replace: bool) -> Result<()> {
+        self.rename_into(from, self, to, replace)
+    }
+
+    /// Renames the leaf `from` of this directory to the leaf `to` of `dest` (same
+    /// filesystem), without replacing an existing `to` unless `replace`.
+    pub fn rename_into(&self, from: &str, dest: &Anchor, to: &str, replace: bool) -> Result<()> {
         leaf_path(from).map_err(|e| self.err_leaf("rename", from, e))?;
-        leaf_path(to).map_err(|e| self.err_leaf("rename", to, e))?;
+        leaf_path(to).map_err(|e| dest.err_leaf("rename", to, e))?;
         let flags = if replace {
             RenameFlags::empty()
         } else {
             RenameFlags::NOREPLACE
         };
-        rfs::renameat_with(&self.fd, from, &self.fd, to, flags)
-            .map_err(|e| self.err_leaf("rename", to, e.into()))
+        rfs::renameat_with(&self.fd, from, &dest.fd, to, flags)
+            .map_err(|e| dest.err_leaf("rename", to, e.into()))
     }
 
     /// Removes the leaf `name` (not a directory); returns false when it was not there.
@@ -608,7 +651,7 @@ fn leaf_path(leaf: &str) -> io::Result<RelPath> {
 }
 
 /// A random number for temporary names (collisions are retried; this is not a secret).
-fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(
@@ -707,6 +750,28 @@ mod tests {
         assert!(d.unlink("final").unwrap());
         assert!(!d.unlink("final").unwrap());
         assert!(d.rename("a/b", "c", false).is_err());
+        // Across directories: no replace unless asked.
+        let e = a
+            .create_dir_all(&RelPath::parse("e").unwrap(), 0o700)
+            .unwrap();
+        std::fs::write(tmp.path().join("x/y/m"), b"m").unwrap();
+        std::fs::write(tmp.path().join("e/m"), b"old").unwrap();
+        assert!(d.rename_into("m", &e, "m", false).unwrap_err().is_exists());
+        d.rename_into("m", &e, "m", true).unwrap();
+        assert_eq!(std::fs::read(tmp.path().join("e/m")).unwrap(), b"m");
+        assert!(!tmp.path().join("x/y/m").exists());
+        d.sync().unwrap();
+    }
+
+    #[test]
+    fn nolinks_refuses_a_link_anywhere() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("real")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), tmp.path().join("link")).unwrap();
+        assert!(Anchor::open_dir_nolinks(&tmp.path().join("real"), "d").is_ok());
+        let e = Anchor::open_dir_nolinks(&tmp.path().join("link"), "d").unwrap_err();
+        assert_eq!(e.errno(), Some(libc::ELOOP), "{e}");
     }
 
     fn hash_map(name: &str) -> Map {

@@ -13,6 +13,7 @@ use crate::discover::Found;
 use crate::dump::{batch_entries, drain_queue, meta_of, read_entries, unsupported_reason};
 use crate::error::Result;
 use crate::format::{Event, SnapshotReader};
+use crate::limits::Limits;
 use crate::model::{Access, MapMeta, access_of};
 use crate::sys::Map;
 
@@ -70,11 +71,11 @@ fn match_name(meta: &MapMeta) -> String {
 /// Receives `(map, key, value)` for every entry.
 type Visit<'a> = dyn FnMut(&str, &[u8], &[u8]) + 'a;
 
-fn scan(side: &Side<'_>, visit: &mut Visit<'_>) -> Result<Vec<String>> {
+fn scan(side: &Side<'_>, limits: &Limits, visit: &mut Visit<'_>) -> Result<Vec<String>> {
     let mut names = Vec::new();
     match side {
         Side::Snapshot(open) => {
-            let mut reader = SnapshotReader::new(open()?)?;
+            let mut reader = SnapshotReader::with_limits(open()?, limits)?;
             let mut content: HashMap<u32, u64> = HashMap::new();
             let mut current: Option<(u32, MapMeta, u64)> = None;
             while let Some(ev) = reader.next_event()? {
@@ -204,9 +205,19 @@ fn scan_live(map: &Map, meta: &MapMeta, visit: &mut dyn FnMut(&[u8], &[u8])) -> 
 
 /// Compares `old` with `new`; at most `examples` entries per map are shown.
 pub fn diff(old: &Side<'_>, new: &Side<'_>, examples: usize) -> Result<Vec<MapDiff>> {
+    diff_with_limits(old, new, examples, &Limits::default())
+}
+
+/// [`diff`], reading snapshots within these limits.
+pub fn diff_with_limits(
+    old: &Side<'_>,
+    new: &Side<'_>,
+    examples: usize,
+    limits: &Limits,
+) -> Result<Vec<MapDiff>> {
     // Side `old` as hashes: map -> key hash -> value hash.
     let mut table: HashMap<String, HashMap<u64, u64>> = HashMap::new();
-    let old_names = scan(old, &mut |m, k, v| {
+    let old_names = scan(old, limits, &mut |m, k, v| {
         table
             .entry(m.to_string())
             .or_default()
@@ -215,7 +226,7 @@ pub fn diff(old: &Side<'_>, new: &Side<'_>, examples: usize) -> Result<Vec<MapDi
     let mut out: BTreeMap<String, MapDiff> = BTreeMap::new();
     // Keys (by hash) whose old value should be shown, per map.
     let mut want_old: HashMap<String, HashSet<u64>> = HashMap::new();
-    let new_names = scan(new, &mut |m, k, v| {
+    let new_names = scan(new, limits, &mut |m, k, v| {
         let d = out.entry(m.to_string()).or_insert_with(|| MapDiff {
             map: m.to_string(),
             ..Default::default()
@@ -273,7 +284,7 @@ pub fn diff(old: &Side<'_>, new: &Side<'_>, examples: usize) -> Result<Vec<MapDi
     }
     // Fetch the old values (and removed keys) of the examples by reading `old` again.
     if want_old.values().any(|s| !s.is_empty()) {
-        scan(old, &mut |m, k, v| {
+        scan(old, limits, &mut |m, k, v| {
             let hk = xxh3_64(k);
             let Some(set) = want_old.get(m) else { return };
             if !set.contains(&hk) {

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::anchor::{Anchor, AnchorError, EntryKind, RelPath};
 use crate::sys::{self, Map, MapInfo, ObjKind, SysError};
 
 /// Where to look for maps.
@@ -123,61 +124,152 @@ fn open_found(map: Map, pin: Option<(String, PathBuf)>) -> Result<Found> {
     })
 }
 
+/// The most levels below the searched directory a walk descends.
+pub const MAX_WALK_DEPTH: usize = 16;
+
+/// The most directory entries one walk looks at (maps, directories, anything else).
+pub const MAX_WALK_ENTRIES: usize = 100_000;
+
 /// Maps pinned at `path` (a pin) or below it (a directory, recursively; programs and links
 /// pinned there are skipped). Relative paths use `/` and never contain `..`.
+///
+/// `path` itself is trusted (given by the administrator or the node's configuration); below
+/// it everything goes through [`Anchor`]: each directory is opened from its parent's fd
+/// without following links, and each map with `BPF_OBJ_GET` on the inode that was opened, so
+/// a writer on a shared bpffs who swaps a name for a link cannot bring a foreign map in.
 pub fn find_pinned(path: &Path) -> Result<Vec<Found>> {
-    let meta = std::fs::symlink_metadata(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => DiscoverError::NoSuchPin {
+    match Anchor::open_trusted(path, path.display().to_string()) {
+        Ok(dir) => {
+            let mut out = Vec::new();
+            walk_anchor(&dir, path, &RelPath::root(), &mut out, &mut 0)?;
+            Ok(out)
+        }
+        Err(e) if e.is_not_found() => Err(DiscoverError::NoSuchPin {
             path: path.to_path_buf(),
-        },
-        _ => DiscoverError::Proc {
-            path: path.display().to_string(),
-            source: e,
-        },
-    })?;
-    if !meta.is_dir() {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let map = Map::from_pin(path)?;
-        return Ok(vec![open_found(map, Some((name, path.to_path_buf())))?]);
+        }),
+        Err(e) if e.errno() == Some(libc::ENOTDIR) => {
+            // A single pin: its directory is trusted like the path, the leaf is not followed.
+            let (parent, name) = match (path.parent(), path.file_name().and_then(|n| n.to_str())) {
+                (Some(p), Some(n)) => (
+                    if p.as_os_str().is_empty() {
+                        Path::new(".")
+                    } else {
+                        p
+                    },
+                    n,
+                ),
+                _ => {
+                    return Err(DiscoverError::Proc {
+                        path: path.display().to_string(),
+                        source: io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            "the pin name is not valid UTF-8",
+                        ),
+                    });
+                }
+            };
+            let dir =
+                Anchor::open_trusted(parent, parent.display().to_string()).map_err(anchor_err)?;
+            let rel = RelPath::parse(name).map_err(|e| DiscoverError::Proc {
+                path: path.display().to_string(),
+                source: io::Error::new(io::ErrorKind::InvalidInput, e),
+            })?;
+            let map = dir.open_map(&rel)?;
+            Ok(vec![open_found(
+                map,
+                Some((name.to_string(), path.to_path_buf())),
+            )?])
+        }
+        Err(e) => Err(anchor_err(e)),
     }
+}
+
+/// Maps pinned below an already open directory (the OCI hook's anchored bpffs mounts).
+/// `shown` is how absolute pin paths are reported (`pin_abs`).
+pub fn find_pinned_at(dir: &Anchor, shown: &Path) -> Result<Vec<Found>> {
     let mut out = Vec::new();
-    walk(path, path, &mut out)?;
+    walk_anchor(dir, shown, &RelPath::root(), &mut out, &mut 0)?;
     Ok(out)
 }
 
-fn walk(root: &Path, dir: &Path, out: &mut Vec<Found>) -> Result<()> {
-    let proc_err = |e: io::Error| DiscoverError::Proc {
-        path: dir.display().to_string(),
-        source: e,
-    };
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
-        .map_err(proc_err)?
-        .collect::<io::Result<_>>()
-        .map_err(proc_err)?;
-    entries.sort_by_key(|e| e.file_name());
-    for entry in entries {
-        let path = entry.path();
-        let ft = entry.file_type().map_err(proc_err)?;
-        if ft.is_symlink() {
-            continue; // never follow links out of the searched tree
+fn anchor_err(e: AnchorError) -> DiscoverError {
+    DiscoverError::Proc {
+        path: if e.path.is_empty() {
+            e.anchor.clone()
+        } else {
+            format!("{}/{}", e.anchor, e.path)
+        },
+        source: io::Error::new(e.source.kind(), e.to_string()),
+    }
+}
+
+/// Whether an error means the name changed under us (became a link, or vanished): such an
+/// entry is skipped, never followed.
+fn swapped(errno: Option<i32>) -> bool {
+    matches!(
+        errno,
+        Some(libc::ELOOP) | Some(libc::ENOENT) | Some(libc::EXDEV)
+    )
+}
+
+fn walk_anchor(
+    dir: &Anchor,
+    shown: &Path,
+    rel: &RelPath,
+    out: &mut Vec<Found>,
+    seen: &mut usize,
+) -> Result<()> {
+    if rel.components().len() > MAX_WALK_DEPTH {
+        return Err(DiscoverError::Proc {
+            path: shown.join(rel.as_string()).display().to_string(),
+            source: io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the bpffs tree is nested more than {MAX_WALK_DEPTH} levels deep"),
+            ),
+        });
+    }
+    for entry in dir.entries().map_err(anchor_err)? {
+        *seen += 1;
+        if *seen > MAX_WALK_ENTRIES {
+            return Err(DiscoverError::Proc {
+                path: shown.display().to_string(),
+                source: io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("more than {MAX_WALK_ENTRIES} entries below it"),
+                ),
+            });
         }
-        if ft.is_dir() {
-            walk(root, &path, out)?;
-            continue;
+        let child = rel.join(&entry.name).map_err(|e| DiscoverError::Proc {
+            path: shown.join(rel.as_string()).display().to_string(),
+            source: io::Error::new(io::ErrorKind::InvalidData, e),
+        })?;
+        let leaf = RelPath::parse(&entry.name).map_err(|e| DiscoverError::Proc {
+            path: shown.join(rel.as_string()).display().to_string(),
+            source: io::Error::new(io::ErrorKind::InvalidData, e),
+        })?;
+        match entry.kind {
+            // Never followed: a link may point anywhere on the host.
+            EntryKind::Symlink => continue,
+            EntryKind::Dir => match dir.open_dir(&leaf) {
+                Ok(sub) => walk_anchor(&sub, shown, &child, out, seen)?,
+                Err(e) if swapped(e.errno()) => {
+                    tracing::warn!(path = %child, "skipped: it changed while being read");
+                }
+                Err(e) => return Err(anchor_err(e)),
+            },
+            EntryKind::File | EntryKind::Other => match dir.open_map(&leaf) {
+                Ok(map) => {
+                    let abs = shown.join(child.as_string());
+                    out.push(open_found(map, Some((child.as_string(), abs)))?);
+                }
+                // A pinned program or link: not ours to dump.
+                Err(e) if e.source.kind() == io::ErrorKind::InvalidInput => {}
+                Err(e) if swapped(e.errno()) => {
+                    tracing::warn!(path = %child, "skipped: it changed while being read");
+                }
+                Err(e) => return Err(e.into()),
+            },
         }
-        let fd = sys::obj_get(&path)?;
-        if sys::fd_kind(std::os::fd::AsFd::as_fd(&fd)) != ObjKind::Map {
-            continue;
-        }
-        let map = Map::from_fd(fd)?;
-        let rel = path
-            .strip_prefix(root)
-            .map(|p| p.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        out.push(open_found(map, Some((rel, path.clone())))?);
     }
     Ok(())
 }

@@ -2,8 +2,10 @@
 
 use std::path::PathBuf;
 
+use crate::anchor::AnchorError;
 use crate::discover::DiscoverError;
 use crate::format::FormatError;
+use crate::limits::LimitError;
 use crate::sys::SysError;
 
 #[derive(Debug, thiserror::Error)]
@@ -14,6 +16,15 @@ pub enum Error {
     Format(#[from] FormatError),
     #[error(transparent)]
     Discover(#[from] DiscoverError),
+    #[error(transparent)]
+    Anchor(#[from] AnchorError),
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    #[error(
+        "{what}: the deadline passed; everything this restore created or pinned was removed, \
+         so it can be retried"
+    )]
+    Deadline { what: String },
     #[error(
         "{map}: map type {map_type} is not supported: {reason} (use --skip-unsupported to skip it)"
     )]

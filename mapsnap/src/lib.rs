@@ -13,6 +13,7 @@ pub mod discover;
 pub mod dump;
 pub mod error;
 pub mod format;
+pub mod limits;
 pub mod model;
 pub mod progress;
 pub mod restore;

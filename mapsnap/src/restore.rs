@@ -9,6 +9,10 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
+use std::time::Instant;
+
+use crate::anchor::{Anchor, EntryKind, RelPath};
+use crate::limits::{KernelBudget, Limits};
 
 use crate::error::{Error, Result};
 use crate::format::{EntryChunk, Event, SnapshotReader, StreamDigest, VerifySummary};
@@ -47,6 +51,19 @@ pub struct IntoTarget {
 /// Maps a snapshot's relative pin path to where it is pinned on this host.
 pub type PinResolver = Box<dyn Fn(&str) -> Result<PathBuf> + Send + Sync>;
 
+/// Where one new map is pinned: a directory already opened through an [`Anchor`], and the
+/// leaf name in it.
+#[derive(Debug)]
+pub struct PinPlace {
+    pub dir: Anchor,
+    pub leaf: String,
+    /// How reports and errors name it (a container path, say; not necessarily a host path).
+    pub shown: String,
+}
+
+/// Maps a snapshot's relative pin path to the directory and leaf it is published at.
+pub type PlaceResolver = Box<dyn Fn(&str) -> Result<PinPlace> + Send + Sync>;
+
 /// Where restored maps go.
 pub enum Destination {
     /// Create new maps pinned under this bpffs directory at their snapshot pin paths.
@@ -57,6 +74,14 @@ pub enum Destination {
     /// created for that path.
     PinMapped {
         resolve: PinResolver,
+        overwrite: bool,
+    },
+    /// Create new maps and pin each in the directory `resolve` opened for its snapshot pin
+    /// path (an anchored directory: nothing after the open follows a link). The pin is made
+    /// under a temporary name there and renamed into place without replacing anything unless
+    /// `overwrite`.
+    PinAt {
+        resolve: PlaceResolver,
         overwrite: bool,
     },
     /// Fill these existing maps.
@@ -80,6 +105,10 @@ impl std::fmt::Debug for Destination {
                 .debug_struct("PinMapped")
                 .field("overwrite", overwrite)
                 .finish_non_exhaustive(),
+            Self::PinAt { overwrite, .. } => f
+                .debug_struct("PinAt")
+                .field("overwrite", overwrite)
+                .finish_non_exhaustive(),
             Self::Into(t) => f.debug_tuple("Into").field(t).finish(),
             Self::IntoRoot(d) => f.debug_tuple("IntoRoot").field(d).finish(),
             Self::Detached => f.write_str("Detached"),
@@ -91,6 +120,11 @@ impl std::fmt::Debug for Destination {
 pub struct RestoreOptions {
     pub mode: FillMode,
     pub cpu_policy: CpuPolicy,
+    /// Give up (removing everything this restore created or pinned) once this passes;
+    /// checked between maps and between entry chunks, and before publishing.
+    pub deadline: Option<Instant>,
+    /// Bounds on what the snapshot may make this restore allocate or create.
+    pub limits: Limits,
 }
 
 /// One restored map.
@@ -262,10 +296,18 @@ fn clear(map: &Map, info: &MapInfo, keep_from: u32) -> Result<()> {
     Ok(())
 }
 
+/// Where a new map is published once the whole stream checked out.
+enum Publish {
+    /// At this path below the restore root (journaled: see [`recover`]).
+    Root(RelPath),
+    /// In a directory the caller opened.
+    At(PinPlace),
+}
+
 /// Where the map being filled came from.
 enum Slot {
-    /// Created by this restore; pinned at `final_path` once verified (None for inner maps).
-    New { final_path: Option<PathBuf> },
+    /// Created by this restore; published at `final_path` once verified (None for inner maps).
+    New { final_path: Option<Publish> },
     /// An existing map, filled in place.
     Existing { target: String },
     /// Created and handed back unpinned.
@@ -292,10 +334,61 @@ struct Restorer<'a> {
     created: HashMap<u32, Map>,
     /// Existing targets resolved up front, by snapshot map index.
     targets: HashMap<u32, (Map, String)>,
+    /// Entry counts by map index, from the verified snapshot (empty without one).
+    counts: Vec<u64>,
     current: Option<Current>,
-    to_publish: Vec<(Map, PathBuf)>,
+    to_publish: Vec<(Map, Publish)>,
     detached: Vec<Map>,
     report: Vec<RestoredMap>,
+    /// The bpffs directory of [`Destination::PinRoot`], opened once.
+    root: Option<(Anchor, PathBuf)>,
+    budget: KernelBudget,
+}
+
+/// Fails once the restore's deadline has passed.
+fn check_deadline(opts: &RestoreOptions, what: impl FnOnce() -> String) -> Result<()> {
+    match opts.deadline {
+        Some(d) if Instant::now() >= d => Err(Error::Deadline { what: what() }),
+        _ => Ok(()),
+    }
+}
+
+/// A snapshot pin path as a checked relative path (no `..`, no absolute, not empty).
+fn pin_rel_path(rel: &str) -> Result<RelPath> {
+    let refuse = |reason| Error::UnsafePinPath {
+        path: rel.to_string(),
+        reason,
+    };
+    if rel.split('/').any(|c| c == "..") {
+        return Err(refuse("it contains `..`"));
+    }
+    if rel.starts_with('/') {
+        return Err(refuse("it is absolute"));
+    }
+    let p = RelPath::parse(rel.trim_start_matches("./")).map_err(|e| refuse(e.reason))?;
+    if p.is_root() {
+        return Err(refuse("it names no file"));
+    }
+    Ok(p)
+}
+
+/// The directory and leaf of a host path given by a [`PinResolver`] (its parent is opened
+/// as given; the leaf is never followed).
+fn place_of_path(path: &Path) -> Result<PinPlace> {
+    let refuse = |reason| Error::UnsafePinPath {
+        path: path.display().to_string(),
+        reason,
+    };
+    let leaf = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| refuse("it has no valid UTF-8 file name"))?;
+    let parent = path.parent().ok_or_else(|| refuse("it has no directory"))?;
+    Ok(PinPlace {
+        dir: Anchor::open_trusted(parent, parent.display().to_string())?,
+        leaf: leaf.to_string(),
+        shown: path.display().to_string(),
+    })
 }
 
 impl Restorer<'_> {
@@ -380,33 +473,74 @@ impl Restorer<'_> {
             reason: reason.into(),
         })?;
         let label = format!("snapshot map {index} {:?}", meta.name);
+        check_deadline(self.opts, || label.clone())?;
         let fit = cpu_fit(&meta, &label, self.opts.cpu_policy)?;
+        let creates =
+            meta.inner || !matches!(self.dest, Destination::Into(_) | Destination::IntoRoot(_));
+        if creates {
+            // Before the map is created: what creating it (and, when the verified snapshot
+            // says, filling it) would cost the kernel.
+            let known = self.counts.get(index as usize).copied().unwrap_or(0);
+            self.budget.map(|| label.clone(), &meta, known)?;
+        }
         self.progress.map_started(&meta.name, None);
         let (map, slot) = if meta.inner {
             (self.create(index, &meta)?, Slot::New { final_path: None })
         } else {
             match self.dest {
                 Destination::PinRoot { dir, overwrite } => {
-                    let path = safe_join(dir, &rel_pin(&meta, index))?;
-                    if !overwrite && path.exists() {
-                        return Err(Error::PinExists { path });
+                    let rel = pin_rel_path(&rel_pin(&meta, index))?;
+                    let (root, _) = self.root.as_ref().ok_or_else(|| Error::Restore {
+                        map: label.clone(),
+                        reason: "the restore root is not open (internal error)".into(),
+                    })?;
+                    if !overwrite && root.exists(&rel)? {
+                        return Err(Error::PinExists {
+                            path: dir.join(rel.as_string()),
+                        });
                     }
                     (
                         self.create(index, &meta)?,
                         Slot::New {
-                            final_path: Some(path),
+                            final_path: Some(Publish::Root(rel)),
                         },
                     )
                 }
                 Destination::PinMapped { resolve, overwrite } => {
                     let path = resolve(&rel_pin(&meta, index))?;
-                    if !overwrite && path.exists() {
+                    let place = place_of_path(&path)?;
+                    if !overwrite
+                        && place.dir.exists(&RelPath::parse(&place.leaf).map_err(|e| {
+                            Error::UnsafePinPath {
+                                path: place.shown.clone(),
+                                reason: e.reason,
+                            }
+                        })?)?
+                    {
                         return Err(Error::PinExists { path });
                     }
                     (
                         self.create(index, &meta)?,
                         Slot::New {
-                            final_path: Some(path),
+                            final_path: Some(Publish::At(place)),
+                        },
+                    )
+                }
+                Destination::PinAt { resolve, overwrite } => {
+                    let place = resolve(&rel_pin(&meta, index))?;
+                    let leaf = RelPath::parse(&place.leaf).map_err(|e| Error::UnsafePinPath {
+                        path: place.shown.clone(),
+                        reason: e.reason,
+                    })?;
+                    if !overwrite && place.dir.exists(&leaf)? {
+                        return Err(Error::PinExists {
+                            path: PathBuf::from(&place.shown),
+                        });
+                    }
+                    (
+                        self.create(index, &meta)?,
+                        Slot::New {
+                            final_path: Some(Publish::At(place)),
                         },
                     )
                 }
@@ -444,6 +578,15 @@ impl Restorer<'_> {
         let Some(cur) = self.current.as_mut() else {
             return Ok(());
         };
+        check_deadline(self.opts, || cur.map.label().to_string())?;
+        if !matches!(cur.slot, Slot::Existing { .. })
+            && self.counts.get(cur.index as usize).is_none()
+        {
+            // Entry counts were not known up front (one-pass restore): account as they come.
+            let label = format!("snapshot map {} {:?}", cur.index, cur.meta.name);
+            self.budget
+                .entries(|| label, &cur.meta, chunk.count as u64)?;
+        }
         let meta = &cur.meta;
         let access = access_of(meta.map_type).unwrap_or(Access::Keyed);
         let mut values = std::borrow::Cow::Borrowed(chunk.values.as_slice());
@@ -515,8 +658,14 @@ impl Restorer<'_> {
                 return Ok(());
             }
             Slot::New {
-                final_path: Some(path),
-            } => path.display().to_string(),
+                final_path: Some(Publish::Root(rel)),
+            } => match &self.root {
+                Some((_, shown)) => shown.join(rel.as_string()).display().to_string(),
+                None => rel.as_string(),
+            },
+            Slot::New {
+                final_path: Some(Publish::At(place)),
+            } => place.shown.clone(),
             Slot::Detached => "(unpinned)".into(),
             Slot::Existing { target } => target.clone(),
         };
@@ -537,45 +686,359 @@ impl Restorer<'_> {
         Ok(())
     }
 
-    /// Pins every new map under a temporary name, checks each, then renames them into place.
+    /// Publishes every new map: all or nothing (see [`publish_root`] and [`publish_at`]).
     fn publish(&mut self) -> Result<()> {
-        let mut staged: Vec<(PathBuf, PathBuf)> = Vec::new();
-        let result = (|| {
-            for (i, (map, path)) in self.to_publish.iter().enumerate() {
-                let dir = path.parent().unwrap_or(Path::new("/"));
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-                // bpffs refuses names with dots (EPERM): the temporary name has none.
-                let tmp = dir.join(format!("mapsnap_tmp_{}_{i}", std::process::id()));
-                map.pin(&tmp)?;
-                staged.push((tmp.clone(), path.clone()));
-                let pinned = Map::from_pin(&tmp)?;
-                if pinned.info()?.id != map.info()?.id {
-                    return Err(Error::Restore {
-                        map: path.display().to_string(),
-                        reason: "the map pinned under the temporary name is not the one restored"
-                            .into(),
-                    });
-                }
+        check_deadline(self.opts, || "publishing the restored maps".into())?;
+        let items = std::mem::take(&mut self.to_publish);
+        let (mut under_root, mut at) = (Vec::new(), Vec::new());
+        for (map, p) in items {
+            match p {
+                Publish::Root(rel) => under_root.push((map, rel)),
+                Publish::At(place) => at.push((map, place)),
             }
-            Ok(())
-        })();
-        if let Err(e) = result {
-            for (tmp, _) in &staged {
-                let _ = std::fs::remove_file(tmp);
-            }
-            return Err(e);
         }
-        for (tmp, path) in &staged {
-            std::fs::rename(tmp, path).map_err(|e| {
-                Error::io(
-                    format!("renaming {} to {}", tmp.display(), path.display()),
-                    e,
-                )
+        let overwrite = matches!(
+            self.dest,
+            Destination::PinRoot {
+                overwrite: true,
+                ..
+            } | Destination::PinMapped {
+                overwrite: true,
+                ..
+            } | Destination::PinAt {
+                overwrite: true,
+                ..
+            }
+        );
+        if !under_root.is_empty() {
+            let (root, _) = self.root.as_ref().ok_or_else(|| Error::Restore {
+                map: "publish".into(),
+                reason: "the restore root is not open (internal error)".into(),
             })?;
+            publish_root(root, &under_root, overwrite, self.opts)?;
+        }
+        if !at.is_empty() {
+            publish_at(&at, overwrite, self.opts)?;
         }
         Ok(())
     }
+}
+
+/// Prefix of the per-map temporary pins of [`publish_at`].
+pub const TMP_PREFIX: &str = "mapsnap_tmp_";
+/// Prefix of the staging directory of [`publish_root`] (removed by [`recover`]).
+pub const STAGE_PREFIX: &str = "mapsnap_stage_";
+/// Prefix of a committed staging directory (rolled forward by [`recover`]).
+pub const COMMIT_PREFIX: &str = "mapsnap_commit_";
+
+/// `<pid>_<random>`: names this process's temporaries (bpffs refuses dots in names).
+fn token() -> String {
+    format!(
+        "{}_{:016x}",
+        std::process::id(),
+        crate::anchor::random_u64()
+    )
+}
+
+/// Whether a temporary named `<prefix><pid>_...` belongs to a process that is gone (a
+/// killed earlier run): only those are cleaned up, never a concurrent restore's.
+fn stale(name: &str, prefix: &str) -> bool {
+    let Some(rest) = name.strip_prefix(prefix) else {
+        return false;
+    };
+    let rest = rest
+        .strip_prefix("r_")
+        .or_else(|| rest.strip_prefix("n_"))
+        .unwrap_or(rest);
+    let Some(pid) = rest.split('_').next().and_then(|p| p.parse::<u32>().ok()) else {
+        return false;
+    };
+    pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes the directory `name` of `parent` with every pin and directory below it, through
+/// the anchor (nothing is followed).
+fn remove_tree(parent: &Anchor, name: &str, depth: usize) -> Result<()> {
+    let leaf = RelPath::parse(name).map_err(|e| Error::UnsafePinPath {
+        path: name.to_string(),
+        reason: e.reason,
+    })?;
+    let dir = match parent.open_dir(&leaf) {
+        Ok(d) => d,
+        Err(e) if e.is_not_found() => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for e in dir.entries()? {
+        if e.kind == EntryKind::Dir && depth < crate::anchor::MAX_DEPTH {
+            remove_tree(&dir, &e.name, depth + 1)?;
+        } else {
+            dir.unlink(&e.name)?;
+        }
+    }
+    parent.remove_dir(name)?;
+    Ok(())
+}
+
+/// Every pin below `dir`, as paths relative to it (depth-first, sorted).
+fn pins_below(dir: &Anchor, rel: &RelPath, out: &mut Vec<RelPath>) -> Result<()> {
+    let here = if rel.is_root() {
+        dir.try_clone()?
+    } else {
+        dir.open_dir(rel)?
+    };
+    for e in here.entries()? {
+        let child = rel.join(&e.name).map_err(|err| Error::UnsafePinPath {
+            path: e.name.clone(),
+            reason: err.reason,
+        })?;
+        match e.kind {
+            EntryKind::Dir => pins_below(dir, &child, out)?,
+            EntryKind::Symlink => {}
+            _ => out.push(child),
+        }
+    }
+    Ok(())
+}
+
+/// Moves every pin of the committed directory `commit` to the same path below `root`.
+/// Returns the paths moved so far with the error, if one fails.
+fn roll_forward(
+    root: &Anchor,
+    commit: &str,
+    replace: bool,
+) -> std::result::Result<(), (Vec<RelPath>, Error)> {
+    let mut moved = Vec::new();
+    let r = (|| -> Result<()> {
+        let cdir = root.open_dir(&RelPath::parse(commit).map_err(|e| Error::UnsafePinPath {
+            path: commit.to_string(),
+            reason: e.reason,
+        })?)?;
+        let mut pins = Vec::new();
+        pins_below(&cdir, &RelPath::root(), &mut pins)?;
+        for rel in pins {
+            let Some((parent, leaf)) = rel.split_leaf() else {
+                continue;
+            };
+            let from = if parent.is_root() {
+                cdir.try_clone()?
+            } else {
+                cdir.open_dir(&parent)?
+            };
+            let to = root.create_dir_all(&parent, 0o755)?;
+            from.rename_into(leaf, &to, leaf, replace)?;
+            moved.push(rel.clone());
+        }
+        Ok(())
+    })();
+    r.map_err(|e| (moved.clone(), e))
+}
+
+/// Removes pins this restore published at `paths` below `root`, each only if it still is the
+/// map with the id we published (a name someone else re-used is left alone).
+fn unpublish(root: &Anchor, paths: &[RelPath], ids: &HashMap<String, u32>) {
+    for rel in paths {
+        let Some((parent, leaf)) = rel.split_leaf() else {
+            continue;
+        };
+        let Ok(dir) = root.open_dir(&parent) else {
+            continue;
+        };
+        let ours = RelPath::parse(leaf)
+            .ok()
+            .and_then(|l| dir.open_map(&l).ok())
+            .and_then(|m| m.info().ok())
+            .is_some_and(|i| ids.get(&rel.as_string()) == Some(&i.id));
+        if ours {
+            let _ = dir.unlink(leaf);
+        }
+    }
+}
+
+/// Finishes or undoes what killed earlier restores left in `root`: a staging directory
+/// (not committed) is removed with its pins, so the old state stays; a committed one is
+/// rolled forward, so the new state is completed; temporary pins of [`publish_at`] are
+/// removed. Only temporaries of processes that no longer exist are touched.
+///
+/// [`restore`] calls this first for [`Destination::PinRoot`]; returns what it did.
+pub fn recover(root: &Anchor) -> Result<Recovered> {
+    let mut done = Recovered::default();
+    for e in root.entries()? {
+        if stale(&e.name, STAGE_PREFIX) && e.kind == EntryKind::Dir {
+            remove_tree(root, &e.name, 0)?;
+            done.rolled_back += 1;
+        } else if stale(&e.name, COMMIT_PREFIX) && e.kind == EntryKind::Dir {
+            let replace = e.name[COMMIT_PREFIX.len()..].starts_with("r_");
+            if let Err((_, err)) = roll_forward(root, &e.name, replace) {
+                // A name taken meanwhile (no replace): that pin cannot be completed.
+                tracing::warn!("completing an interrupted restore: {err}");
+            }
+            remove_tree(root, &e.name, 0)?;
+            done.rolled_forward += 1;
+        } else if stale(&e.name, TMP_PREFIX) && e.kind != EntryKind::Dir {
+            root.unlink(&e.name)?;
+            done.temporaries += 1;
+        }
+    }
+    Ok(done)
+}
+
+/// What [`recover`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Uncommitted restores undone.
+    pub rolled_back: u32,
+    /// Committed restores completed.
+    pub rolled_forward: u32,
+    /// Temporary pins removed.
+    pub temporaries: u32,
+}
+
+/// Publishes maps below the restore root as one transaction:
+///
+/// 1. every map is pinned in a staging directory `mapsnap_stage_<pid>_<rand>` of the root,
+///    at its own relative path, and checked to be the map restored;
+/// 2. the staging directory is renamed to `mapsnap_commit_<r|n>_<pid>_<rand>` (one atomic
+///    rename: the point where the new state is decided);
+/// 3. every pin is renamed to its place (replacing only with `--overwrite`), then the
+///    empty directory is removed.
+///
+/// A failure before 2 removes the staging directory (the old state is untouched); a failure
+/// in 3 removes the pins already published (without overwrite). A process killed at any
+/// point leaves a staging or commit directory that the next restore into the same root
+/// removes or completes ([`recover`]), so a retry never trips over it.
+fn publish_root(
+    root: &Anchor,
+    items: &[(Map, RelPath)],
+    replace: bool,
+    opts: &RestoreOptions,
+) -> Result<()> {
+    let tok = token();
+    let stage = format!("{STAGE_PREFIX}{tok}");
+    let mut ids = HashMap::new();
+    let staged = (|| -> Result<()> {
+        let sdir = root.create_dir_all(
+            &RelPath::parse(&stage).map_err(|e| Error::UnsafePinPath {
+                path: stage.clone(),
+                reason: e.reason,
+            })?,
+            0o700,
+        )?;
+        for (map, rel) in items {
+            check_deadline(opts, || format!("publishing {rel}"))?;
+            let Some((parent, leaf)) = rel.split_leaf() else {
+                continue;
+            };
+            // The target's directories exist before the commit, so step 3 only renames.
+            root.create_dir_all(&parent, 0o755)?;
+            let d = sdir.create_dir_all(&parent, 0o755)?;
+            d.pin_map(map, leaf)?;
+            let id = map.info()?.id;
+            let pinned =
+                d.open_map(&RelPath::parse(leaf).map_err(|e| Error::UnsafePinPath {
+                    path: rel.as_string(),
+                    reason: e.reason,
+                })?)?;
+            if pinned.info()?.id != id {
+                return Err(Error::Restore {
+                    map: rel.as_string(),
+                    reason: "the map pinned in the staging directory is not the one restored"
+                        .into(),
+                });
+            }
+            ids.insert(rel.as_string(), id);
+        }
+        check_deadline(opts, || "publishing the restored maps".into())
+    })();
+    if let Err(e) = staged {
+        if let Err(c) = remove_tree(root, &stage, 0) {
+            tracing::warn!("removing the staging directory: {c}");
+        }
+        return Err(e);
+    }
+    let commit = format!("{COMMIT_PREFIX}{}_{tok}", if replace { "r" } else { "n" });
+    if let Err(e) = root.rename(&stage, &commit, false) {
+        let _ = remove_tree(root, &stage, 0);
+        return Err(e.into());
+    }
+    let result = roll_forward(root, &commit, replace);
+    if let Err((moved, _)) = &result
+        && !replace
+    {
+        unpublish(root, moved, &ids);
+    }
+    if let Err(c) = remove_tree(root, &commit, 0) {
+        tracing::warn!("removing the commit directory: {c}");
+    }
+    result.map_err(|(_, e)| e)
+}
+
+/// Publishes maps into directories the caller opened: each is pinned as
+/// `mapsnap_tmp_<pid>_<rand>_<i>` beside its target and checked, then all are renamed into
+/// place. Any failure removes every temporary and every pin already published (without
+/// overwrite), so nothing of this restore stays behind. Stale temporaries of killed earlier
+/// runs in those directories are removed first.
+fn publish_at(items: &[(Map, PinPlace)], replace: bool, opts: &RestoreOptions) -> Result<()> {
+    let tok = token();
+    let mut staged: Vec<(usize, String, u32)> = Vec::new();
+    let cleanup = |staged: &[(usize, String, u32)]| {
+        for (i, tmp, _) in staged {
+            let _ = items[*i].1.dir.unlink(tmp);
+        }
+    };
+    let r = (|| -> Result<()> {
+        for (i, (map, place)) in items.iter().enumerate() {
+            check_deadline(opts, || format!("publishing {}", place.shown))?;
+            for e in place.dir.entries()? {
+                if stale(&e.name, TMP_PREFIX) && e.kind != EntryKind::Dir {
+                    place.dir.unlink(&e.name)?;
+                }
+            }
+            let tmp = format!("{TMP_PREFIX}{tok}_{i}");
+            place.dir.pin_map(map, &tmp)?;
+            let id = map.info()?.id;
+            staged.push((i, tmp.clone(), id));
+            let pinned =
+                place
+                    .dir
+                    .open_map(&RelPath::parse(&tmp).map_err(|e| Error::UnsafePinPath {
+                        path: tmp.clone(),
+                        reason: e.reason,
+                    })?)?;
+            if pinned.info()?.id != id {
+                return Err(Error::Restore {
+                    map: place.shown.clone(),
+                    reason: "the map pinned under the temporary name is not the one restored"
+                        .into(),
+                });
+            }
+        }
+        check_deadline(opts, || "publishing the restored maps".into())
+    })();
+    if let Err(e) = r {
+        cleanup(&staged);
+        return Err(e);
+    }
+    for (n, (i, tmp, _)) in staged.iter().enumerate() {
+        let place = &items[*i].1;
+        if let Err(e) = place.dir.rename(tmp, &place.leaf, replace) {
+            cleanup(&staged[n..]);
+            if !replace {
+                for (j, _, id) in &staged[..n] {
+                    let p = &items[*j].1;
+                    let ours = RelPath::parse(&p.leaf)
+                        .ok()
+                        .and_then(|l| p.dir.open_map(&l).ok())
+                        .and_then(|m| m.info().ok())
+                        .is_some_and(|info| info.id == *id);
+                    if ours {
+                        let _ = p.dir.unlink(&p.leaf);
+                    }
+                }
+            }
+            return Err(e.into());
+        }
+    }
+    Ok(())
 }
 
 /// Writes one chunk into a keyed map: batch update, or element by element where the map
@@ -649,7 +1112,10 @@ fn resolve_targets(
         .collect();
     let mut out = HashMap::new();
     match dest {
-        Destination::PinRoot { .. } | Destination::PinMapped { .. } | Destination::Detached => {}
+        Destination::PinRoot { .. }
+        | Destination::PinMapped { .. }
+        | Destination::PinAt { .. }
+        | Destination::Detached => {}
         Destination::Into(targets) => {
             for t in targets {
                 let (index, meta) = match &t.select {
@@ -676,9 +1142,12 @@ fn resolve_targets(
             }
         }
         Destination::IntoRoot(dir) => {
+            let root = Anchor::open_trusted(dir, dir.display().to_string())?;
             for (index, meta) in top {
-                let path = safe_join(dir, &rel_pin(meta, index))?;
-                let map = Map::from_pin(&path)?;
+                let rel = pin_rel_path(&rel_pin(meta, index))?;
+                let path = dir.join(rel.as_string());
+                // Through the anchor: a pin swapped for a link to another map is refused.
+                let map = root.open_map(&rel)?;
                 let info = map.info()?;
                 check_compatible(meta, &map, &info, opts)?;
                 out.insert(index, (map, path.display().to_string()));
@@ -702,7 +1171,10 @@ pub fn restore<R: Read>(
 ) -> Result<RestoreReport> {
     let targets = match (dest, verified) {
         (
-            Destination::PinRoot { .. } | Destination::PinMapped { .. } | Destination::Detached,
+            Destination::PinRoot { .. }
+            | Destination::PinMapped { .. }
+            | Destination::PinAt { .. }
+            | Destination::Detached,
             _,
         ) => HashMap::new(),
         (_, Some(summary)) => resolve_targets(dest, summary, opts)?,
@@ -713,7 +1185,41 @@ pub fn restore<R: Read>(
             });
         }
     };
+    // Everything the verified snapshot says is checked before the first map is created.
+    let cpus = sys::possible_cpus()?;
+    let mut counts = Vec::new();
+    if let Some(v) = verified {
+        let creates = !matches!(dest, Destination::Into(_) | Destination::IntoRoot(_));
+        let mut budget = KernelBudget::new(&opts.limits, cpus);
+        for (i, (meta, n)) in v.maps.iter().enumerate() {
+            if creates || meta.inner {
+                budget.map(|| format!("snapshot map {i} {:?}", meta.name), meta, *n)?;
+            }
+            counts.push(*n);
+        }
+    }
+    let root = match dest {
+        Destination::PinRoot { dir, .. } => {
+            let a = Anchor::open_trusted(dir, dir.display().to_string())?;
+            let rec = recover(&a)?;
+            if rec != Recovered::default() {
+                tracing::warn!(
+                    "{}: cleaned up after an interrupted restore: {} undone, {} completed, {} \
+                     temporary pins removed",
+                    dir.display(),
+                    rec.rolled_back,
+                    rec.rolled_forward,
+                    rec.temporaries
+                );
+            }
+            Some((a, dir.clone()))
+        }
+        _ => None,
+    };
     let mut r = Restorer {
+        root,
+        budget: KernelBudget::new(&opts.limits, cpus),
+        counts,
         dest,
         opts,
         progress,
@@ -726,7 +1232,7 @@ pub fn restore<R: Read>(
         detached: Vec::new(),
         report: Vec::new(),
     };
-    let mut reader = SnapshotReader::new(source)?;
+    let mut reader = SnapshotReader::with_limits(source, &opts.limits)?;
     let digest = loop {
         match reader.next_event()? {
             Some(Event::Info(_)) => {}

@@ -160,7 +160,7 @@ struct Built {
 fn build(spec: &Spec) -> Built {
     let mut w = SnapshotWriter::new(Vec::new(), &info(), spec.opts).expect("writer");
     let mut expected = vec![Norm::Ev(Event::Info(info()))];
-    let mut maps = Vec::new();
+    let mut maps: Vec<(MapMeta, u64)> = Vec::new();
     let mut btf_count = 0u32;
     for op in &spec.ops {
         match op {
@@ -201,10 +201,13 @@ fn build(spec: &Spec) -> Built {
                     }),
                     pin_path: Some(format!("app/map{}", maps.len())),
                     source_id: 42,
+                    // Templates are plain maps: the reader refuses map-of-maps nesting
+                    // deeper than the kernel supports (Limits::max_nesting).
                     inner_template: m
                         .inner
                         .filter(|_| !maps.is_empty())
-                        .map(|i| i % maps.len() as u32),
+                        .map(|i| i % maps.len() as u32)
+                        .filter(|t| maps[*t as usize].0.map_type != map_type::HASH_OF_MAPS),
                     inner: false,
                 };
                 let index = w.begin_map(&meta).expect("begin");

@@ -590,6 +590,7 @@ fn fill_existing_maps_replace_merge_and_refuse_incompatible() {
             &RestoreOptions {
                 mode,
                 cpu_policy: CpuPolicy::Error,
+                ..RestoreOptions::default()
             },
             &NoProgress,
         )

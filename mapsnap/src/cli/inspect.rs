@@ -64,8 +64,9 @@ pub fn run(
     json: bool,
     manifest: Option<&Manifest>,
     manifest_name: Option<String>,
+    limits: &mapsnap::limits::Limits,
 ) -> anyhow::Result<()> {
-    let mut reader = SnapshotReader::new(source)?;
+    let mut reader = SnapshotReader::with_limits(source, limits)?;
     let mut btfs: HashMap<u32, TypedBtf> = HashMap::new();
     let mut maps: Vec<Value> = Vec::new();
     let mut info_v = Value::Null;

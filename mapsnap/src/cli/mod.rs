@@ -17,6 +17,7 @@ use mapsnap::diff::{self, Side};
 use mapsnap::discover::{self, Source};
 use mapsnap::dump::{self, DumpOptions};
 use mapsnap::format::{self, WriterOptions};
+use mapsnap::limits::{self, Limits};
 use mapsnap::model::SnapshotInfo;
 use mapsnap::restore::{self, CpuPolicy, Destination, FillMode, IntoTarget, RestoreOptions};
 use mapsnap::storage::{
@@ -107,6 +108,54 @@ impl Sources {
     }
 }
 
+/// Bounds on what a snapshot read from outside may make mapsnap allocate or create
+/// (defaults in docs/FORMAT.md, "Limits").
+#[derive(Debug, clap::Args, Default)]
+pub struct LimitArgs {
+    /// Most maps in a snapshot, inner maps included [default: 4096].
+    #[arg(long, value_name = "N")]
+    pub max_maps: Option<u32>,
+    /// Most bytes of one BTF blob [default: 16MiB].
+    #[arg(long, value_name = "SIZE", value_parser = limits::parse_size)]
+    pub max_btf_blob: Option<u64>,
+    /// Most bytes of all BTF of a snapshot [default: 64MiB].
+    #[arg(long, value_name = "SIZE", value_parser = limits::parse_size)]
+    pub max_btf_bytes: Option<u64>,
+    /// Most estimated kernel memory of the maps a restore creates [default: 4GiB].
+    #[arg(long, value_name = "SIZE", value_parser = limits::parse_size)]
+    pub max_kernel_memory: Option<u64>,
+    /// Deepest map-of-maps nesting [default: 1].
+    #[arg(long, value_name = "N")]
+    pub max_nesting: Option<u32>,
+    /// Most bytes of one snapshot section, stored or decompressed [default: 64MiB].
+    #[arg(long, value_name = "SIZE", value_parser = parse_section)]
+    pub max_section: Option<u32>,
+    /// Most bytes of a local snapshot file [default: 64GiB].
+    #[arg(long, value_name = "SIZE", value_parser = limits::parse_size)]
+    pub max_file_bytes: Option<u64>,
+}
+
+fn parse_section(s: &str) -> Result<u32, String> {
+    let n = limits::parse_size(s)?;
+    u32::try_from(n).map_err(|_| format!("{s:?}: a section is at most 4GiB - 1"))
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Limits {
+        let d = Limits::default();
+        Limits {
+            max_maps: self.max_maps.unwrap_or(d.max_maps),
+            max_btf_blob: self.max_btf_blob.unwrap_or(d.max_btf_blob),
+            max_btf_total: self.max_btf_bytes.unwrap_or(d.max_btf_total),
+            max_kernel_memory: self.max_kernel_memory.unwrap_or(d.max_kernel_memory),
+            max_nesting: self.max_nesting.unwrap_or(d.max_nesting),
+            max_section: self.max_section.unwrap_or(d.max_section),
+            max_manifest: d.max_manifest,
+            max_file: self.max_file_bytes.unwrap_or(d.max_file),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ModeArg {
     Replace,
@@ -180,6 +229,12 @@ pub enum Cmd {
         /// With --pin-root: replace existing pins (atomically).
         #[arg(long)]
         overwrite: bool,
+        /// Give up after this long (like 30s, 5m), removing everything the restore created
+        /// or pinned so far.
+        #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
+        deadline: Option<Duration>,
+        #[command(flatten)]
+        limits: LimitArgs,
         #[arg(long)]
         json: bool,
     },
@@ -195,6 +250,8 @@ pub enum Cmd {
         /// Entries shown per map with --entries.
         #[arg(long, default_value_t = 20)]
         limit: usize,
+        #[command(flatten)]
+        limits: LimitArgs,
         #[arg(long)]
         json: bool,
     },
@@ -209,6 +266,8 @@ pub enum Cmd {
         /// Differing entries shown per map.
         #[arg(long, default_value_t = 10)]
         examples: usize,
+        #[command(flatten)]
+        limits: LimitArgs,
         #[arg(long)]
         json: bool,
     },
@@ -216,6 +275,8 @@ pub enum Cmd {
     Verify {
         /// The snapshot (path or URL).
         snapshot: String,
+        #[command(flatten)]
+        limits: LimitArgs,
         #[arg(long)]
         json: bool,
     },
@@ -249,8 +310,11 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         };
     }
     for cause in e.chain() {
-        if cause.downcast_ref::<format::FormatError>().is_some() {
-            return code::BAD_SNAPSHOT;
+        if let Some(f) = cause.downcast_ref::<format::FormatError>() {
+            return match f {
+                format::FormatError::Limit(_) => code::REFUSED,
+                _ => code::BAD_SNAPSHOT,
+            };
         }
         if let Some(err) = cause.downcast_ref::<E>() {
             return match err {
@@ -260,8 +324,13 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
                 | E::CpuMismatch { .. }
                 | E::PinExists { .. }
                 | E::UnsafePinPath { .. }
+                | E::Limit(_)
+                | E::Deadline { .. }
                 | E::Restore { .. } => code::REFUSED,
-                E::Sys(_) | E::Discover(_) | E::Io { .. } => code::SYSTEM,
+                E::Anchor(a) if matches!(a.errno(), Some(libc::ELOOP) | Some(libc::EXDEV)) => {
+                    code::REFUSED
+                }
+                E::Sys(_) | E::Discover(_) | E::Io { .. } | E::Anchor(_) => code::SYSTEM,
             };
         }
         if cause.downcast_ref::<mapsnap::sys::SysError>().is_some()
@@ -342,6 +411,24 @@ fn checked_reader(
             None => r,
         },
     )
+}
+
+/// Refuses a snapshot larger than `--max-file-bytes` before reading any of it.
+fn check_size(st: &Storage, limits: &Limits) -> anyhow::Result<()> {
+    if *st.location() == Location::Stdio {
+        return Ok(());
+    }
+    if let Some(info) = st.head()? {
+        Limits::check(
+            || st.name().to_string(),
+            "its size (bytes)",
+            info.size,
+            limits.max_file,
+            "max-file-bytes",
+        )
+        .map_err(mapsnap::Error::from)?;
+    }
+    Ok(())
 }
 
 /// The manifest beside a snapshot, when there is one; a broken manifest is reported and
@@ -514,8 +601,11 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
             mode,
             cpu_mismatch,
             overwrite,
+            deadline,
+            limits,
             json,
         } => {
+            let limits = limits.limits();
             let dest = match (pin_root, into.is_empty(), into_root) {
                 (Some(dir), true, None) => Destination::PinRoot { dir, overwrite },
                 (None, false, None) => Destination::Into(
@@ -537,8 +627,11 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
                     CpuArg::Error => CpuPolicy::Error,
                     CpuArg::Fit => CpuPolicy::Fit,
                 },
+                deadline: deadline.map(|d| std::time::Instant::now() + d),
+                limits,
             };
             let src = locations.open(&snapshot)?;
+            check_size(&src, &limits)?;
             if *src.location() == Location::Stdio {
                 bail!("restore reads the snapshot twice (verify, then apply): give a file, not -");
             }
@@ -563,7 +656,7 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
             } else {
                 let r = checked_reader(&src, version.as_ref(), manifest.as_ref())?;
                 Some(
-                    format::verify(r)
+                    format::verify_with_limits(r, &limits)
                         .map_err(|e| anyhow::Error::new(e).context(src.name().to_string()))?,
                 )
             };
@@ -594,9 +687,12 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
             entries,
             manifest: manifest_only,
             limit,
+            limits,
             json,
         } => {
+            let limits = limits.limits();
             let src = locations.open(&snapshot)?;
+            check_size(&src, &limits)?;
             let manifest = manifest_of(&src)?;
             if manifest_only {
                 let Some(m) = manifest else {
@@ -620,6 +716,7 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
                     json,
                     manifest.as_ref(),
                     src.manifest_name(),
+                    &limits,
                 )
                 .map_err(|e| match e.downcast::<format::FormatError>() {
                     Ok(f) => anyhow::Error::new(f).context(src.name().to_string()),
@@ -632,8 +729,10 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
             new,
             live,
             examples,
+            limits,
             json,
         } => {
+            let limits = limits.limits();
             let old_src = locations.open(&old)?;
             let open_old = || -> mapsnap::Result<Box<dyn Read>> { open_for_diff(&old_src) };
             let live_sources = live.to_sources();
@@ -655,7 +754,8 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
                     "compare with one thing: a second snapshot, or live maps (--id/--pin/--pid)"
                 ),
             };
-            let diffs = diff::diff(&Side::Snapshot(&open_old), &new_side, examples)?;
+            let diffs =
+                diff::diff_with_limits(&Side::Snapshot(&open_old), &new_side, examples, &limits)?;
             let different = diffs.iter().any(|d| !d.is_empty());
             if json {
                 println!("{}", serde_json::to_string_pretty(&diffs)?);
@@ -666,11 +766,18 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(code::DIFFERENT));
             }
         }
-        Cmd::Verify { snapshot, json } => {
+        Cmd::Verify {
+            snapshot,
+            limits,
+            json,
+        } => {
+            let limits = limits.limits();
             let src = locations.open(&snapshot)?;
+            check_size(&src, &limits)?;
             let manifest = manifest_of(&src)?;
-            let s = format::verify(checked_reader(&src, None, manifest.as_ref())?)
-                .map_err(|e| anyhow::Error::new(e).context(src.name().to_string()))?;
+            let s =
+                format::verify_with_limits(checked_reader(&src, None, manifest.as_ref())?, &limits)
+                    .map_err(|e| anyhow::Error::new(e).context(src.name().to_string()))?;
             if let Some(why) = manifest.as_ref().and_then(|m| m.mismatch(&s.digest)) {
                 return Err(StorageError::new(ErrorKind::Corrupt, src.name(), why).into());
             }

@@ -81,6 +81,8 @@ pub enum FormatError {
     },
 
     /// The API was used the wrong way (a bug in the calling code, not in the file).
+    #[error("snapshot refused: {0}")]
+    Limit(#[from] crate::limits::LimitError),
     #[error("invalid use of the snapshot codec: {0}")]
     Usage(String),
 }

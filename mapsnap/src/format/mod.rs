@@ -23,7 +23,7 @@ mod writer;
 mod tests;
 
 pub use error::FormatError;
-pub use reader::{SnapshotReader, VerifySummary, verify};
+pub use reader::{SnapshotReader, VerifySummary, verify, verify_with_limits};
 pub use writer::{SnapshotWriter, WriterOptions};
 
 use crate::model::{Access, MapMeta, SnapshotInfo, access_of};

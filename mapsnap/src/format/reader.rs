@@ -11,7 +11,8 @@ use super::{
     EntryChunk, Event, FILE_HEADER_LEN, FLAG_ZSTD, FormatError, MAGIC, MAX_SECTION_LEN,
     SECTION_HEADER_LEN, StreamDigest, VERSION, entry_layout, kind, kind_name,
 };
-use crate::model::{MapMeta, SnapshotInfo};
+use crate::limits::Limits;
+use crate::model::{Access, MapMeta, SnapshotInfo, access_of};
 
 /// Whether ENTRIES payloads are decoded (reader) or only checked and counted (verify).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +71,11 @@ pub struct SnapshotReader<R: Read> {
     btf_count: u32,
     map_count: u32,
     open: Option<OpenMap>,
+    limits: Limits,
+    /// Raw BTF bytes seen so far (all of them are kept by a restore).
+    btf_total: u64,
+    /// Map-of-maps nesting depth of every map so far, by index (bounded by `max_maps`).
+    depths: Vec<u32>,
 }
 
 impl<R: Read> fmt::Debug for SnapshotReader<R> {
@@ -86,12 +92,18 @@ impl<R: Read> fmt::Debug for SnapshotReader<R> {
 }
 
 impl<R: Read> SnapshotReader<R> {
-    /// Reads and checks the file header (magic, version). Input is buffered internally.
+    /// Reads and checks the file header (magic, version), with the default [`Limits`].
+    /// Input is buffered internally.
     pub fn new(r: R) -> Result<Self, FormatError> {
-        Self::with_mode(r, Mode::Decode)
+        Self::with_mode(r, Mode::Decode, Limits::default())
     }
 
-    fn with_mode(r: R, mode: Mode) -> Result<Self, FormatError> {
+    /// Like [`new`](Self::new), with these limits on sections, BTF, maps and nesting.
+    pub fn with_limits(r: R, limits: &Limits) -> Result<Self, FormatError> {
+        Self::with_mode(r, Mode::Decode, *limits)
+    }
+
+    fn with_mode(r: R, mode: Mode, limits: Limits) -> Result<Self, FormatError> {
         let mut input = HashingReader::new(BufReader::with_capacity(256 << 10, r));
         let mut header = [0u8; FILE_HEADER_LEN];
         let n = input.read_full(&mut header)?;
@@ -127,6 +139,9 @@ impl<R: Read> SnapshotReader<R> {
             btf_count: 0,
             map_count: 0,
             open: None,
+            limits,
+            btf_total: 0,
+            depths: Vec::new(),
         })
     }
 
@@ -196,12 +211,52 @@ impl<R: Read> SnapshotReader<R> {
         let raw_len = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
         let crc = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
         for len in [stored_len, raw_len] {
-            if len > MAX_SECTION_LEN {
+            if len > MAX_SECTION_LEN.max(self.limits.max_section) {
                 return Err(FormatError::TooLarge {
                     offset: off,
                     len: len.into(),
                 });
             }
+            Limits::check(
+                || format!("the {} section at byte {off}", kind_name(kind)),
+                "its size (bytes)",
+                len.into(),
+                self.limits.max_section.into(),
+                "max-section",
+            )?;
+        }
+        // Limits on what is kept are checked from the header, before reading the payload.
+        match kind {
+            kind::BTF => {
+                let what = || format!("BTF section {} at byte {off}", self.btf_count);
+                let l = &self.limits;
+                Limits::check(
+                    what,
+                    "its size (bytes)",
+                    raw_len.into(),
+                    l.max_btf_blob,
+                    "max-btf-blob",
+                )?;
+                let total = self.btf_total + u64::from(raw_len);
+                Limits::check(
+                    what,
+                    "the BTF of the snapshot so far (bytes)",
+                    total,
+                    l.max_btf_total,
+                    "max-btf-bytes",
+                )?;
+                self.btf_total = total;
+            }
+            kind::MAP_BEGIN => {
+                Limits::check(
+                    || format!("snapshot map {} at byte {off}", self.map_count),
+                    "the number of maps (inner maps included)",
+                    u64::from(self.map_count) + 1,
+                    self.limits.max_maps.into(),
+                    "max-maps",
+                )?;
+            }
+            _ => {}
         }
 
         let known = matches!(
@@ -345,6 +400,21 @@ impl<R: Read> SnapshotReader<R> {
                 }
                 let (key_len, value_len) = entry_layout(&meta).map_err(malformed)?;
                 let index = self.map_count;
+                let depth = match (access_of(meta.map_type), meta.inner_template) {
+                    (Ok(Access::MapOfMaps), Some(t)) => {
+                        self.depths.get(t as usize).copied().unwrap_or(0) + 1
+                    }
+                    (Ok(Access::MapOfMaps), None) => 1,
+                    _ => 0,
+                };
+                Limits::check(
+                    || format!("snapshot map {index} {:?}", meta.name),
+                    "its map-of-maps nesting depth",
+                    depth.into(),
+                    self.limits.max_nesting.into(),
+                    "max-nesting",
+                )?;
+                self.depths.push(depth);
                 self.map_count = index
                     .checked_add(1)
                     .ok_or_else(|| malformed("too many maps".into()))?;
@@ -563,7 +633,12 @@ pub struct VerifySummary {
 /// Checks a whole snapshot: every CRC, the trailer SHA-256, and all structural rules, without
 /// decompressing ENTRIES (their counts follow from `raw_len`). BTF and metadata are decoded.
 pub fn verify<R: Read>(r: R) -> Result<VerifySummary, FormatError> {
-    let mut rd = SnapshotReader::with_mode(r, Mode::Verify)?;
+    verify_with_limits(r, &Limits::default())
+}
+
+/// [`verify`] with these limits.
+pub fn verify_with_limits<R: Read>(r: R, limits: &Limits) -> Result<VerifySummary, FormatError> {
+    let mut rd = SnapshotReader::with_mode(r, Mode::Verify, *limits)?;
     let mut info = None;
     let mut maps: Vec<(MapMeta, u64)> = Vec::new();
     loop {

@@ -1,22 +1,34 @@
-//! Local files: written to a temporary file in the same directory, synced, then linked (no
-//! overwrite) or renamed (overwrite) into place, so a failed dump never leaves a partial file
-//! under the name and an existing snapshot is never replaced by accident.
+//! Local files, through one open directory: the snapshot's directory is opened once (no
+//! symbolic link at any component), and the temporary file, the publishing rename, reads and
+//! deletes all go through that fd with a single leaf name. A directory swapped for a link
+//! while we work makes the operation fail; it can never redirect a write or a read to another
+//! place. The file is written under a temporary name, synced, then renamed into place without
+//! replacing an existing one (`RENAME_NOREPLACE`) unless overwriting, so a failed dump never
+//! leaves a partial file under the name.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::Path;
 
 use super::ObjectInfo;
 use super::error::{ErrorKind, Result, StorageError};
+use crate::anchor::{Anchor, AnchorError, RelPath};
+use crate::limits::Limits;
 
-fn io_error(path: &Path, what: &str, e: &std::io::Error) -> StorageError {
-    let kind = match e.kind() {
+fn kind_of(e: &std::io::Error) -> ErrorKind {
+    match e.kind() {
         std::io::ErrorKind::NotFound => ErrorKind::NotFound,
         std::io::ErrorKind::AlreadyExists => ErrorKind::AlreadyExists,
         std::io::ErrorKind::PermissionDenied => ErrorKind::Denied,
+        _ if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::EXDEV)) => {
+            ErrorKind::BadLocation
+        }
         _ => ErrorKind::Other,
-    };
+    }
+}
+
+fn io_error(path: &Path, what: &str, e: &std::io::Error) -> StorageError {
+    let kind = kind_of(e);
     let msg = match kind {
         ErrorKind::NotFound => format!("{what}: no such file ({e})"),
         ErrorKind::AlreadyExists => "already exists: pass --overwrite to replace it".into(),
@@ -25,44 +37,119 @@ fn io_error(path: &Path, what: &str, e: &std::io::Error) -> StorageError {
     StorageError::new(kind, path.display().to_string(), msg)
 }
 
+fn anchor_error(path: &Path, what: &str, e: &AnchorError) -> StorageError {
+    let kind = kind_of(&e.source);
+    let msg = match kind {
+        ErrorKind::NotFound => format!("{what}: no such file or directory"),
+        ErrorKind::AlreadyExists => "already exists: pass --overwrite to replace it".into(),
+        // The anchor's message says which component and why.
+        _ => format!("{what}: {e}"),
+    };
+    StorageError::new(kind, path.display().to_string(), msg)
+}
+
+/// The file's directory, opened once without following links, and its leaf name.
+fn open_parent(path: &Path) -> Result<(Anchor, String)> {
+    let bad =
+        |why: &str| StorageError::new(ErrorKind::BadLocation, path.display().to_string(), why);
+    let leaf = path
+        .file_name()
+        .ok_or_else(|| bad("the location names no file"))?
+        .to_str()
+        .ok_or_else(|| bad("the file name is not valid UTF-8"))?
+        .to_string();
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let anchor = Anchor::open_dir_nolinks(dir, "the snapshot's directory").map_err(|e| {
+        let hint = if e.errno() == Some(libc::ELOOP) {
+            " (a component of the directory is a symbolic link: give the real path)"
+        } else {
+            ""
+        };
+        anchor_error(path, &format!("cannot open its directory{hint}"), &e)
+    })?;
+    Ok((anchor, leaf))
+}
+
+fn leaf_rel(path: &Path, leaf: &str) -> Result<RelPath> {
+    RelPath::parse(leaf).map_err(|e| {
+        StorageError::new(
+            ErrorKind::BadLocation,
+            path.display().to_string(),
+            e.to_string(),
+        )
+    })
+}
+
 pub(crate) fn head(path: &Path) -> Result<Option<ObjectInfo>> {
-    match std::fs::metadata(path) {
-        Ok(m) => Ok(Some(ObjectInfo {
-            size: m.len(),
-            e_tag: None,
-        })),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_error(path, "cannot look at the file", &e)),
-    }
+    let (dir, leaf) = match open_parent(path) {
+        Ok(v) => v,
+        Err(e) if e.kind == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let fd = match dir.open_path(&leaf_rel(path, &leaf)?) {
+        Ok(fd) => fd,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(anchor_error(path, "cannot look at the file", &e)),
+    };
+    let st =
+        rustix::fs::fstat(&fd).map_err(|e| io_error(path, "cannot look at the file", &e.into()))?;
+    Ok(Some(ObjectInfo {
+        size: u64::try_from(st.st_size).unwrap_or(0),
+        e_tag: None,
+    }))
 }
 
 /// Removes a file; one that is not there is not an error.
 pub(crate) fn remove(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_error(path, "cannot delete it", &e)),
-    }
+    let (dir, leaf) = match open_parent(path) {
+        Ok(v) => v,
+        Err(e) if e.kind == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    dir.unlink(&leaf)
+        .map(drop)
+        .map_err(|e| anchor_error(path, "cannot delete it", &e))
 }
 
-pub(crate) fn reader(path: &Path) -> Result<BufReader<File>> {
-    let f = File::open(path).map_err(|e| io_error(path, "cannot open the snapshot", &e))?;
+/// Opens a snapshot for reading: a regular file (no FIFO, device or link) of at most
+/// `max_size` bytes.
+pub(crate) fn reader_limited(path: &Path, max_size: u64) -> Result<BufReader<File>> {
+    let (dir, leaf) = open_parent(path)?;
+    let f = dir
+        .open_file(&leaf_rel(path, &leaf)?, max_size)
+        .map_err(|e| anchor_error(path, "cannot open the snapshot", &e))?;
     Ok(BufReader::with_capacity(1 << 20, f))
 }
 
-pub(crate) fn read_all(path: &Path) -> Result<Option<Vec<u8>>> {
-    match std::fs::read(path) {
+pub(crate) fn reader(path: &Path) -> Result<BufReader<File>> {
+    reader_limited(path, Limits::default().max_file)
+}
+
+/// Reads a small file (a manifest) of at most `max_size` bytes; None when it is not there.
+pub(crate) fn read_limited(path: &Path, max_size: u64) -> Result<Option<Vec<u8>>> {
+    let (dir, leaf) = match open_parent(path) {
+        Ok(v) => v,
+        Err(e) if e.kind == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    match dir.read_file(&leaf_rel(path, &leaf)?, max_size) {
         Ok(b) => Ok(Some(b)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_error(path, "cannot read", &e)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(anchor_error(path, "cannot read", &e)),
     }
 }
 
-/// A file being written under a temporary name beside its destination.
+pub(crate) fn read_all(path: &Path) -> Result<Option<Vec<u8>>> {
+    read_limited(path, Limits::default().max_manifest)
+}
+
+/// A file being written under a temporary name in its destination's (open) directory.
 #[derive(Debug)]
 pub(crate) struct LocalWriter {
-    dest: PathBuf,
-    tmp: PathBuf,
+    dest: std::path::PathBuf,
+    dir: Anchor,
+    leaf: String,
+    tmp: String,
     file: Option<BufWriter<File>>,
     overwrite: bool,
     written: u64,
@@ -70,34 +157,31 @@ pub(crate) struct LocalWriter {
 
 impl LocalWriter {
     pub(crate) fn create(dest: &Path, overwrite: bool) -> Result<Self> {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        if !overwrite && head(dest)?.is_some() {
+        let (dir, leaf) = open_parent(dest)?;
+        let rel = leaf_rel(dest, &leaf)?;
+        if !overwrite
+            && dir
+                .exists(&rel)
+                .map_err(|e| anchor_error(dest, "cannot look at the file", &e))?
+        {
             return Err(io_error(
                 dest,
                 "",
                 &std::io::Error::from(std::io::ErrorKind::AlreadyExists),
             ));
         }
-        let dir = dest
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let name = dest
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "snapshot".into());
-        let tmp = dir.join(format!(
-            ".{name}.{}.{}.partial",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let f = File::options()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| io_error(dest, &format!("cannot create {}", tmp.display()), &e))?;
+        // `.NAME.partial-<random>`, short enough for any leaf (names are at most 255 bytes).
+        let mut short: String = leaf.chars().take(100).collect();
+        while short.len() > 200 {
+            short.pop();
+        }
+        let (f, tmp) = dir
+            .create_temp(&format!(".{short}.partial-"), 0o600)
+            .map_err(|e| anchor_error(dest, "cannot create the temporary file", &e))?;
         Ok(Self {
             dest: dest.to_path_buf(),
+            dir,
+            leaf,
             tmp,
             file: Some(BufWriter::with_capacity(1 << 20, f)),
             overwrite,
@@ -119,38 +203,19 @@ impl LocalWriter {
         f.sync_all()
             .map_err(|e| io_error(&self.dest, "cannot sync", &e))?;
         drop(f);
-        if self.overwrite {
-            std::fs::rename(&self.tmp, &self.dest)
-                .map_err(|e| io_error(&self.dest, "cannot rename the temporary file", &e))?;
-        } else {
-            // link(2) fails with EEXIST when the name exists: an atomic "create only".
-            match std::fs::hard_link(&self.tmp, &self.dest) {
-                Ok(()) => {
-                    let _ = std::fs::remove_file(&self.tmp);
+        // Both names are leaves of the directory opened at create: nothing is resolved again.
+        self.dir
+            .rename(&self.tmp, &self.leaf, self.overwrite)
+            .map_err(|e| {
+                if e.is_exists() {
+                    io_error(&self.dest, "", &e.source)
+                } else {
+                    anchor_error(&self.dest, "cannot rename the temporary file", &e)
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    return Err(io_error(&self.dest, "", &e));
-                }
-                // File systems without hard links: check, then rename (not atomic).
-                Err(_) => {
-                    if head(&self.dest)?.is_some() {
-                        return Err(io_error(
-                            &self.dest,
-                            "",
-                            &std::io::Error::from(std::io::ErrorKind::AlreadyExists),
-                        ));
-                    }
-                    std::fs::rename(&self.tmp, &self.dest).map_err(|e| {
-                        io_error(&self.dest, "cannot rename the temporary file", &e)
-                    })?;
-                }
-            }
-        }
-        if let Some(dir) = self.dest.parent().filter(|d| !d.as_os_str().is_empty())
-            && let Ok(d) = File::open(dir)
-        {
-            let _ = d.sync_all();
-        }
+            })?;
+        // Renamed: nothing for Drop to remove.
+        self.tmp.clear();
+        let _ = self.dir.sync();
         Ok(ObjectInfo {
             size: self.written,
             e_tag: None,
@@ -179,10 +244,12 @@ impl Write for LocalWriter {
 
 impl Drop for LocalWriter {
     fn drop(&mut self) {
-        // Not committed (an error, or a panic): remove the temporary file. After a commit it
-        // is gone already (renamed, or linked then removed).
+        // Not committed (an error, or a panic): remove the temporary file, through the same
+        // directory fd it was created in.
         self.file.take();
-        let _ = std::fs::remove_file(&self.tmp);
+        if !self.tmp.is_empty() {
+            let _ = self.dir.unlink(&self.tmp);
+        }
     }
 }
 

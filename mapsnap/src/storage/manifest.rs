@@ -116,8 +116,51 @@ impl Manifest {
         v
     }
 
+    /// Parses and checks a manifest read from outside, within the default manifest size
+    /// limit (see [`Manifest::parse`]).
     pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
-        serde_json::from_slice(bytes)
+        Self::parse(bytes, crate::limits::Limits::default().max_manifest)
+    }
+
+    /// Parses a manifest of at most `max_bytes` and checks what later code relies on: a
+    /// 64-digit lowercase hex SHA-256, pin paths that stay relative, a bounded map list.
+    pub fn parse(bytes: &[u8], max_bytes: u64) -> Result<Self, serde_json::Error> {
+        use serde::de::Error as _;
+        if bytes.len() as u64 > max_bytes {
+            return Err(serde_json::Error::custom(format!(
+                "the manifest is {} bytes, more than the limit of {max_bytes} (raise it with \
+                 --max-manifest-bytes if it is trusted)",
+                bytes.len()
+            )));
+        }
+        let m: Self = serde_json::from_slice(bytes)?;
+        m.validate().map_err(serde_json::Error::custom)?;
+        Ok(m)
+    }
+
+    /// Why this manifest cannot be trusted as a description of a snapshot, if it cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        let max_maps = crate::limits::Limits::default().max_maps as usize;
+        if self.sha256.len() != 64
+            || !self
+                .sha256
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err("its sha256 is not 64 lowercase hex digits".into());
+        }
+        if self.maps.len() > max_maps {
+            return Err(format!(
+                "it lists {} maps, more than {max_maps}",
+                self.maps.len()
+            ));
+        }
+        for m in &self.maps {
+            if let Some(p) = &m.pin_path {
+                crate::anchor::RelPath::parse(p).map_err(|e| format!("map {:?}: {e}", m.name))?;
+            }
+        }
+        Ok(())
     }
 
     /// The expected SHA-256, decoded.
