@@ -18,6 +18,7 @@ use serde_json::json;
 use crate::crd::{AgentOperation, AgentResult, AgentTask, BpfMapCheckpoint};
 use crate::error::Error;
 use crate::http::Health;
+use crate::kubelet::DirectKubelet;
 use crate::layout;
 use crate::lease;
 use crate::metrics::{DirectionLabels, OperationLabels};
@@ -33,6 +34,8 @@ pub struct AgentContext {
     /// This node's name.
     pub node: String,
     pub node_agent: Arc<NodeAgent>,
+    /// This node's kubelet (None: the controller calls it through the API server).
+    pub kubelet: Option<Arc<DirectKubelet>>,
     pub health: Arc<Health>,
     pub clock: crate::controller::Clock,
 }
@@ -86,6 +89,8 @@ pub async fn reconcile(
             finish_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
             ..AgentResult::default()
         }
+    } else if task.operation == Some(AgentOperation::KubeletCheckpoint) {
+        kubelet_checkpoint(&ctx, &ns, &task).await
     } else {
         let started = std::time::Instant::now();
         let agent = ctx.node_agent.clone();
@@ -145,6 +150,72 @@ pub async fn reconcile(
     Ok(Action::await_change())
 }
 
+/// Calls this node's kubelet for the task's container (in the object's namespace: a task
+/// cannot name a pod elsewhere) and reports the archive path or the kubelet's answer.
+async fn kubelet_checkpoint(ctx: &AgentContext, ns: &str, task: &AgentTask) -> AgentResult {
+    let started = std::time::Instant::now();
+    let mut result = AgentResult {
+        id: task.id.clone(),
+        node: ctx.node.clone(),
+        ..AgentResult::default()
+    };
+    let timeout = Duration::from_secs(
+        task.timeout_seconds
+            .and_then(|t| u64::try_from(t).ok())
+            .unwrap_or(120)
+            .clamp(1, 3600),
+    );
+    let outcome = match (
+        ctx.kubelet.as_ref(),
+        task.pod.as_deref(),
+        task.container.as_deref(),
+    ) {
+        (None, ..) => Err((
+            None,
+            "AgentMisconfigured",
+            "this agent has no kubelet client (chart value kubelet.access is not agent)".into(),
+        )),
+        (_, None, _) | (_, _, None) => Err((
+            None,
+            "TaskRefused",
+            "the task names no pod or container".into(),
+        )),
+        (Some(k), Some(pod), Some(container)) => k
+            .checkpoint(ns, pod, container, timeout)
+            .await
+            .map_err(|f| {
+                let reason = f.kind().reason();
+                (Some(i32::from(f.code)), reason, f.message)
+            }),
+    };
+    match outcome {
+        Ok(path) => {
+            result.succeeded = true;
+            result.message = Some(format!("the kubelet wrote {path}"));
+            result.node_archive = Some(path);
+        }
+        Err((code, reason, message)) => {
+            result.http_status = code;
+            result.reason = Some(reason.into());
+            result.permanent = code.is_none();
+            result.message = Some(message);
+        }
+    }
+    let m = &ctx.health.metrics;
+    let labels = OperationLabels {
+        operation: AgentOperation::KubeletCheckpoint.as_str().into(),
+        result: if result.succeeded { "ok" } else { "error" }.into(),
+    };
+    m.agent_tasks.get_or_create(&labels).inc();
+    m.agent_task_seconds
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    result.finish_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time((ctx
+        .clock)(
+    )));
+    result
+}
+
 /// Writes the agent's answer (server-side apply of `status.agentResult` only).
 pub async fn answer(
     client: &Client,
@@ -178,16 +249,15 @@ pub async fn heartbeat(
     namespace: String,
     node: String,
     identity: String,
-    runtime: String,
+    capabilities: BTreeMap<String, String>,
     health: Arc<Health>,
     every: Duration,
 ) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     let name = layout::agent_lease_name(&node);
-    let annotations = BTreeMap::from([
-        (layout::LEASE_ANNOTATION_NODE.to_string(), node.clone()),
-        (layout::LEASE_ANNOTATION_RUNTIME.to_string(), runtime),
-    ]);
+    let mut annotations =
+        BTreeMap::from([(layout::LEASE_ANNOTATION_NODE.to_string(), node.clone())]);
+    annotations.extend(capabilities);
     let duration = every * 3;
     loop {
         match lease::heartbeat_once(&api, &name, &namespace, &identity, duration, &annotations)

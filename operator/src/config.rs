@@ -2,15 +2,35 @@
 
 use std::time::Duration;
 
-/// The container runtime of the cluster's nodes: it decides how a restored pod names its
-/// checkpoint.
+/// The container runtime of the cluster's nodes (both restore from a checkpoint OCI image;
+/// the runtime decides which settings docs and hooks name).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Runtime {
-    /// CRI-O: the restored container's image is the local checkpoint archive path.
+    /// CRI-O >= 1.26 (restore on targets with `container_level_enabled = "checkpoint_restore"`).
     Crio,
-    /// containerd 2.1+: restore needs a checkpoint OCI image (not implemented; checkpoint
-    /// works).
+    /// containerd >= 2.1 (restore on targets with `enable_experimental_restore_via_create`).
     Containerd,
+}
+
+/// Who calls the kubelet checkpoint API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KubeletAccess {
+    /// The source node's agent calls its own kubelet (only `nodes/checkpoint create`).
+    #[default]
+    Agent,
+    /// The controller calls it through the API server's node proxy (`nodes/proxy create` for
+    /// the controller, `nodes/checkpoint create` for the API server's kubelet-client user).
+    ApiServerProxy,
+}
+
+impl KubeletAccess {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "agent" => Some(KubeletAccess::Agent),
+            "apiserver-proxy" => Some(KubeletAccess::ApiServerProxy),
+            _ => None,
+        }
+    }
 }
 
 impl Runtime {
@@ -41,6 +61,11 @@ pub struct Config {
     pub allowed_locations: Vec<String>,
     /// The cluster's runtime (Helm `runtime`).
     pub runtime: Runtime,
+    /// Who calls the kubelet (Helm `kubelet.access`).
+    pub kubelet_access: KubeletAccess,
+    /// Pull secrets (in the restored pod's namespace) put on restored pods for the checkpoint
+    /// image (Helm `restore.registry.pullSecretName`).
+    pub image_pull_secrets: Vec<String>,
     /// The kubelet's checkpoint timeout when the spec sets none.
     pub checkpoint_timeout: Duration,
     /// How long an agent may take on a small task (hook request file, cleanup).
@@ -74,6 +99,8 @@ impl Default for Config {
             storage_location: "file:///var/lib/mapsnap/snapshots".into(),
             allowed_locations: Vec::new(),
             runtime: Runtime::Crio,
+            kubelet_access: KubeletAccess::Agent,
+            image_pull_secrets: Vec::new(),
             checkpoint_timeout: Duration::from_secs(120),
             agent_timeout: Duration::from_secs(60),
             transfer_timeout: Duration::from_secs(30 * 60),

@@ -290,7 +290,7 @@ async fn publish(ctx: &Context, cr: &BpfMapCheckpoint, e: &EventNote) {
             EventType::Normal
         },
         reason: e.reason.clone(),
-        note: Some(e.note.chars().take(1024).collect()),
+        note: Some(reconcile::event_note(&e.note)),
         action: e.action.clone(),
         secondary: None,
     };
@@ -379,10 +379,9 @@ async fn execute_inner(
             let timeout = cr
                 .spec
                 .checkpoint_timeout_seconds
-                .map_or(ctx.config.checkpoint_timeout, |s| {
-                    Duration::from_secs(u64::from(s))
-                });
-            let r = kubelet::checkpoint(
+                .and_then(|s| u64::try_from(s).ok())
+                .map_or(ctx.config.checkpoint_timeout, Duration::from_secs);
+            let r = kubelet::checkpoint_via_proxy(
                 &ctx.client,
                 &source.node,
                 &ns,
@@ -411,8 +410,14 @@ async fn execute_inner(
                 .as_ref()
                 .map(|t| t.node.clone())
                 .unwrap_or_default();
+            let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
+            let lease = leases.get_opt(&layout::agent_lease_name(&node)).await?;
+            let live = lease
+                .as_ref()
+                .is_some_and(|l| lease_fresh(l, ctx.now(), ctx.config.agent_lease_stale));
             Ok(Outcome::TargetAgent {
-                live: agent_live(ctx, &node).await?,
+                live,
+                refusal: lease.as_ref().and_then(layout::restore_refusal),
             })
         }
         Step::CreatePod => {
@@ -422,8 +427,14 @@ async fn execute_inner(
                     message: "no restore status".into(),
                 });
             };
-            let archive = restore.node_archive.clone().unwrap_or_default();
-            let pod = match pods::restored_pod(cr, &restore.pod, &restore.node, &archive) {
+            let image = restore.image.clone().unwrap_or_default();
+            let pod = match pods::restored_pod(
+                cr,
+                &restore.pod,
+                &restore.node,
+                &image,
+                &ctx.config.image_pull_secrets,
+            ) {
                 Ok(p) => p,
                 Err(message) => return Ok(Outcome::PodCreateFailed { code: 0, message }),
             };
@@ -526,9 +537,18 @@ async fn execute_inner(
                 .as_ref()
                 .map(|t| t.node.clone())
                 .unwrap_or_default();
-            let live = agent_live(ctx, &node).await?;
+            if agent_live(ctx, &node).await? {
+                return Ok(Outcome::CleanupAgent { node: Some(node) });
+            }
+            // The pushed image can be deleted by any agent (they share the registry settings);
+            // only the target's local files need the target.
+            let pushed = status.restore.as_ref().is_some_and(|r| r.image.is_some());
             Ok(Outcome::CleanupAgent {
-                node: live.then_some(node),
+                node: if pushed {
+                    any_live_agent(ctx).await?
+                } else {
+                    None
+                },
             })
         }
         Step::PrepareHook | Step::UploadArchive | Step::DownloadArchive | Step::Done => Ok(

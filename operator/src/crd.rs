@@ -83,6 +83,9 @@ pub const LABEL_RESTORED_BY: &str = "mapsnap.io/restored-by";
     validation = Rule::new("!has(self.sourcePodPolicy) || self.action == 'Migrate'")
         .message("sourcePodPolicy applies to Migrate only")
         .field_path(".sourcePodPolicy"),
+    validation = Rule::new("!has(self.switchover) || self.action == 'Migrate'")
+        .message("switchover applies to Migrate only")
+        .field_path(".switchover"),
     validation = Rule::new("!has(self.storage) || self.action != 'Restore'")
         .message("a Restore reads from where its checkpoint was stored: storage is not allowed")
         .field_path(".storage"),
@@ -108,6 +111,15 @@ pub struct BpfMapCheckpointSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_pod_policy: Option<SourcePodPolicy>,
 
+    /// Migrate only: when the source stops serving. `KeepServing` (default) leaves it in
+    /// service until the restored pod runs, so the restored pod starts from state that is as
+    /// old as the checkpoint (what the source learnt meanwhile is lost). `StopAfterCheckpoint`
+    /// deletes the source pod right after a successful checkpoint: no service until the
+    /// restored pod runs, but the pinned maps it restores are the newest (the hook's
+    /// snapshot at the source's stop, see docs/OPERATOR.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switchover: Option<Switchover>,
+
     /// Checkpoint and Migrate: where the snapshot and the archive go. Defaults to the
     /// operator's configured location (Helm value `storage.location`). Credentials are never
     /// part of this object: they come from the Secret the operator was installed with.
@@ -123,7 +135,7 @@ pub struct BpfMapCheckpointSpec {
     /// (the kubelet API's `timeout`). Defaults to the operator's configured value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 10, max = 3600))]
-    pub checkpoint_timeout_seconds: Option<u32>,
+    pub checkpoint_timeout_seconds: Option<i32>,
 }
 
 /// The operation a `BpfMapCheckpoint` asks for.
@@ -222,6 +234,18 @@ pub enum SourcePodPolicy {
     Delete,
 }
 
+/// Migrate only: when the source pod leaves service.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum Switchover {
+    /// The source serves until the restored pod runs (the restored state is as old as the
+    /// checkpoint).
+    #[default]
+    KeepServing,
+    /// The source pod is deleted right after a successful checkpoint; the restored pod gets
+    /// the pinned maps as they were when the source stopped.
+    StopAfterCheckpoint,
+}
+
 /// Whether stored data outlives the object.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
 pub enum RetentionPolicy {
@@ -285,21 +309,24 @@ pub enum Step {
     Resolve,
     /// The source node's agent writes the hook request file.
     PrepareHook,
-    /// The controller calls the kubelet checkpoint API through the API server.
+    /// The source node's agent calls its kubelet's checkpoint API (or, opt-in, the controller
+    /// calls it through the API server's node proxy).
     KubeletCheckpoint,
     /// The source node's agent uploads the archive and reads the snapshot's manifest.
     UploadArchive,
     /// Restore only: read the referenced checkpoint.
     ResolveCheckpoint,
-    /// Check the target node's agent.
+    /// Check the target node's agent and what its runtime can do (restore enabled).
     PrepareRestore,
-    /// The target node's agent fetches the archive into the kubelet checkpoint directory.
+    /// The target node's agent fetches the archive, builds the checkpoint OCI image from it and
+    /// pushes it to the registry.
     DownloadArchive,
     /// Create the restored pod on the target node.
     CreatePod,
     /// Wait until the restored pod runs.
     WaitPod,
-    /// Migrate with `sourcePodPolicy: Delete`: delete the source pod.
+    /// Migrate with `sourcePodPolicy: Delete` or `switchover: StopAfterCheckpoint`: delete
+    /// the source pod.
     DeleteSource,
     /// Nothing left to do.
     Done,
@@ -445,6 +472,9 @@ pub struct SourceStatus {
 pub struct PodTemplateCopy {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// The source pod's annotations, minus those tied to that pod instance.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
     #[schemars(schema_with = "preserve_unknown_object")]
     pub spec: PodSpec,
 }
@@ -513,9 +543,13 @@ pub struct RestoreStatus {
     pub pod: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_uid: Option<String>,
-    /// The archive's path on the target node.
+    /// The archive's path on the target node (removed once the image is pushed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_archive: Option<String>,
+    /// The checkpoint OCI image the restored container runs, by digest
+    /// (`registry/repo@sha256:...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     /// Migrate with `sourcePodPolicy: Delete`: the source pod was deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_pod_deleted: Option<bool>,
@@ -529,13 +563,15 @@ pub struct RestoreStatus {
 pub enum AgentOperation {
     /// Write the hook request file for the container.
     PrepareCheckpoint,
+    /// Call this node's kubelet checkpoint API for the container.
+    KubeletCheckpoint,
     /// Upload the kubelet archive, read the snapshot's manifest, remove the request file and
     /// the node-local archive.
     UploadArchive,
-    /// Fetch the archive into the kubelet checkpoint directory, check its digest, write the
+    /// Fetch the archive, check its digest, build and push the checkpoint image, write the
     /// restore request file.
     DownloadArchive,
-    /// Remove request files, node-local archives and stored objects.
+    /// Remove request files, node-local archives, stored objects and pushed images.
     Cleanup,
 }
 
@@ -543,6 +579,7 @@ impl AgentOperation {
     pub fn as_str(self) -> &'static str {
         match self {
             AgentOperation::PrepareCheckpoint => "PrepareCheckpoint",
+            AgentOperation::KubeletCheckpoint => "KubeletCheckpoint",
             AgentOperation::UploadArchive => "UploadArchive",
             AgentOperation::DownloadArchive => "DownloadArchive",
             AgentOperation::Cleanup => "Cleanup",
@@ -562,6 +599,14 @@ pub struct AgentTask {
     /// The container whose hook request file is written or removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_id: Option<String>,
+    /// KubeletCheckpoint: the pod (in the object's namespace) and container to checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    /// KubeletCheckpoint: the kubelet API's `timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<i32>,
     /// The snapshot location (hook request; manifest to read).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
@@ -582,6 +627,9 @@ pub struct AgentTask {
     /// Cleanup: stored objects to delete (each with its manifest, if any).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub delete_objects: Vec<String>,
+    /// Cleanup: pushed checkpoint images to delete (by digest).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delete_images: Vec<String>,
     pub created: Time,
     /// The hook request file's expiry (PrepareCheckpoint); the task's deadline otherwise.
     pub expires: Time,
@@ -612,9 +660,15 @@ pub struct AgentResult {
     /// Upload: the snapshot's manifest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest: Option<ManifestSummary>,
-    /// Download: where the archive is on the node.
+    /// Download: where the archive is on the node. KubeletCheckpoint: the kubelet's archive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_archive: Option<String>,
+    /// Download: the pushed checkpoint image, by digest (`registry/repo@sha256:...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// KubeletCheckpoint: the kubelet's HTTP status (0: no answer) and plain-text error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<i32>,
 }
 
 fn preserve_unknown_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
@@ -635,9 +689,46 @@ impl BpfMapCheckpoint {
     }
 }
 
+/// The CRD, cleaned of what the generator adds and the API server does not want:
+/// `nullable: true` on optional fields (a spec field left out is absent, never null, so
+/// `target: null` must fail validation rather than pass as "no target") and the `uint32`/
+/// `uint64` formats schemars writes for unsigned integers (the API server warns about unknown
+/// formats).
+pub fn crd()
+-> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    let mut v = serde_json::to_value(BpfMapCheckpoint::crd()).unwrap_or_default();
+    clean_schema(&mut v);
+    serde_json::from_value(v).unwrap_or_else(|_| BpfMapCheckpoint::crd())
+}
+
+fn clean_schema(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(o) => {
+            if o.get("nullable") == Some(&serde_json::Value::Bool(true)) {
+                o.remove("nullable");
+            }
+            let fmt = o.get("format").and_then(|f| f.as_str()).map(str::to_string);
+            match fmt.as_deref() {
+                Some("uint32" | "uint16" | "uint8") => {
+                    o.insert("format".into(), "int32".into());
+                }
+                Some("uint64" | "uint") => {
+                    o.insert("format".into(), "int64".into());
+                }
+                _ => {}
+            }
+            for (_, x) in o.iter_mut() {
+                clean_schema(x);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(clean_schema),
+        _ => {}
+    }
+}
+
 /// The CRD as YAML, as written to `crds/` and the chart (one document, with a header).
 pub fn crd_yaml() -> Result<String, serde_yaml_ng::Error> {
-    let body = serde_yaml_ng::to_string(&BpfMapCheckpoint::crd())?;
+    let body = serde_yaml_ng::to_string(&crd())?;
     Ok(format!(
         "# Generated by `cargo run -p mapsnap-operator --bin crdgen` from operator/src/crd.rs.\n\
          # Do not edit: change the Rust types and run crdgen again (a test fails when stale).\n\

@@ -25,9 +25,94 @@ use crate::crd::{
     Action as CrAction, AgentResult, BpfMapCheckpoint, BpfMapCheckpointSpec,
     BpfMapCheckpointStatus, CheckpointRef, FINALIZER, Source, SourcePodPolicy, Target,
 };
+use crate::fakekubelet::FakeKubelet;
 use crate::http::Health;
+use crate::kubelet::{DirectKubelet, KubeletTls};
 use crate::layout;
-use crate::node::{HookRequest, NodeAgent, NodePaths, StorageBlobs};
+use crate::node::{CheckpointImages, HookRequest, NodeAgent, NodeError, NodePaths, StorageBlobs};
+
+/// The registry repository of the harness.
+pub const REGISTRY_REPO: &str = "registry.test:5000/mapsnap/checkpoints";
+
+/// Stands in for the registry in the controller's reconcile tests (the image build and push
+/// are tested against a real registry with `crate::ckptimage`): the image's digest is the
+/// archive's SHA-256, so a test can tell which archive was "pushed"; every call is recorded.
+#[derive(Debug, Default)]
+pub struct RecordingImages {
+    pub pushed: Mutex<Vec<(String, String, String)>>,
+    pub deleted: Mutex<Vec<String>>,
+}
+
+impl CheckpointImages for RecordingImages {
+    fn repository(&self) -> &str {
+        REGISTRY_REPO
+    }
+
+    fn build_and_push(
+        &self,
+        archive: &Path,
+        container: &str,
+        tag: &str,
+    ) -> Result<String, NodeError> {
+        use sha2::Digest;
+        let bytes = std::fs::read(archive).map_err(|e| NodeError::io("cannot read", archive, e))?;
+        let reference = format!(
+            "{REGISTRY_REPO}@sha256:{}",
+            hex::encode(sha2::Sha256::digest(&bytes))
+        );
+        self.pushed.lock().expect("lock").push((
+            container.to_string(),
+            tag.to_string(),
+            reference.clone(),
+        ));
+        Ok(reference)
+    }
+
+    fn delete(&self, reference: &str) -> Result<(), NodeError> {
+        self.deleted
+            .lock()
+            .expect("lock")
+            .push(reference.to_string());
+        Ok(())
+    }
+}
+
+/// A fake kubelet served from its own runtime thread (the harness is built outside async).
+pub struct KubeletThread {
+    pub kubelet: FakeKubelet,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for KubeletThread {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl KubeletThread {
+    pub fn start(node: &str, on: crate::fakekubelet::OnCheckpoint) -> Self {
+        // Built on a thread of its own: the tests run inside a runtime, where another cannot
+        // block.
+        let node = node.to_string();
+        let (rt, kubelet) = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let kubelet = rt.block_on(FakeKubelet::start(&node, on));
+            (rt, kubelet)
+        })
+        .join()
+        .expect("kubelet thread");
+        Self {
+            kubelet,
+            runtime: Some(rt),
+        }
+    }
+}
 
 pub const NS: &str = "edge";
 pub const POD: &str = "lb-0";
@@ -110,6 +195,7 @@ pub fn new_cr(name: &str, action: CrAction) -> BpfMapCheckpoint {
             source,
             target,
             source_pod_policy: policy,
+            switchover: None,
             storage: None,
             retention_policy: Default::default(),
             checkpoint_timeout_seconds: None,
@@ -147,6 +233,11 @@ pub fn source_pod(running: bool) -> Pod {
         "metadata": {
             "name": POD, "namespace": NS, "uid": POD_UID,
             "labels": {"app": "lb", "pod-template-hash": "7d9f"},
+            "annotations": {
+                "prometheus.io/scrape": "true",
+                "kubectl.kubernetes.io/last-applied-configuration": "{}",
+                "k8s.v1.cni.cncf.io/network-status": "[]"
+            },
             "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "lb-7d9f",
                                  "uid": "rs-uid", "controller": true}]
         },
@@ -155,6 +246,9 @@ pub fn source_pod(running: bool) -> Pod {
             "nodeSelector": {"kubernetes.io/hostname": NODE_A},
             "priority": 0,
             "preemptionPolicy": "PreemptLowerPriority",
+            "overhead": {"cpu": "250m"},
+            "hostname": "lb-0",
+            "subdomain": "lb",
             "containers": [{"name": CONTAINER, "image": "registry.example/lb:1",
                             "volumeMounts": [
                                 {"name": "bpf", "mountPath": "/sys/fs/bpf"},
@@ -330,8 +424,7 @@ pub fn status_error(code: u16, reason: &str, message: &str) -> Value {
 
 /// Checks a status (as written) against the generated CRD's status schema.
 pub fn assert_valid_status(status: &Value) {
-    use kube::CustomResourceExt;
-    let crd = serde_json::to_value(BpfMapCheckpoint::crd()).expect("crd");
+    let crd = serde_json::to_value(crate::crd::crd()).expect("crd");
     let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"];
     let mut errs = Vec::new();
     crate::schema_check::check(schema, status, ".status", &mut errs);
@@ -414,21 +507,45 @@ impl MockApi {
     /// The controller's finalizer patch (merge patch with the resourceVersion read); asserts
     /// the new list.
     pub async fn finalizers(&mut self, expect: &[&str]) {
+        assert!(
+            self.finalizers_or_conflict(expect).await,
+            "the finalizer patch carried a stale resourceVersion"
+        );
+    }
+
+    /// Like [`Self::finalizers`], but answers a stale `resourceVersion` as the API server
+    /// does (409 Conflict); returns whether the patch was applied.
+    pub async fn finalizers_or_conflict(&mut self, expect: &[&str]) -> bool {
         let name = self.cr.metadata.name.clone().expect("name");
         let r = self.expect("PATCH", &cr_path(&name)).await;
         assert_eq!(r.content_type, "application/merge-patch+json");
         let meta = &r.body["metadata"];
-        assert_eq!(
-            meta["resourceVersion"].as_str(),
-            self.cr.metadata.resource_version.as_deref(),
+        assert!(
+            meta["resourceVersion"].is_string(),
             "the finalizer patch must carry the resourceVersion it read"
         );
+        if meta["resourceVersion"].as_str() != self.cr.metadata.resource_version.as_deref() {
+            r.respond(
+                409,
+                &status_error(
+                    409,
+                    "Conflict",
+                    &format!(
+                        "Operation cannot be fulfilled on bpfmapcheckpoints.mapsnap.io \"{name}\": \
+                         the object has been modified; please apply your changes to the latest \
+                         version and try again"
+                    ),
+                ),
+            );
+            return false;
+        }
         let got: Vec<String> = serde_json::from_value(meta["finalizers"].clone()).expect("list");
         assert_eq!(got, expect);
         self.cr.metadata.finalizers = Some(got);
         self.bump();
         let body = self.cr_json();
         r.respond(200, &body);
+        true
     }
 
     /// The controller's status write: server-side apply, as `mapsnap-controller`, without
@@ -571,8 +688,9 @@ impl MockApi {
         }
     }
 
-    /// The kubelet checkpoint call through the node proxy; answers `status` with `body`.
-    pub async fn kubelet(&mut self, node: &str, timeout: u64, status: u16, body: &Value) {
+    /// The kubelet checkpoint call through the node proxy (opt-in path); the API server
+    /// passes the kubelet's answer through: JSON on success, plain text on errors.
+    pub async fn kubelet(&mut self, node: &str, timeout: u64, status: u16, body: &str) {
         let r = self
             .expect(
                 "POST",
@@ -580,7 +698,34 @@ impl MockApi {
             )
             .await;
         assert_eq!(r.query.get("timeout"), Some(&timeout.to_string()));
-        r.respond(status, body);
+        if status == 200 {
+            r.respond(200, &serde_json::from_str(body).expect("kubelet JSON"));
+        } else {
+            r.respond_text(status, body);
+        }
+    }
+
+    /// The restored pod's creation refused by ResourceQuota admission (403, with the text the
+    /// API server writes).
+    pub async fn create_pod_over_quota(&mut self) {
+        let r = self
+            .expect("POST", &format!("/api/v1/namespaces/{NS}/pods"))
+            .await;
+        let name = r.body["metadata"]["name"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        r.respond(
+            403,
+            &status_error(
+                403,
+                "Forbidden",
+                &format!(
+                    "pods \"{name}\" is forbidden: exceeded quota: compute-resources, \
+                     requested: pods=1, used: pods=10, limited: pods=10"
+                ),
+            ),
+        );
     }
 
     /// The restored pod's creation; answers 201 with a UID; returns the pod as sent.
@@ -617,9 +762,25 @@ impl MockApi {
     }
 }
 
-/// A restored pod as the kubelet reports it.
+/// A restored pod as the kubelet reports it. The kubelet parses every image as a reference
+/// before any CRI call: one it cannot parse (an archive path) leaves the container waiting
+/// with `InvalidImageName`, whatever the test asked for.
 pub fn restored_pod_status(mut pod: Pod, running: bool) -> Pod {
     pod.metadata.uid = Some("restored-pod-uid".into());
+    let bad_image = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.iter().find(|c| c.name == CONTAINER))
+        .and_then(|c| c.image.clone())
+        .filter(|i| !crate::pods::is_digest_ref(i) && !i.starts_with("registry.example/"));
+    if let Some(img) = bad_image {
+        let status = json!({"phase": "Pending", "containerStatuses": [{
+            "name": CONTAINER, "image": img, "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"waiting": {"reason": "InvalidImageName", "message": format!(
+                "Failed to apply default image tag \"{img}\": couldn't parse image name \"{img}\": invalid reference format")}}}]});
+        pod.status = Some(serde_json::from_value(status).expect("status"));
+        return pod;
+    }
     let status = if running {
         json!({"phase": "Running", "containerStatuses": [{
             "name": CONTAINER, "image": "", "imageID": "", "ready": true, "restartCount": 0,
@@ -637,6 +798,9 @@ pub fn restored_pod_status(mut pod: Pod, running: bool) -> Pod {
 /// object; node directories and storage in a temporary directory.
 pub struct Harness {
     pub clock: TestClock,
+    /// node-a's kubelet.
+    pub kubelet: KubeletThread,
+    pub images: Arc<RecordingImages>,
     pub config: Config,
     pub ctx: Arc<Context>,
     api: Option<MockApi>,
@@ -659,6 +823,7 @@ impl Harness {
         let config = Config {
             namespace: OPERATOR_NS.into(),
             storage_location: format!("file://{}", store.display()),
+            image_pull_secrets: vec!["mapsnap-pull".into()],
             ..Config::default()
         };
         let (client, handle) = mock_client();
@@ -678,17 +843,53 @@ impl Harness {
         });
         let mut agents = BTreeMap::new();
         let mut nodes = BTreeMap::new();
+        let images = Arc::new(RecordingImages::default());
+        // node-a's kubelet: the runtime checkpoints (mapsnap-hook writes the snapshot at
+        // CRIU's post-dump, then the archive is written) and answers with the archive path.
+        let dirs_a = NodeDirs::new(dir.path(), NODE_A);
+        let da = dirs_a.clone();
+        let kubelet = KubeletThread::start(
+            NODE_A,
+            Arc::new(move |_ns: &str, _pod: &str, _ctr: &str| {
+                da.hook_writes_snapshot(CONTAINER_ID, b"snapshot bytes");
+                Ok(da.kubelet_writes_archive(b"archive bytes, 25 of them"))
+            }),
+        );
+        kubelet.kubelet.add_pod(NS, POD, &[CONTAINER]);
         for node in [NODE_A, NODE_B] {
-            let dirs = NodeDirs::new(dir.path(), node);
+            let dirs = if node == NODE_A {
+                dirs_a.clone()
+            } else {
+                NodeDirs::new(dir.path(), node)
+            };
             let (client, handle) = mock_client();
             let node_agent = NodeAgent::new(
                 dirs.paths.clone(),
                 Arc::new(StorageBlobs::new(mapsnap::storage::StorageConfig::default())),
-            );
+            )
+            .with_allowed_locations(vec![config.storage_location.clone()])
+            .with_images(images.clone());
+            let direct = (node == NODE_A).then(|| {
+                let tls = KubeletTls {
+                    ca_file: Some(kubelet.kubelet.ca_file.clone()),
+                    server_name: None,
+                    insecure_skip_verify: false,
+                };
+                Arc::new(
+                    DirectKubelet::new(
+                        kubelet.kubelet.addr.ip(),
+                        kubelet.kubelet.addr.port(),
+                        &tls,
+                        &kubelet.kubelet.token_file,
+                    )
+                    .expect("kubelet client"),
+                )
+            });
             let actx = Arc::new(AgentContext {
                 client,
                 node: node.into(),
                 node_agent: Arc::new(node_agent),
+                kubelet: direct,
                 health: Arc::new(Health::default()),
                 clock: clock.clock(),
             });
@@ -697,6 +898,8 @@ impl Harness {
         }
         Self {
             clock,
+            kubelet,
+            images,
             config,
             ctx,
             api: Some(MockApi { handle, cr }),
@@ -731,8 +934,25 @@ impl Harness {
         F: FnOnce(MockApi) -> Fut,
         Fut: std::future::Future<Output = MockApi> + Send + 'static,
     {
+        let cr = self.cr().clone();
+        self.try_reconcile_as(cr, scenario)
+            .await
+            .expect("reconcile succeeded")
+    }
+
+    /// One controller reconcile of `seen` (the object as the controller's cache has it, which
+    /// may be older than the API server's) against `scenario`.
+    pub async fn try_reconcile_as<F, Fut>(
+        &mut self,
+        seen: BpfMapCheckpoint,
+        scenario: F,
+    ) -> Result<Action, crate::error::Error>
+    where
+        F: FnOnce(MockApi) -> Fut,
+        Fut: std::future::Future<Output = MockApi> + Send + 'static,
+    {
         let api = self.api.take().expect("api");
-        let cr = api.cr.clone();
+        let cr = seen;
         let server = tokio::spawn(scenario(api));
         let res = tokio::time::timeout(
             Duration::from_secs(10),
@@ -745,7 +965,6 @@ impl Harness {
         };
         self.api = Some(api);
         res.expect("reconcile did not finish (a request was not answered)")
-            .expect("reconcile succeeded")
     }
 
     /// Runs one reconcile of the agent on `node` (the real node-side work, against this
@@ -792,6 +1011,12 @@ pub fn requeue(d: Duration) -> Action {
 }
 
 impl Harness {
+    /// Switches the controller to another way of calling the kubelet (before any request).
+    pub fn use_kubelet_access(&mut self, access: crate::config::KubeletAccess) {
+        self.config.kubelet_access = access;
+        self.restart_controller();
+    }
+
     /// A controller restart: a new process (new client, new event recorder, nothing in
     /// memory) facing the same API server state.
     pub fn restart_controller(&mut self) {

@@ -70,6 +70,38 @@ pub fn install(files: &[HostFile]) -> io::Result<Vec<String>> {
     Ok(out)
 }
 
+/// Writes the concatenation of `parts` (e.g. the storage config and the hook's `[hook]`
+/// table) to `to`, atomically, with `mode`.
+pub fn install_joined(parts: &[PathBuf], to: &Path, mode: u32) -> io::Result<String> {
+    let mut text = Vec::new();
+    for p in parts {
+        let mut bytes = fs::read(p)
+            .map_err(|e| io::Error::new(e.kind(), format!("reading {}: {e}", p.display())))?;
+        if !bytes.ends_with(b"\n") && !bytes.is_empty() {
+            bytes.push(b'\n');
+        }
+        text.extend_from_slice(&bytes);
+    }
+    let dir = to
+        .parent()
+        .ok_or_else(|| io::Error::other(format!("{} has no directory", to.display())))?;
+    fs::create_dir_all(dir)?;
+    let name = to
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    fs::write(&tmp, &text)?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
+    fs::File::open(&tmp)?.sync_all()?;
+    fs::rename(&tmp, to)?;
+    Ok(format!(
+        "installed {} from {} part(s) (mode {mode:o})",
+        to.display(),
+        parts.len()
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,6 +134,15 @@ mod tests {
             0o600
         );
         assert!(!dest.join("bin/mapsnap").exists());
+        // The storage config and the hook table, joined into one file.
+        let table = d.path().join("hook.toml");
+        fs::write(&table, "[hook]\noperator = true").expect("table");
+        let joined = d.path().join("host/etc/mapsnap/joined.toml");
+        install_joined(&[bin.join("mapsnap-hook"), table], &joined, 0o600).expect("joined");
+        assert_eq!(
+            fs::read_to_string(&joined).expect("read"),
+            "hook\n[hook]\noperator = true\n"
+        );
         // Again: same result, no temporary files left.
         install(&files).expect("again");
         assert_eq!(fs::read_dir(dest.join("bin")).expect("dir").count(), 1);

@@ -15,6 +15,31 @@ pub const AGENT_LEASE_PREFIX: &str = "mapsnap-agent-";
 pub const LEASE_ANNOTATION_NODE: &str = "mapsnap.io/node";
 /// Annotation on an agent lease: the node's runtime.
 pub const LEASE_ANNOTATION_RUNTIME: &str = "mapsnap.io/runtime";
+/// Annotation on an agent lease: the runtime's version, when the agent could tell.
+pub const LEASE_ANNOTATION_RUNTIME_VERSION: &str = "mapsnap.io/runtime-version";
+/// Annotation on an agent lease: whether the node's runtime restores containers from
+/// checkpoint images: `enabled`, `disabled` or `unknown`.
+pub const LEASE_ANNOTATION_RESTORE: &str = "mapsnap.io/restore";
+/// Annotation on an agent lease: why restore is disabled or unknown (the setting read).
+pub const LEASE_ANNOTATION_RESTORE_REASON: &str = "mapsnap.io/restore-reason";
+
+/// Why the node behind an agent lease cannot restore, if its lease says so (`unknown` is not
+/// a refusal: the restore is tried).
+pub fn restore_refusal(lease: &k8s_openapi::api::coordination::v1::Lease) -> Option<String> {
+    let a = lease.metadata.annotations.as_ref()?;
+    if a.get(LEASE_ANNOTATION_RESTORE).map(String::as_str) != Some("disabled") {
+        return None;
+    }
+    let runtime = a.get(LEASE_ANNOTATION_RUNTIME).map_or("?", String::as_str);
+    let version = a
+        .get(LEASE_ANNOTATION_RUNTIME_VERSION)
+        .map(|v| format!(" {v}"))
+        .unwrap_or_default();
+    let why = a
+        .get(LEASE_ANNOTATION_RESTORE_REASON)
+        .map_or("restore is disabled", String::as_str);
+    Some(format!("{runtime}{version}: {why}"))
+}
 
 /// Why a storage location was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -113,9 +138,24 @@ pub fn restore_archive_name(uid: &str) -> String {
     format!("mapsnap-restore-{uid}.tar")
 }
 
+/// Tag of the checkpoint image pushed for one object (the image is then named by digest).
+pub fn image_tag(uid: &str) -> String {
+    format!("mapsnap-{uid}")
+}
+
 /// File name of a restore request: `<namespace>_<pod>.json`.
 pub fn restore_request_name(namespace: &str, pod: &str) -> String {
     format!("{namespace}_{pod}.json")
+}
+
+/// Whether `s` is a Kubernetes object name (a DNS subdomain: lowercase letters, digits, `-`
+/// and `.`, not starting with `.`), safe to put into a path or a file name.
+pub fn is_object_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !s.starts_with('.')
 }
 
 /// Human-readable size (`12.3MiB`).

@@ -129,6 +129,10 @@ pub struct LeaderElection {
     pub duration: Duration,
     /// How often the leader renews it.
     pub renew_every: Duration,
+    /// A leader that has not renewed for this long stops (shorter than `duration`, so it stops
+    /// before a standby may take the lease over); each renewal call is bounded by what is
+    /// left of it.
+    pub renew_deadline: Duration,
 }
 
 impl std::fmt::Debug for LeaderElection {
@@ -194,22 +198,41 @@ impl LeaderElection {
         }
     }
 
-    /// Renews the lease until that fails for longer than its duration; returns why.
+    /// Renews the lease until a renewal does not succeed within the renew deadline (counted
+    /// from the last successful one); returns why. The caller must stop working then: a
+    /// standby may take the lease once `duration` has passed since the last renewal.
     pub async fn hold(&self) -> LeaderError {
+        let deadline = self.renew_deadline.min(self.duration);
         let mut last_ok = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(self.renew_every).await;
-            match self.try_acquire().await {
-                Ok(None) => last_ok = tokio::time::Instant::now(),
-                Ok(Some(_)) => {
+            let left = deadline.saturating_sub(last_ok.elapsed());
+            if left.is_zero() {
+                return LeaderError::Lost(
+                    self.name.clone(),
+                    format!("not renewed within {}s", deadline.as_secs()),
+                );
+            }
+            match tokio::time::timeout(left, self.try_acquire()).await {
+                Err(_) => {
+                    return LeaderError::Lost(
+                        self.name.clone(),
+                        format!(
+                            "the renewal did not finish within the renew deadline ({}s)",
+                            deadline.as_secs()
+                        ),
+                    );
+                }
+                Ok(Ok(None)) => last_ok = tokio::time::Instant::now(),
+                Ok(Ok(Some(_))) => {
                     return LeaderError::Lost(
                         self.name.clone(),
                         "another identity holds it".into(),
                     );
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::warn!("renewing the leader lease: {e}");
-                    if last_ok.elapsed() >= self.duration {
+                    if last_ok.elapsed() >= deadline {
                         return LeaderError::Lost(self.name.clone(), e.to_string());
                     }
                 }
@@ -286,6 +309,103 @@ mod tests {
         let spec = taken.spec.expect("spec");
         assert_eq!(spec.lease_transitions, Some(1));
         assert_eq!(spec.acquire_time, Some(MicroTime(ts(16))));
+    }
+
+    fn mock() -> (
+        Api<Lease>,
+        tower_test::mock::Handle<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >,
+    ) {
+        let (svc, handle) = tower_test::mock::pair();
+        (
+            Api::namespaced(kube::Client::new(svc, "default"), "ns"),
+            handle,
+        )
+    }
+
+    fn election(api: Api<Lease>) -> LeaderElection {
+        LeaderElection {
+            api,
+            name: "leader".into(),
+            namespace: "ns".into(),
+            identity: "me".into(),
+            duration: Duration::from_secs(15),
+            renew_every: Duration::from_secs(2),
+            renew_deadline: Duration::from_secs(10),
+        }
+    }
+
+    fn respond(
+        send: tower_test::mock::SendResponse<http::Response<kube::client::Body>>,
+        code: u16,
+        body: serde_json::Value,
+    ) {
+        send.send_response(
+            http::Response::builder()
+                .status(code)
+                .header("content-type", "application/json")
+                .body(kube::client::Body::from(
+                    serde_json::to_vec(&body).expect("json"),
+                ))
+                .expect("response"),
+        );
+    }
+
+    /// A leader whose renewals hang (an API server that accepts the connection and never
+    /// answers) stops before the lease expires for the standbys.
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_whose_renewals_hang_stops_before_a_standby_may_take_over() {
+        let (api, mut handle) = mock();
+        let e = election(api);
+        let started = tokio::time::Instant::now();
+        let hold = tokio::spawn(async move { e.hold().await });
+        // The first renewal's GET arrives and is never answered.
+        let (req, _send) = handle.next_request().await.expect("request");
+        assert_eq!(req.method(), "GET");
+        let lost = hold.await.expect("join");
+        let waited = started.elapsed();
+        assert!(
+            matches!(&lost, LeaderError::Lost(_, m) if m.contains("renew deadline")),
+            "{lost:?}"
+        );
+        assert!(
+            waited <= Duration::from_secs(10) && waited < Duration::from_secs(15),
+            "stopped after {waited:?}"
+        );
+    }
+
+    /// A renewal that lost a race (409 Conflict on the replace with a stale resourceVersion)
+    /// is not leadership.
+    #[tokio::test]
+    async fn a_conflicting_lease_update_is_not_leadership() {
+        let (api, mut handle) = mock();
+        let e = election(api);
+        let task = tokio::spawn(async move { e.try_acquire().await });
+        let (req, send) = handle.next_request().await.expect("get");
+        assert_eq!(req.method(), "GET");
+        let mut held = lease("me", 0, 15);
+        held.metadata.name = Some("leader".into());
+        held.metadata.namespace = Some("ns".into());
+        held.metadata.resource_version = Some("5".into());
+        respond(send, 200, serde_json::to_value(&held).expect("lease"));
+        let (req, send) = handle.next_request().await.expect("put");
+        assert_eq!(req.method(), "PUT");
+        let body = req.into_body().collect_bytes().await.expect("body");
+        let sent: Lease = serde_json::from_slice(&body).expect("lease");
+        assert_eq!(sent.metadata.resource_version.as_deref(), Some("5"));
+        respond(
+            send,
+            409,
+            serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "reason": "Conflict", "code": 409,
+                "message": "Operation cannot be fulfilled on leases.coordination.k8s.io \"leader\": the object has been modified; please apply your changes to the latest version and try again"}),
+        );
+        assert_eq!(
+            task.await.expect("join").expect("no error"),
+            Some(Duration::from_secs(1))
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - [`metrics`], [`http`]: Prometheus metrics and the probe/metrics server.
 
 pub mod agent;
+pub mod capabilities;
 pub mod ckptimage;
 pub mod config;
 pub mod controller;
@@ -18,6 +19,7 @@ pub mod crd;
 pub mod error;
 pub mod hostinstall;
 pub mod http;
+pub mod images;
 pub mod kubelet;
 pub mod layout;
 pub mod lease;
@@ -26,6 +28,8 @@ pub mod node;
 pub mod pods;
 pub mod reconcile;
 
+#[cfg(test)]
+mod fakekubelet;
 #[cfg(test)]
 mod fixtures;
 #[cfg(test)]

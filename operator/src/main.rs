@@ -11,13 +11,16 @@ use clap::{Parser, Subcommand};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 use mapsnap::storage::{StorageConfig, parse_duration};
-use mapsnap_operator::config::{Config, Runtime};
+use mapsnap_operator::ckptimage::{self, CheckpointImageArgs, Registry, RegistryAuth};
+use mapsnap_operator::config::{Config, KubeletAccess, Runtime};
 use mapsnap_operator::controller::{self, Context};
 use mapsnap_operator::http::{self, Health};
+use mapsnap_operator::images::RegistryImages;
+use mapsnap_operator::kubelet::{DirectKubelet, KUBELET_PORT, KubeletTls, SA_TOKEN};
 use mapsnap_operator::layout;
 use mapsnap_operator::lease::LeaderElection;
 use mapsnap_operator::node::{NodeAgent, NodePaths, StorageBlobs};
-use mapsnap_operator::{agent, crd, hostinstall};
+use mapsnap_operator::{agent, capabilities, crd, hostinstall};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -46,6 +49,9 @@ enum Role {
     /// Copies mapsnap-hook, mapsnap and the CRIU plugin (and optionally the storage config)
     /// from this image to host paths (the agent's init container).
     InstallHostFiles(InstallArgs),
+    /// Builds a checkpoint OCI image from a checkpoint archive, pushes it, and prints it by
+    /// digest (`REF@sha256:...`).
+    CheckpointImage(CheckpointImageArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -62,6 +68,9 @@ struct InstallArgs {
     /// A storage config file to copy too (mode 0600), to --config-dest.
     #[arg(long, requires = "config_dest")]
     config: Option<PathBuf>,
+    /// The hook's [hook] table, appended to --config-dest after the storage config.
+    #[arg(long, requires = "config_dest")]
+    hook_config: Option<PathBuf>,
     #[arg(long)]
     config_dest: Option<PathBuf>,
 }
@@ -83,6 +92,13 @@ struct ControllerArgs {
     /// The nodes' container runtime: crio or containerd.
     #[arg(long, default_value = "crio")]
     runtime: String,
+    /// Who calls the kubelet checkpoint API: agent (the source node's agent, default) or
+    /// apiserver-proxy (this controller, through the API server's node proxy).
+    #[arg(long, default_value = "agent")]
+    kubelet_access: String,
+    /// Pull secret (in the restored pod's namespace) put on restored pods (repeatable).
+    #[arg(long = "image-pull-secret")]
+    image_pull_secrets: Vec<String>,
     #[arg(long, default_value = "2m", value_parser = duration)]
     checkpoint_timeout: Duration,
     #[arg(long, default_value = "1m", value_parser = duration)]
@@ -116,6 +132,46 @@ struct AgentArgs {
     identity: String,
     #[arg(long, default_value = "crio")]
     runtime: String,
+    /// The runtime's version, when known (reported in the lease).
+    #[arg(long, env = "MAPSNAP_RUNTIME_VERSION")]
+    runtime_version: Option<String>,
+    /// Where the host's /etc is mounted (the runtime's config files are read there).
+    #[arg(long, default_value = "/host")]
+    host_root: PathBuf,
+    /// Call this node's kubelet for checkpoints (off: the controller calls it through the API
+    /// server).
+    #[arg(long, default_value = "agent")]
+    kubelet_access: String,
+    /// The kubelet's address (the downward API's status.hostIP).
+    #[arg(long, env = "HOST_IP")]
+    kubelet_host: Option<std::net::IpAddr>,
+    #[arg(long, default_value_t = KUBELET_PORT)]
+    kubelet_port: u16,
+    /// CA bundle that signed the kubelet's serving certificate (default: the cluster CA).
+    #[arg(long)]
+    kubelet_ca: Option<PathBuf>,
+    /// Verify the kubelet's certificate for this name (e.g. the node name) instead of its IP.
+    #[arg(long)]
+    kubelet_server_name: Option<String>,
+    /// Do not verify the kubelet's serving certificate (self-signed kubelet certificates).
+    #[arg(long)]
+    kubelet_insecure_skip_tls_verify: bool,
+    #[arg(long, default_value = SA_TOKEN)]
+    token_file: PathBuf,
+    /// The storage prefixes tasks may name (the controller's --storage-location and
+    /// --allowed-location values).
+    #[arg(long = "allowed-location", required = true)]
+    allowed_locations: Vec<String>,
+    /// Repository checkpoint images are pushed to (host[:port]/path); none: no restores here.
+    #[arg(long)]
+    registry_repository: Option<String>,
+    /// Docker config JSON with the registry's push credentials.
+    #[arg(long)]
+    registry_auth_file: Option<PathBuf>,
+    #[arg(long)]
+    registry_insecure_http: bool,
+    #[arg(long)]
+    registry_ca_file: Option<PathBuf>,
     #[arg(long, default_value = "/run/mapsnap/requests")]
     requests_dir: PathBuf,
     #[arg(long, default_value = "/run/mapsnap/restores")]
@@ -137,6 +193,32 @@ fn init_logging() {
     tracing_subscriber::fmt().with_env_filter(filter).init();
 }
 
+fn kubelet_access(s: &str) -> anyhow::Result<KubeletAccess> {
+    KubeletAccess::parse(s)
+        .with_context(|| format!("unknown kubelet access {s:?} (agent or apiserver-proxy)"))
+}
+
+fn registry(args: &AgentArgs) -> anyhow::Result<Option<Registry>> {
+    let Some(repository) = args.registry_repository.clone().filter(|r| !r.is_empty()) else {
+        return Ok(None);
+    };
+    let auth = match &args.registry_auth_file {
+        None => RegistryAuth::Anonymous,
+        Some(f) => {
+            let json = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+            let host = repository.split('/').next().unwrap_or(&repository);
+            RegistryAuth::from_docker_config_json(&json, host)
+                .with_context(|| format!("credentials in {}", f.display()))?
+        }
+    };
+    Ok(Some(Registry {
+        repository,
+        auth,
+        insecure_http: args.registry_insecure_http,
+        ca_file: args.registry_ca_file.clone(),
+    }))
+}
+
 fn runtime(s: &str) -> anyhow::Result<Runtime> {
     Runtime::parse(s).with_context(|| format!("unknown runtime {s:?} (crio or containerd)"))
 }
@@ -155,6 +237,8 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         storage_location: args.storage_location,
         allowed_locations: args.allowed_locations,
         runtime: runtime(&args.runtime)?,
+        kubelet_access: kubelet_access(&args.kubelet_access)?,
+        image_pull_secrets: args.image_pull_secrets,
         checkpoint_timeout: args.checkpoint_timeout,
         agent_timeout: args.agent_timeout,
         transfer_timeout: args.transfer_timeout,
@@ -188,7 +272,9 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         namespace: args.namespace,
         identity: args.identity,
         duration: Duration::from_secs(15),
-        renew_every: Duration::from_secs(5),
+        renew_every: Duration::from_secs(2),
+        // client-go's defaults: stop 5 s before the lease could be taken over.
+        renew_deadline: Duration::from_secs(10),
     };
     // Not leading is still healthy and ready (a standby replica).
     health
@@ -211,15 +297,46 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
 async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let storage = StorageConfig::load(args.storage_config.as_deref())
         .context("cannot load the storage configuration")?;
-    runtime(&args.runtime)?;
-    let node_agent = NodeAgent::new(
+    let rt = runtime(&args.runtime)?;
+    let caps = capabilities::probe(rt, &args.host_root, args.runtime_version.clone());
+    tracing::info!(
+        "runtime {}: restore {} ({})",
+        rt.as_str(),
+        caps.restore.as_str(),
+        caps.reason
+    );
+    let kubelet = match kubelet_access(&args.kubelet_access)? {
+        KubeletAccess::ApiServerProxy => None,
+        KubeletAccess::Agent => {
+            let host = args
+                .kubelet_host
+                .context("--kubelet-host (or HOST_IP) is required to call the kubelet")?;
+            let tls = KubeletTls {
+                ca_file: args.kubelet_ca.clone(),
+                server_name: args.kubelet_server_name.clone(),
+                insecure_skip_verify: args.kubelet_insecure_skip_tls_verify,
+            };
+            let k = DirectKubelet::new(host, args.kubelet_port, &tls, &args.token_file)
+                .context("kubelet client")?;
+            tracing::info!("calling the kubelet at {}", k.base());
+            Some(Arc::new(k))
+        }
+    };
+    let mut node_agent = NodeAgent::new(
         NodePaths {
-            requests: args.requests_dir,
-            restores: args.restores_dir,
-            checkpoints: args.checkpoint_dir,
+            requests: args.requests_dir.clone(),
+            restores: args.restores_dir.clone(),
+            checkpoints: args.checkpoint_dir.clone(),
         },
         Arc::new(StorageBlobs::new(storage)),
-    );
+    )
+    .with_allowed_locations(args.allowed_locations.clone());
+    if let Some(registry) = registry(&args)? {
+        node_agent = node_agent.with_images(Arc::new(RegistryImages {
+            registry,
+            runtime: tokio::runtime::Handle::current(),
+        }));
+    }
     let client = client(None).await?;
     let health = Arc::new(Health::default());
     let server = tokio::spawn(http::serve(args.metrics_addr, health.clone()));
@@ -228,7 +345,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         args.namespace,
         args.node_name.clone(),
         args.identity,
-        args.runtime,
+        caps.annotations(),
         health.clone(),
         args.heartbeat,
     ));
@@ -236,6 +353,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         client,
         node: args.node_name,
         node_agent: Arc::new(node_agent),
+        kubelet,
         health,
         clock: agent::system_clock(),
     });
@@ -262,18 +380,21 @@ async fn main() -> anyhow::Result<()> {
             run_agent(a).await
         }
         Role::InstallHostFiles(a) => {
-            let mut files = hostinstall::plan(&a.image_bin, &a.image_lib, &a.dest);
-            if let (Some(from), Some(to)) = (a.config, a.config_dest) {
-                files.push(hostinstall::HostFile {
-                    from,
-                    to,
-                    mode: 0o600,
-                    optional: false,
-                });
-            }
+            let files = hostinstall::plan(&a.image_bin, &a.image_lib, &a.dest);
             for line in hostinstall::install(&files).context("install-host-files")? {
                 println!("{line}");
             }
+            if let Some(to) = a.config_dest {
+                let parts: Vec<PathBuf> = a.config.into_iter().chain(a.hook_config).collect();
+                let line = hostinstall::install_joined(&parts, &to, 0o600)
+                    .context("install-host-files")?;
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Role::CheckpointImage(a) => {
+            let pushed = ckptimage::run_cli(&a).await.context("checkpoint-image")?;
+            println!("{}", pushed.reference);
             Ok(())
         }
     }

@@ -89,13 +89,16 @@ pub enum NodeError {
     Mismatch(String),
     #[error("{0}")]
     Unsupported(String),
+    /// The registry failed (may pass).
+    #[error("checkpoint image: {0}")]
+    Image(String),
     /// Some cleanup actions failed.
     #[error("{message}")]
     Cleanup { message: String, permanent: bool },
 }
 
 impl NodeError {
-    fn io(what: &'static str, path: &Path, source: io::Error) -> Self {
+    pub fn io(what: &'static str, path: &Path, source: io::Error) -> Self {
         NodeError::Io {
             what,
             path: path.to_path_buf(),
@@ -113,6 +116,7 @@ impl NodeError {
             ),
             NodeError::Refused(_) | NodeError::Mismatch(_) | NodeError::Unsupported(_) => true,
             NodeError::Cleanup { permanent, .. } => *permanent,
+            NodeError::Image(_) => false,
         }
     }
 
@@ -125,6 +129,7 @@ impl NodeError {
             NodeError::Mismatch(_) => "DataMismatch",
             NodeError::Unsupported(_) => "Unsupported",
             NodeError::Cleanup { .. } => "CleanupFailed",
+            NodeError::Image(_) => "ImagePushFailed",
         }
     }
 }
@@ -281,12 +286,7 @@ pub fn check_container_id(id: &str) -> Result<(), NodeError> {
 }
 
 fn check_name(what: &str, s: &str) -> Result<(), NodeError> {
-    let ok = !s.is_empty()
-        && s.len() <= 253
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && !s.starts_with('.');
-    if ok {
+    if layout::is_object_name(s) {
         Ok(())
     } else {
         Err(NodeError::Refused(format!("invalid {what} {s:?}")))
@@ -330,16 +330,108 @@ fn rfc3339(t: &Time) -> String {
     t.0.to_string()
 }
 
+/// Checkpoint OCI images as the agent makes them (a trait so the controller's reconcile tests
+/// can record the calls; the agent uses [`crate::images`] over a real registry).
+pub trait CheckpointImages: Send + Sync + std::fmt::Debug {
+    /// The repository (`host[:port]/path`) every image goes to: a task may only name images
+    /// there.
+    fn repository(&self) -> &str;
+    /// Builds the checkpoint image of `container` from a kubelet archive, pushes it as `tag`,
+    /// and returns its reference by digest (`repository@sha256:...`).
+    fn build_and_push(
+        &self,
+        archive: &Path,
+        container: &str,
+        tag: &str,
+    ) -> Result<String, NodeError>;
+    /// Deletes a pushed image (by digest); a missing one is not an error.
+    fn delete(&self, reference: &str) -> Result<(), NodeError>;
+}
+
 /// The agent's node-side executor.
 #[derive(Debug, Clone)]
 pub struct NodeAgent {
     pub paths: NodePaths,
     pub blobs: Arc<dyn Blobs>,
+    /// The registry restores push to (none: this node cannot prepare restores).
+    pub images: Option<Arc<dyn CheckpointImages>>,
+    /// Storage prefixes tasks may name (the chart's `storage.location` and
+    /// `storage.allowedLocations`, as the controller has them). A task location must be
+    /// `<prefix>/<namespace>/<name>/<uid>/<maps.mapsnap|checkpoint.tar>` for its object's
+    /// namespace; what it writes or deletes, for its object's own name and UID too.
+    pub allowed_locations: Vec<String>,
 }
 
 impl NodeAgent {
     pub fn new(paths: NodePaths, blobs: Arc<dyn Blobs>) -> Self {
-        Self { paths, blobs }
+        Self {
+            paths,
+            blobs,
+            images: None,
+            allowed_locations: Vec::new(),
+        }
+    }
+
+    pub fn with_images(mut self, images: Arc<dyn CheckpointImages>) -> Self {
+        self.images = Some(images);
+        self
+    }
+
+    pub fn with_allowed_locations(mut self, allowed: Vec<String>) -> Self {
+        self.allowed_locations = allowed;
+        self
+    }
+
+    /// Checks a storage location named by a task against this node's configuration, as
+    /// strictly as the hook checks annotations: an allowed prefix, then exactly
+    /// `<namespace>/<name>/<uid>/<file>` of the task's object (`own`) or of an object in its
+    /// namespace (a Restore reads its referenced checkpoint). No `..`, no percent-encoding.
+    pub fn check_task_location(
+        &self,
+        location: &str,
+        object: &str,
+        uid: &str,
+        own: bool,
+    ) -> Result<(), NodeError> {
+        let refused =
+            |why: &str| NodeError::Refused(format!("storage location {location:?} refused: {why}"));
+        if self.allowed_locations.is_empty() {
+            return Err(refused(
+                "this agent has no allowed storage locations configured",
+            ));
+        }
+        if location.contains('%') {
+            return Err(refused("percent-encoding is not allowed"));
+        }
+        layout::check_location(location, &self.allowed_locations).map_err(|e| refused(&e.why))?;
+        let (ns, name) = object
+            .split_once('/')
+            .ok_or_else(|| refused("the task's object has no namespace"))?;
+        let ok = self.allowed_locations.iter().any(|a| {
+            let a = a.trim_end_matches('/');
+            let Some(rest) = location.strip_prefix(a).and_then(|r| r.strip_prefix('/')) else {
+                return false;
+            };
+            let parts: Vec<&str> = rest.split('/').collect();
+            parts.len() == 4
+                && parts[0] == ns
+                && (!own || (parts[1] == name && parts[2] == uid))
+                && !parts[1].is_empty()
+                && !parts[2].is_empty()
+                && (parts[3] == layout::SNAPSHOT_NAME || parts[3] == layout::ARCHIVE_NAME)
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(refused(&format!(
+                "not <allowed prefix>/{ns}/{}/<file> of this object",
+                if own {
+                    format!("{name}/{uid}")
+                } else {
+                    "<name>/<uid>".to_string()
+                }
+            )))
+        }
     }
 
     /// Path of the hook request file of a container.
@@ -404,12 +496,16 @@ impl NodeAgent {
             ..AgentResult::default()
         };
         let outcome = match task.operation {
-            Some(AgentOperation::PrepareCheckpoint) => self.prepare(checkpoint, task, now),
-            Some(AgentOperation::UploadArchive) => self.upload(task, &mut result),
+            Some(AgentOperation::PrepareCheckpoint) => self.prepare(checkpoint, uid, task, now),
+            Some(AgentOperation::UploadArchive) => self.upload(checkpoint, uid, task, &mut result),
+            // Async (an HTTPS call): run by the agent's API layer, never here.
+            Some(AgentOperation::KubeletCheckpoint) => Err(NodeError::Unsupported(
+                "KubeletCheckpoint is not node file work".into(),
+            )),
             Some(AgentOperation::DownloadArchive) => {
                 self.download(checkpoint, uid, task, now, &mut result)
             }
-            Some(AgentOperation::Cleanup) => self.cleanup(task),
+            Some(AgentOperation::Cleanup) => self.cleanup(checkpoint, uid, task),
             None => Err(NodeError::Unsupported(
                 "the task names no operation this agent knows (is the agent older than the \
                  controller?)"
@@ -435,6 +531,7 @@ impl NodeAgent {
     fn prepare(
         &self,
         checkpoint: &str,
+        uid: &str,
         task: &AgentTask,
         now: Timestamp,
     ) -> Result<String, NodeError> {
@@ -447,6 +544,7 @@ impl NodeAgent {
             .clone()
             .ok_or_else(|| NodeError::Refused("the task names no snapshot location".into()))?;
         Location::parse(&snapshot)?;
+        self.check_task_location(&snapshot, checkpoint, uid, true)?;
         let path = self.request_path(id)?;
         let req = HookRequest {
             checkpoint: checkpoint.to_string(),
@@ -460,7 +558,13 @@ impl NodeAgent {
         Ok(format!("wrote {}", path.display()))
     }
 
-    fn upload(&self, task: &AgentTask, result: &mut AgentResult) -> Result<String, NodeError> {
+    fn upload(
+        &self,
+        checkpoint: &str,
+        uid: &str,
+        task: &AgentTask,
+        result: &mut AgentResult,
+    ) -> Result<String, NodeError> {
         let local = task
             .node_archive
             .as_deref()
@@ -474,6 +578,8 @@ impl NodeAgent {
             .snapshot
             .as_deref()
             .ok_or_else(|| NodeError::Refused("the task names no snapshot".into()))?;
+        self.check_task_location(archive, checkpoint, uid, true)?;
+        self.check_task_location(snapshot, checkpoint, uid, true)?;
         let digest = self.blobs.upload(&local, archive)?;
         // No manifest: the hook wrote no snapshot (no bpffs mount, opted out, or not
         // installed). The controller warns and goes on without maps.
@@ -541,6 +647,22 @@ impl NodeAgent {
             .ok_or_else(|| NodeError::Refused("the task names no restored pod".into()))?;
         let request_path = self.restore_request_path(pod)?;
         check_name("uid", uid)?;
+        self.check_task_location(archive, checkpoint, uid, false)?;
+        if let Some(s) = task.snapshot.as_deref() {
+            self.check_task_location(s, checkpoint, uid, false)?;
+        }
+        let container = task
+            .container
+            .as_deref()
+            .ok_or_else(|| NodeError::Refused("the task names no container".into()))?;
+        check_name("container name", container)?;
+        let images = self.images.clone().ok_or_else(|| {
+            NodeError::Unsupported(
+                "this agent has no registry for checkpoint images (chart value \
+                 restore.registry.repository)"
+                    .into(),
+            )
+        })?;
         let dest = self
             .paths
             .checkpoints
@@ -593,22 +715,27 @@ impl NodeAgent {
             }
             fs::rename(&tmp, &dest).map_err(|e| NodeError::io("cannot rename into", &dest, e))?;
         }
+        let tag = layout::image_tag(uid);
+        let image = images.build_and_push(&dest, container, &tag)?;
         let req = RestoreRequest {
             checkpoint: checkpoint.to_string(),
             pod: pod.to_string(),
             snapshot: task.snapshot.clone().unwrap_or_default(),
-            archive: dest.display().to_string(),
+            archive: image.clone(),
             created: now.to_string(),
             expires: rfc3339(&task.expires),
         };
         let json = serde_json::to_vec_pretty(&req)
             .map_err(|e| NodeError::Refused(format!("cannot encode the request: {e}")))?;
         write_atomic(&request_path, &json)?;
-        result.node_archive = Some(dest.display().to_string());
-        Ok(format!("fetched {archive} to {}", dest.display()))
+        // The archive holds the container's memory: once the registry has it, the node copy
+        // goes.
+        remove_if_present(&dest)?;
+        result.image = Some(image.clone());
+        Ok(format!("fetched {archive}, pushed {image}"))
     }
 
-    fn cleanup(&self, task: &AgentTask) -> Result<String, NodeError> {
+    fn cleanup(&self, checkpoint: &str, uid: &str, task: &AgentTask) -> Result<String, NodeError> {
         let mut done = Vec::new();
         let mut failed = Vec::new();
         let mut permanent = false;
@@ -637,8 +764,32 @@ impl NodeAgent {
             record(format!("the restore request of {pod}"), r);
         }
         for loc in &task.delete_objects {
-            let r = self.blobs.delete(loc);
+            let r = self
+                .check_task_location(loc, checkpoint, uid, true)
+                .and_then(|()| self.blobs.delete(loc));
             record(loc.clone(), r);
+        }
+        for image in &task.delete_images {
+            let r = match self.images.as_ref() {
+                None => Err(NodeError::Unsupported(
+                    "this agent has no registry configured".into(),
+                )),
+                Some(images) => {
+                    let tag_ok = image
+                        .strip_prefix(images.repository())
+                        .and_then(|r| r.strip_prefix("@sha256:"))
+                        .is_some_and(|d| d.len() == 64);
+                    if tag_ok {
+                        images.delete(image).map(|()| true)
+                    } else {
+                        Err(NodeError::Refused(format!(
+                            "image {image:?} refused: not an image of {} by digest",
+                            images.repository()
+                        )))
+                    }
+                }
+            };
+            record(image.clone(), r);
         }
         if failed.is_empty() {
             Ok(if done.is_empty() {

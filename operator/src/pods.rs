@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Pod, PodSpec};
+use k8s_openapi::api::core::v1::{LocalObjectReference, Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::crd::{
@@ -24,6 +24,52 @@ pub const LABELS_NOT_COPIED: &[&str] = &[
     "controller-uid",
     "job-name",
 ];
+
+/// Annotations of the source pod that are not copied to the restored pod: they belong to one
+/// pod instance (set by controllers, admission or kubectl) or to a restore of their own.
+pub const ANNOTATIONS_NOT_COPIED: &[&str] = &[
+    "kubectl.kubernetes.io/last-applied-configuration",
+    "kubernetes.io/config.seen",
+    "kubernetes.io/config.source",
+    "kubernetes.io/config.hash",
+    "kubernetes.io/config.mirror",
+    "controller.kubernetes.io/pod-deletion-cost",
+    "batch.kubernetes.io/job-completion-index",
+    "pod.kubernetes.io/claimed-by",
+];
+
+/// Annotation prefixes not copied: our own (the restore sets them anew) and the CNI's record
+/// of the source pod's network (the restored pod gets a new IP).
+pub const ANNOTATION_PREFIXES_NOT_COPIED: &[&str] = &["mapsnap.io/", "k8s.v1.cni.cncf.io/"];
+
+/// Whether a source pod annotation goes to the restored pod.
+pub fn annotation_copied(key: &str) -> bool {
+    !ANNOTATIONS_NOT_COPIED.contains(&key)
+        && !ANNOTATION_PREFIXES_NOT_COPIED
+            .iter()
+            .any(|p| key.starts_with(p))
+}
+
+/// Whether an image reference names its image by digest (`name@sha256:<64 hex>`), with a
+/// repository part the kubelet can parse (no path, no spaces).
+pub fn is_digest_ref(image: &str) -> bool {
+    let Some((repo, digest)) = image.rsplit_once("@sha256:") else {
+        return false;
+    };
+    digest.len() == 64
+        && digest
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && !repo.is_empty()
+        && !repo.starts_with('/')
+        && !repo.ends_with('/')
+        && !repo.contains("//")
+        && repo.bytes().all(|b| {
+            b.is_ascii_lowercase()
+                || b.is_ascii_digit()
+                || matches!(b, b'.' | b'-' | b'_' | b'/' | b':')
+        })
+}
 
 /// Name prefix of the service account token volume admission adds to every pod.
 const TOKEN_VOLUME_PREFIX: &str = "kube-api-access-";
@@ -133,6 +179,14 @@ pub fn resolve_source(pod: &Pod, container: Option<&str>) -> SourceCheck {
         .into_iter()
         .filter(|(k, _)| !LABELS_NOT_COPIED.contains(&k.as_str()))
         .collect();
+    let annotations = pod
+        .metadata
+        .annotations
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| annotation_copied(k))
+        .collect();
     let mut template_spec = spec.clone();
     template_spec.node_name = None;
     SourceCheck::Ready(Box::new(SourceStatus {
@@ -144,6 +198,7 @@ pub fn resolve_source(pod: &Pod, container: Option<&str>) -> SourceCheck {
         runtime: runtime.to_string(),
         pod_template: Some(PodTemplateCopy {
             labels,
+            annotations,
             spec: template_spec,
         }),
     }))
@@ -220,15 +275,22 @@ pub fn restored_progress(pod: &Pod, container: &str) -> PodProgress {
     }
 }
 
-/// Builds the restored pod (CRI-O): a copy of the checkpointed pod's spec bound to the
-/// target node, the checkpointed container's image replaced by the archive's path on that
-/// node, annotated for mapsnap-hook.
+/// Builds the restored pod: a copy of the checkpointed pod's spec bound to the target node,
+/// the checkpointed container's image replaced by the checkpoint OCI image (by digest; the
+/// kubelet parses every image as a reference, so an archive path would end in
+/// `InvalidImageName`), with the registry's pull secrets, annotated for mapsnap-hook.
 pub fn restored_pod(
     cr: &BpfMapCheckpoint,
     name: &str,
     node: &str,
-    node_archive: &str,
+    image: &str,
+    pull_secrets: &[String],
 ) -> Result<Pod, String> {
+    if !is_digest_ref(image) {
+        return Err(format!(
+            "{image:?} is not a checkpoint image by digest (repository@sha256:...)"
+        ));
+    }
     let status = cr.status.as_ref().ok_or("no status")?;
     let source = status.source.as_ref().ok_or("no resolved source")?;
     let template = source
@@ -250,9 +312,21 @@ pub fn restored_pod(
     if let Some(a) = spec.affinity.as_mut() {
         a.node_affinity = None;
     }
-    // Set by admission from the priority class: a new pod may not carry them.
+    // Set by admission from the priority class / runtime class: a new pod may not carry them
+    // (the API server refuses a pod whose overhead it did not set itself).
     spec.priority = None;
     spec.preemption_policy = None;
+    spec.overhead = None;
+    // The restored pod is another pod: a copied hostname/subdomain would make two pods answer
+    // for one DNS name (and a StatefulSet's pod identity is not the restored pod's).
+    spec.hostname = None;
+    spec.subdomain = None;
+    for s in pull_secrets {
+        let list = spec.image_pull_secrets.get_or_insert_with(Vec::new);
+        if !list.iter().any(|r| &r.name == s) {
+            list.push(LocalObjectReference { name: s.clone() });
+        }
+    }
     // The service account token volume is injected again by admission.
     if let Some(vols) = spec.volumes.as_mut() {
         vols.retain(|v| !v.name.starts_with(TOKEN_VOLUME_PREFIX));
@@ -271,7 +345,7 @@ pub fn restored_pod(
         .iter_mut()
         .find(|c| c.name == source.container)
         .ok_or_else(|| format!("the pod template has no container {}", source.container))?;
-    c.image = Some(node_archive.to_string());
+    c.image = Some(image.to_string());
     c.image_pull_policy = Some("IfNotPresent".into());
 
     let mut labels: BTreeMap<String, String> = template.labels.clone();
@@ -279,7 +353,13 @@ pub fn restored_pod(
     if let Some(n) = cr.metadata.name.as_deref().filter(|n| n.len() <= 63) {
         labels.insert(LABEL_RESTORED_BY.into(), n.to_string());
     }
-    let mut annotations = BTreeMap::from([(ANNOTATION_CHECKPOINT.to_string(), cr.key())]);
+    let mut annotations: BTreeMap<String, String> = template
+        .annotations
+        .iter()
+        .filter(|(k, _)| annotation_copied(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    annotations.insert(ANNOTATION_CHECKPOINT.to_string(), cr.key());
     if let Some(s) = snapshot {
         annotations.insert(ANNOTATION_RESTORE_FROM.to_string(), s);
     }

@@ -15,12 +15,14 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::config::{Config, Runtime};
+use crate::config::{Config, KubeletAccess};
 use crate::crd::{
     Action, AgentOperation, AgentResult, AgentTask, BpfMapCheckpoint, BpfMapCheckpointStatus,
     CheckpointStatus, FINALIZER, Phase, RestoreStatus, RetentionPolicy, SourcePodPolicy, Step,
-    StepRecord,
+    StepRecord, Switchover,
 };
+use crate::kubelet::KubeletErrorKind;
+pub use crate::kubelet::KubeletFailure;
 use crate::layout;
 use crate::pods::{self, PodProgress, SourceCheck};
 
@@ -38,6 +40,22 @@ pub struct EventNote {
     /// The step it is about.
     pub action: String,
     pub note: String,
+}
+
+/// The API server's limit on an event's note, in bytes.
+pub const EVENT_NOTE_MAX_BYTES: usize = 1024;
+
+/// An event note cut to the API server's limit (1024 bytes, not characters), on a character
+/// boundary.
+pub fn event_note(note: &str) -> String {
+    if note.len() <= EVENT_NOTE_MAX_BYTES {
+        return note.to_string();
+    }
+    let mut end = EVENT_NOTE_MAX_BYTES;
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    note[..end].to_string()
 }
 
 /// When to look at the object again.
@@ -75,14 +93,6 @@ pub enum Decision {
     Idle,
 }
 
-/// A failed kubelet checkpoint call.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KubeletFailure {
-    /// HTTP status; 0 when no answer came (timeout, connection).
-    pub code: u16,
-    pub message: String,
-}
-
 /// What running a step observed.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -100,8 +110,9 @@ pub enum Outcome {
     Kubelet(Result<String, KubeletFailure>),
     /// ResolveCheckpoint: the referenced object, if it exists.
     Referenced(Option<Box<BpfMapCheckpoint>>),
-    /// PrepareRestore: whether the target node's agent is live.
-    TargetAgent { live: bool },
+    /// PrepareRestore: whether the target node's agent is live, and why its node cannot
+    /// restore (from the capabilities its lease reports), if it cannot.
+    TargetAgent { live: bool, refusal: Option<String> },
     /// CreatePod: created (or found, made by this object).
     PodCreated { name: String, uid: Option<String> },
     /// CreatePod: refused (`code` 0: the pod could not be built).
@@ -123,15 +134,16 @@ pub fn has_finalizer(cr: &BpfMapCheckpoint) -> bool {
 }
 
 /// Whether a step runs on a node agent (its task is assigned and awaited, no API call).
-pub fn is_agent_step(step: Step) -> bool {
-    matches!(
-        step,
+pub fn is_agent_step(step: Step, cfg: &Config) -> bool {
+    match step {
         Step::PrepareHook
-            | Step::UploadArchive
-            | Step::DownloadArchive
-            | Step::CleanupSource
-            | Step::CleanupTarget
-    )
+        | Step::UploadArchive
+        | Step::DownloadArchive
+        | Step::CleanupSource
+        | Step::CleanupTarget => true,
+        Step::KubeletCheckpoint => cfg.kubelet_access == KubeletAccess::Agent,
+        _ => false,
+    }
 }
 
 /// The id of the agent task for a step's attempt.
@@ -181,10 +193,8 @@ pub fn decide(cr: &BpfMapCheckpoint, now: Timestamp, cfg: &Config) -> Decision {
         return Decision::Requeue(until(now, t.0));
     }
     match step {
-        Step::PrepareHook | Step::UploadArchive | Step::DownloadArchive => {
-            Machine::new(cr, now, cfg).await_agent(step)
-        }
         Step::CleanupSource | Step::CleanupTarget | Step::Done => Decision::Idle,
+        s if is_agent_step(s, cfg) => Machine::new(cr, now, cfg).await_agent(s),
         other => Decision::Execute(other),
     }
 }
@@ -205,7 +215,9 @@ pub fn apply(
         (Step::Resolve, o) => m.resolved(o),
         (Step::KubeletCheckpoint, Outcome::Kubelet(r)) => m.kubelet(r),
         (Step::ResolveCheckpoint, Outcome::Referenced(r)) => m.referenced(r),
-        (Step::PrepareRestore, Outcome::TargetAgent { live }) => m.target_agent(live),
+        (Step::PrepareRestore, Outcome::TargetAgent { live, refusal }) => {
+            m.target_agent(live, refusal)
+        }
         (Step::CreatePod, o) => m.pod_created(o),
         (Step::WaitPod, Outcome::RestoredPod(p)) => m.restored_pod(p),
         (Step::DeleteSource, Outcome::SourceDeleted { deleted, note }) => {
@@ -242,7 +254,7 @@ pub fn cleanup_steps(cr: &BpfMapCheckpoint) -> Vec<Step> {
     let fetched = status
         .restore
         .as_ref()
-        .is_some_and(|r| r.node_archive.is_some());
+        .is_some_and(|r| r.node_archive.is_some() || r.image.is_some());
     if cr.spec.action.restores() && (fetching || fetched) {
         steps.push(Step::CleanupTarget);
     }
@@ -359,6 +371,21 @@ impl<'a> Machine<'a> {
 
     fn uid(&self) -> &str {
         self.cr.metadata.uid.as_deref().unwrap_or_default()
+    }
+
+    /// The kubelet API's `timeout` for this object.
+    fn kubelet_timeout(&self) -> Duration {
+        self.cr
+            .spec
+            .checkpoint_timeout_seconds
+            .and_then(|s| u64::try_from(s).ok())
+            .map_or(self.cfg.checkpoint_timeout, Duration::from_secs)
+    }
+
+    /// Migrate that takes the source out of service right after the checkpoint.
+    fn stop_after_checkpoint(&self) -> bool {
+        self.cr.spec.action == Action::Migrate
+            && self.cr.spec.switchover.unwrap_or_default() == Switchover::StopAfterCheckpoint
     }
 
     fn note(&mut self, warning: bool, reason: &str, note: &str) {
@@ -525,12 +552,8 @@ impl<'a> Machine<'a> {
         if spec.source_pod_policy.is_some() && spec.action != Action::Migrate {
             return Err("sourcePodPolicy applies to Migrate only".into());
         }
-        if spec.action.restores() && self.cfg.runtime == Runtime::Containerd {
-            return Err(
-                "restoring on containerd nodes needs a checkpoint OCI image, which this \
-                 operator does not build yet (see docs/OPERATOR.md); Checkpoint works"
-                    .into(),
-            );
+        if spec.switchover.is_some() && spec.action != Action::Migrate {
+            return Err("switchover applies to Migrate only".into());
         }
         if let Some(s) = spec.storage.as_ref() {
             if spec.action == Action::Restore {
@@ -569,7 +592,7 @@ impl<'a> Machine<'a> {
             // The agent is chosen by the API layer (Execute).
             return self.finish_transition(Then::Continue);
         }
-        if is_agent_step(step) {
+        if is_agent_step(step, self.cfg) {
             self.status.agent_task = self.task_for(step);
             if self.status.agent_task.is_none() {
                 return self.fail(
@@ -586,6 +609,8 @@ impl<'a> Machine<'a> {
     fn step_timeout(&self, step: Step) -> Duration {
         match step {
             Step::UploadArchive | Step::DownloadArchive => self.cfg.transfer_timeout,
+            // The kubelet's own timeout, plus the time to reach it.
+            Step::KubeletCheckpoint => self.kubelet_timeout() + crate::kubelet::CLIENT_GRACE,
             Step::Resolve | Step::ResolveCheckpoint => self.cfg.wait_timeout,
             Step::WaitPod => self.cfg.restore_timeout,
             _ => self.cfg.agent_timeout,
@@ -602,6 +627,9 @@ impl<'a> Machine<'a> {
             node: String::new(),
             operation: None,
             container_id: None,
+            pod: None,
+            container: None,
+            timeout_seconds: None,
             snapshot: ckpt.map(|c| c.snapshot.clone()),
             archive: None,
             node_archive: None,
@@ -609,6 +637,7 @@ impl<'a> Machine<'a> {
             archive_size: None,
             restore_pod: None,
             delete_objects: Vec::new(),
+            delete_images: Vec::new(),
             created: Time(self.now),
             expires: Time(after(self.now, self.step_timeout(step))),
         };
@@ -618,6 +647,15 @@ impl<'a> Machine<'a> {
                 operation: Some(AgentOperation::PrepareCheckpoint),
                 container_id: Some(source?.container_id.clone()),
                 expires: Time(after(self.now, self.cfg.hook_request_ttl)),
+                ..base
+            }),
+            Step::KubeletCheckpoint => Some(AgentTask {
+                node: source?.node.clone(),
+                operation: Some(AgentOperation::KubeletCheckpoint),
+                container_id: Some(source?.container_id.clone()),
+                pod: Some(source?.pod.clone()),
+                container: Some(source?.container.clone()),
+                timeout_seconds: i32::try_from(self.kubelet_timeout().as_secs()).ok(),
                 ..base
             }),
             Step::UploadArchive => Some(AgentTask {
@@ -637,6 +675,7 @@ impl<'a> Machine<'a> {
                     archive_sha256: Some(ckpt?.archive_sha256.clone()?),
                     archive_size: ckpt?.archive_size,
                     restore_pod: Some(format!("{}/{}", self.namespace(), restore.pod)),
+                    container: Some(source?.container.clone()),
                     ..base
                 })
             }
@@ -745,6 +784,17 @@ impl<'a> Machine<'a> {
         let result = self.status.agent_result.clone().filter(|r| r.id == task.id);
         match result {
             Some(r) if r.succeeded => Decision::Apply(Box::new(self.agent_done(step, &r))),
+            // The kubelet's answer, as the agent relayed it: judged like the proxy's.
+            Some(r) if step == Step::KubeletCheckpoint && r.http_status.is_some() => {
+                let code = r
+                    .http_status
+                    .and_then(|c| u16::try_from(c).ok())
+                    .unwrap_or(0);
+                let message = r.message.clone().unwrap_or_default();
+                Decision::Apply(Box::new(
+                    self.kubelet(Err(KubeletFailure { code, message })),
+                ))
+            }
             Some(r) => {
                 let reason = r.reason.clone().unwrap_or_else(|| "AgentFailed".into());
                 let msg = format!(
@@ -777,6 +827,10 @@ impl<'a> Machine<'a> {
 
     fn agent_done(mut self, step: Step, r: &AgentResult) -> Transition {
         match step {
+            Step::KubeletCheckpoint => match r.node_archive.clone() {
+                Some(path) => self.kubelet(Ok(path)),
+                None => self.fail("AgentFailed", "the agent named no checkpoint archive"),
+            },
             Step::PrepareHook => {
                 let note = format!(
                     "agent on node {} wrote the hook request for container {}",
@@ -822,6 +876,8 @@ impl<'a> Machine<'a> {
                 self.note(false, "Checkpointed", &summary);
                 if self.cr.spec.action == Action::Checkpoint {
                     self.succeed(&summary)
+                } else if self.stop_after_checkpoint() {
+                    self.enter(Step::DeleteSource)
                 } else {
                     self.enter(Step::PrepareRestore)
                 }
@@ -830,16 +886,22 @@ impl<'a> Machine<'a> {
                 let Some(restore) = self.status.restore.as_mut() else {
                     return self.fail("InternalError", "no restore status");
                 };
+                let Some(image) = r.image.clone().filter(|i| crate::pods::is_digest_ref(i)) else {
+                    return self.fail(
+                        "AgentFailed",
+                        &format!(
+                            "the agent named no checkpoint image by digest (got {:?})",
+                            r.image
+                        ),
+                    );
+                };
                 restore.node_archive = r.node_archive.clone();
+                restore.image = Some(image.clone());
                 let note = format!(
-                    "agent on node {} fetched the archive to {}",
-                    r.node,
-                    r.node_archive.as_deref().unwrap_or("?")
+                    "agent on node {} fetched the archive and pushed the checkpoint image {image}",
+                    r.node
                 );
-                if r.node_archive.is_none() {
-                    return self.fail("AgentFailed", "the agent named no archive path");
-                }
-                self.note(false, "ArchiveFetched", &note);
+                self.note(false, "ImagePushed", &note);
                 self.enter(Step::CreatePod)
             }
             other => self.fail(
@@ -931,22 +993,38 @@ impl<'a> Machine<'a> {
                     },
                     f.message
                 );
-                match f.code {
-                    401 | 403 => self.fail(
-                        "Forbidden",
-                        &format!(
-                            "{msg}; the controller needs nodes/proxy (create) and the kubelet \
-                         nodes/checkpoint (create)"
-                        ),
-                    ),
-                    404 => self.fail(
-                        "CheckpointUnsupported",
-                        &format!(
-                            "{msg}; is the ContainerCheckpoint feature enabled on the kubelet and \
-                         does the runtime support it (CRI-O >= 1.25, containerd >= 2.0)?"
-                        ),
-                    ),
-                    _ => self.retry("KubeletCheckpointFailed", &msg),
+                let kind = f.kind();
+                let hint = match (kind, self.cfg.kubelet_access) {
+                    (KubeletErrorKind::Forbidden, KubeletAccess::Agent) => {
+                        "; the agent's service account needs nodes/checkpoint (create)"
+                    }
+                    (KubeletErrorKind::Forbidden, KubeletAccess::ApiServerProxy) => {
+                        "; through the node proxy the kubelet checks the API server's \
+                         kubelet-client user, which needs nodes/checkpoint (create): set the \
+                         chart's kubelet.apiServerUser to that user"
+                    }
+                    (KubeletErrorKind::Unauthenticated, _) => {
+                        "; the kubelet did not accept the token (is its webhook authentication \
+                         on?)"
+                    }
+                    (KubeletErrorKind::FeatureDisabled, _) => {
+                        "; the kubelet has no checkpoint API: enable the ContainerCheckpoint \
+                         feature gate (on by default since Kubernetes 1.30)"
+                    }
+                    (KubeletErrorKind::PodNotFound, _) => {
+                        "; the kubelet does not know the pod (deleted, or not on this node)"
+                    }
+                    (KubeletErrorKind::NoAnswer, KubeletAccess::Agent) => {
+                        "; check the agent's kubelet address and the kubelet's serving \
+                         certificate (docs/OPERATOR.md)"
+                    }
+                    _ => "",
+                };
+                let msg = format!("{msg}{hint}");
+                if kind.transient() {
+                    self.retry(kind.reason(), &msg)
+                } else {
+                    self.fail(kind.reason(), &msg)
                 }
             }
         }
@@ -1032,7 +1110,7 @@ impl<'a> Machine<'a> {
         self.enter(Step::PrepareRestore)
     }
 
-    fn target_agent(mut self, live: bool) -> Transition {
+    fn target_agent(mut self, live: bool, refusal: Option<String>) -> Transition {
         let Some(node) = self.cr.spec.target.as_ref().map(|t| t.node.clone()) else {
             return self.fail("InvalidSpec", "no target");
         };
@@ -1044,15 +1122,27 @@ impl<'a> Machine<'a> {
             );
             return self.retry("AgentUnavailable", &msg);
         }
+        if let Some(why) = refusal {
+            return self.fail(
+                "RestoreUnsupported",
+                &format!("node {node} cannot restore containers: {why}"),
+            );
+        }
         let source_pod = self
             .status
             .source
             .as_ref()
             .map_or(String::new(), |s| s.pod.clone());
         let pod = pods::restored_pod_name(self.cr, &source_pod);
+        let deleted = self
+            .status
+            .restore
+            .as_ref()
+            .and_then(|r| r.source_pod_deleted);
         self.status.restore = Some(RestoreStatus {
             node,
             pod,
+            source_pod_deleted: deleted,
             ..RestoreStatus::default()
         });
         self.enter(Step::DownloadArchive)
@@ -1079,6 +1169,8 @@ impl<'a> Machine<'a> {
             }
             Outcome::PodCreateFailed { code, message } => match code {
                 409 => self.fail("PodNameConflict", &message),
+                // ResourceQuota admission: may pass once other pods are gone.
+                403 if message.contains("exceeded quota") => self.retry("QuotaExceeded", &message),
                 0 => self.fail("PodTemplateInvalid", &message),
                 400 | 403 | 422 => self.fail("PodRejected", &message),
                 _ => self.retry("PodCreateFailed", &message),
@@ -1119,6 +1211,7 @@ impl<'a> Machine<'a> {
                 );
                 self.note(false, "PodRunning", &note);
                 let delete = self.cr.spec.action == Action::Migrate
+                    && !self.stop_after_checkpoint()
                     && self.cr.spec.source_pod_policy.unwrap_or_default()
                         == SourcePodPolicy::Delete;
                 if delete {
@@ -1133,6 +1226,23 @@ impl<'a> Machine<'a> {
     }
 
     fn source_deleted(mut self, deleted: bool, note: &str) -> Transition {
+        if self.stop_after_checkpoint() && self.status.restore.is_none() {
+            // Switchover right after the checkpoint: the restore comes next.
+            self.note(
+                !deleted,
+                if deleted {
+                    "SourcePodDeleted"
+                } else {
+                    "SourcePodKept"
+                },
+                note,
+            );
+            self.status.restore = Some(RestoreStatus {
+                source_pod_deleted: Some(deleted),
+                ..RestoreStatus::default()
+            });
+            return self.enter(Step::PrepareRestore);
+        }
         if let Some(r) = self.status.restore.as_mut() {
             r.source_pod_deleted = Some(deleted);
         }
@@ -1197,6 +1307,9 @@ impl<'a> Machine<'a> {
                     node,
                     operation: Some(AgentOperation::Cleanup),
                     container_id: source.filter(|_| on_source).map(|s| s.container_id),
+                    pod: None,
+                    container: None,
+                    timeout_seconds: None,
                     snapshot: None,
                     archive: None,
                     node_archive: ckpt.node_archive.filter(|_| on_source),
@@ -1204,6 +1317,7 @@ impl<'a> Machine<'a> {
                     archive_size: None,
                     restore_pod: None,
                     delete_objects: objects,
+                    delete_images: Vec::new(),
                     created: Time(self.now),
                     expires: Time(after(self.now, self.cfg.agent_timeout)),
                 }
@@ -1222,6 +1336,9 @@ impl<'a> Machine<'a> {
                     node,
                     operation: Some(AgentOperation::Cleanup),
                     container_id: None,
+                    pod: None,
+                    container: None,
+                    timeout_seconds: None,
                     snapshot: None,
                     archive: None,
                     node_archive: Some(archive),
@@ -1230,6 +1347,8 @@ impl<'a> Machine<'a> {
                     restore_pod: (!restore.pod.is_empty())
                         .then(|| format!("{}/{}", self.namespace(), restore.pod)),
                     delete_objects: Vec::new(),
+                    // The image this object pushed (it holds the container's memory).
+                    delete_images: restore.image.clone().into_iter().collect(),
                     created: Time(self.now),
                     expires: Time(after(self.now, self.cfg.agent_timeout)),
                 }

@@ -7,7 +7,6 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::controller::Action;
-use serde_json::json;
 
 use crate::crd::{
     Action as CrAction, AgentOperation, BpfMapCheckpoint, BpfMapCheckpointStatus, CheckpointStatus,
@@ -126,29 +125,58 @@ fn s_or(api: &MockApi) -> BpfMapCheckpointStatus {
     api.cr.status.clone().unwrap_or_default()
 }
 
-/// From KubeletCheckpoint: the kubelet checkpoints (the hook writes the snapshot during it),
-/// the agent uploads. Returns the kubelet archive path on node-a.
+/// From KubeletCheckpoint: the agent on node-a calls its kubelet (a real HTTPS server that
+/// answers like the kubelet; the hook writes the snapshot during the checkpoint), then
+/// uploads. Returns the kubelet archive path on node-a.
 async fn drive_kubelet_and_upload(h: &mut Harness) -> String {
-    let dirs = h.node(NODE_A).clone();
     let action = h
         .reconcile(move |mut api| async move {
             let s = api.status().await;
             assert_eq!(s.step, Some(Step::KubeletCheckpoint));
-            assert!(s.agent_task.is_none());
-            api.event("HookPrepared", false).await;
-            // The kubelet runs the checkpoint; CRIU runs mapsnap-hook at post-dump.
-            let req = dirs.hook_writes_snapshot(CONTAINER_ID, b"snapshot bytes");
+            let task = s
+                .agent_task
+                .expect("the kubelet call is the source agent's task");
+            assert_eq!(task.operation, Some(AgentOperation::KubeletCheckpoint));
+            assert_eq!(task.id, "kubeletcheckpoint-1");
+            assert_eq!(task.node, NODE_A);
             assert_eq!(
-                req.checkpoint,
-                format!("{NS}/{}", api.cr.metadata.name.clone().expect("n"))
+                (task.pod.as_deref(), task.container.as_deref()),
+                (Some(POD), Some(CONTAINER))
             );
-            let path = dirs.kubelet_writes_archive(b"archive bytes, 25 of them");
-            api.kubelet(NODE_A, 120, 200, &json!({"items": [path]}))
-                .await;
+            assert_eq!(task.timeout_seconds, Some(120));
+            api.event("HookPrepared", false).await;
+            api
+        })
+        .await;
+    assert_eq!(action, requeue(POLL));
+    h.agent(NODE_A, |mut api| async move {
+        let r = api.agent_result().await;
+        assert!(r.succeeded, "{r:?}");
+        assert!(
+            r.node_archive
+                .as_deref()
+                .is_some_and(|p| p.ends_with("checkpoint-lb-0_edge-lb-2025-06-01T12:00:00Z.tar")),
+            "{r:?}"
+        );
+        api
+    })
+    .await;
+    let calls = h.kubelet.kubelet.calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].method, "POST");
+    assert_eq!(calls[0].path, format!("/checkpoint/{NS}/{POD}/{CONTAINER}"));
+    assert_eq!(calls[0].query, "timeout=120");
+    assert_eq!(
+        calls[0].authorization.as_deref(),
+        Some("Bearer agent-token"),
+        "the agent authenticates with its service-account token"
+    );
+    let action = h
+        .reconcile(move |mut api| async move {
             let s = api.status().await;
             assert_eq!(s.step, Some(Step::UploadArchive));
             let c = s.checkpoint.expect("checkpoint");
-            assert_eq!(c.node_archive.as_deref(), Some(path.as_str()));
+            let path = c.node_archive.clone().expect("archive path");
             let task = s.agent_task.expect("task");
             assert_eq!(task.operation, Some(AgentOperation::UploadArchive));
             assert_eq!(task.node_archive.as_deref(), Some(path.as_str()));
@@ -335,9 +363,10 @@ async fn restore_from_a_checkpoint() {
         let r = api.agent_result().await;
         assert!(r.succeeded, "{r:?}");
         assert!(
-            r.node_archive
+            r.image
                 .as_deref()
-                .is_some_and(|p| p.ends_with(&format!("mapsnap-restore-{CR_UID}.tar")))
+                .is_some_and(|i| i.starts_with(&format!("{REGISTRY_REPO}@sha256:"))),
+            "{r:?}"
         );
         api
     })
@@ -347,17 +376,33 @@ async fn restore_from_a_checkpoint() {
         .paths
         .checkpoints
         .join(format!("mapsnap-restore-{CR_UID}.tar"));
-    assert_eq!(
-        std::fs::read(&local).expect("fetched"),
-        b"the checkpoint archive"
+    assert!(
+        !local.exists(),
+        "the node copy goes once the image is pushed"
     );
+    let pushed = h.images.pushed.lock().expect("lock").clone();
+    assert_eq!(pushed.len(), 1);
+    let (container, tag, image) = pushed[0].clone();
+    assert_eq!(container, CONTAINER);
+    assert_eq!(tag, format!("mapsnap-{CR_UID}"));
+    {
+        use sha2::Digest;
+        assert_eq!(
+            image,
+            format!(
+                "{REGISTRY_REPO}@sha256:{}",
+                hex::encode(sha2::Sha256::digest(b"the checkpoint archive"))
+            ),
+            "the image was built from the fetched archive"
+        );
+    }
     let req: RestoreRequest = serde_json::from_slice(
         &std::fs::read(h.node(NODE_B).paths.restores.join("edge_lb-restored.json"))
             .expect("restore request"),
     )
     .expect("json");
     assert_eq!(req.pod, "edge/lb-restored");
-    assert_eq!(req.archive, local.display().to_string());
+    assert_eq!(req.archive, image);
     let snapshot = reference
         .status
         .as_ref()
@@ -366,7 +411,7 @@ async fn restore_from_a_checkpoint() {
         .snapshot;
     assert_eq!(req.snapshot, snapshot);
 
-    let local_s = local.display().to_string();
+    let image_s = image.clone();
     let snap = snapshot.clone();
     let created = std::sync::Arc::new(std::sync::Mutex::new(None));
     let created2 = created.clone();
@@ -375,10 +420,10 @@ async fn restore_from_a_checkpoint() {
             let s = api.status().await;
             assert_eq!(s.step, Some(Step::CreatePod));
             assert_eq!(
-                s.restore.and_then(|r| r.node_archive).as_deref(),
-                Some(local_s.as_str())
+                s.restore.and_then(|r| r.image).as_deref(),
+                Some(image_s.as_str())
             );
-            api.event("ArchiveFetched", false).await;
+            api.event("ImagePushed", false).await;
             let pod = api.create_pod().await;
             assert_eq!(pod.metadata.name.as_deref(), Some("lb-restored"));
             let spec = pod.spec.clone().expect("spec");
@@ -387,7 +432,18 @@ async fn restore_from_a_checkpoint() {
                 spec.node_selector.is_none(),
                 "bound by nodeName, no selector"
             );
-            assert_eq!(spec.containers[0].image.as_deref(), Some(local_s.as_str()));
+            assert_eq!(
+                spec.containers[0].image.as_deref(),
+                Some(image_s.as_str()),
+                "the restored container runs the checkpoint image, by digest"
+            );
+            assert!(spec.overhead.is_none() && spec.hostname.is_none() && spec.subdomain.is_none());
+            assert_eq!(
+                spec.image_pull_secrets
+                    .as_ref()
+                    .map(|v| v.iter().map(|r| r.name.as_str()).collect::<Vec<_>>()),
+                Some(vec!["mapsnap-pull"])
+            );
             assert_eq!(
                 spec.volumes.as_ref().map(Vec::len),
                 Some(1),
@@ -400,6 +456,16 @@ async fn restore_from_a_checkpoint() {
             assert!(spec.priority.is_none() && spec.preemption_policy.is_none());
             let ann = pod.metadata.annotations.clone().expect("annotations");
             assert_eq!(ann.get("mapsnap.io/restore-from"), Some(&snap));
+            assert_eq!(
+                ann.get("prometheus.io/scrape").map(String::as_str),
+                Some("true"),
+                "the source pod's annotations are kept"
+            );
+            assert!(
+                !ann.contains_key("kubectl.kubernetes.io/last-applied-configuration")
+                    && !ann.contains_key("k8s.v1.cni.cncf.io/network-status"),
+                "{ann:?}"
+            );
             assert_eq!(
                 ann.get("mapsnap.io/checkpoint").map(String::as_str),
                 Some("edge/lb-restore")
@@ -478,7 +544,7 @@ async fn migrate_deletes_the_source_pod_once_the_target_runs() {
     let action = h
         .reconcile(move |mut api| async move {
             api.status().await;
-            api.event("ArchiveFetched", false).await;
+            api.event("ImagePushed", false).await;
             let pod = api.create_pod().await;
             assert_eq!(pod.metadata.name.as_deref(), Some(expected_name.as_str()));
             api.status().await;
@@ -502,10 +568,11 @@ async fn migrate_deletes_the_source_pod_once_the_target_runs() {
 }
 
 #[tokio::test]
-async fn kubelet_500_is_retried_with_backoff_then_fails() {
+async fn kubelet_500_through_the_proxy_is_retried_with_backoff_then_fails() {
     let mut h = Harness::new(new_cr("lb-ckpt", CrAction::Checkpoint));
+    h.use_kubelet_access(crate::config::KubeletAccess::ApiServerProxy);
     drive_to_kubelet(&mut h).await;
-    let fail = "checkpointing of edge/lb-0/lb failed: running \"criu\" failed: exit status 1";
+    let fail = "checkpointing of edge/lb-0/lb failed (running \"criu\" failed: exit status 1)";
     let action = h
         .reconcile(move |mut api| async move {
             api.status().await;
@@ -547,7 +614,7 @@ async fn kubelet_500_is_retried_with_backoff_then_fails() {
                 NODE_A,
                 120,
                 500,
-                &status_error(500, "InternalError", "criu failed"),
+                "checkpointing of edge/lb-0/lb failed (rpc error: code = Unknown desc = criu failed)",
             )
             .await;
             let s = api.status().await;
@@ -565,7 +632,7 @@ async fn kubelet_500_is_retried_with_backoff_then_fails() {
                 NODE_A,
                 120,
                 503,
-                &status_error(503, "ServiceUnavailable", "kubelet busy"),
+                "error trying to reach service: dial tcp 10.0.0.5:10250: connect: connection refused",
             )
             .await;
             let s = api.status().await;
@@ -590,25 +657,160 @@ async fn kubelet_500_is_retried_with_backoff_then_fails() {
 }
 
 #[tokio::test]
-async fn kubelet_without_checkpoint_support_fails_at_once() {
+async fn proxy_404_without_the_feature_gate_fails_at_once() {
     let mut h = Harness::new(new_cr("lb-ckpt", CrAction::Checkpoint));
+    h.use_kubelet_access(crate::config::KubeletAccess::ApiServerProxy);
     drive_to_kubelet(&mut h).await;
     h.reconcile(|mut api| async move {
         api.status().await;
         api.event("HookPrepared", false).await;
-        api.kubelet(
-            NODE_A,
-            120,
-            404,
-            &status_error(404, "NotFound", "404 page not found"),
-        )
-        .await;
+        api.kubelet(NODE_A, 120, 404, "404 page not found\n").await;
         let s = api.status().await;
-        assert_eq!(condition(&s, "Failed").1, "CheckpointUnsupported");
+        let (_, reason, msg) = condition(&s, "Failed");
+        assert_eq!(reason, "CheckpointUnsupported");
+        assert!(msg.contains("ContainerCheckpoint feature gate"), "{msg}");
         api.event("CheckpointUnsupported", true).await;
         api
     })
     .await;
+}
+
+/// The agent calls its kubelet (a real HTTPS server answering like the kubelet) and the
+/// controller tells the kubelet's answers apart: each 404 has its own reason, a 403 names
+/// the missing grant, a 500 is retried.
+#[tokio::test]
+async fn the_agents_kubelet_answers_are_told_apart() {
+    type Setup = Box<dyn Fn(&mut crate::fakekubelet::KubeletState)>;
+    // (what, kubelet setup, reason, permanent, text in the message)
+    type Case = (&'static str, Setup, &'static str, bool, &'static str);
+    let cases: Vec<Case> = vec![
+        (
+            "gate off",
+            Box::new(|s| s.gate = false),
+            "CheckpointUnsupported",
+            true,
+            "feature gate",
+        ),
+        (
+            "pod gone",
+            Box::new(|s| {
+                s.pods.clear();
+            }),
+            "PodNotFound",
+            true,
+            "does not know the pod",
+        ),
+        (
+            "container gone",
+            Box::new(|s| {
+                s.pods.insert(format!("{NS}/{POD}"), vec!["sidecar".into()]);
+            }),
+            "ContainerNotFound",
+            true,
+            "container lb does not exist",
+        ),
+        (
+            "no grant",
+            Box::new(|s| s.allowed.clear()),
+            "Forbidden",
+            true,
+            "nodes/checkpoint (create)",
+        ),
+        (
+            "criu fails",
+            Box::new(|s| {
+                s.on_checkpoint = std::sync::Arc::new(|_: &str, _: &str, _: &str| {
+                    Err("rpc error: criu failed".into())
+                })
+            }),
+            "KubeletCheckpointFailed",
+            false,
+            "HTTP 500",
+        ),
+    ];
+    for (what, setup, reason, permanent, text) in cases {
+        let mut h = Harness::new(new_cr("lb-ckpt", CrAction::Checkpoint));
+        drive_to_kubelet(&mut h).await;
+        setup(&mut h.kubelet.kubelet.state.lock().expect("state"));
+        h.reconcile(|mut api| async move {
+            api.status().await;
+            api.event("HookPrepared", false).await;
+            api
+        })
+        .await;
+        h.agent(NODE_A, move |mut api| async move {
+            let r = api.agent_result().await;
+            assert!(!r.succeeded, "{what}: {r:?}");
+            assert_eq!(r.reason.as_deref(), Some(reason), "{what}: {r:?}");
+            assert!(r.http_status.is_some(), "{what}: {r:?}");
+            api
+        })
+        .await;
+        h.reconcile(move |mut api| async move {
+            let s = api.status().await;
+            let cond = if permanent { "Failed" } else { "Progressing" };
+            let (_, got, msg) = condition(&s, cond);
+            assert_eq!(got, reason, "{what}: {msg}");
+            assert!(msg.contains(text), "{what}: {msg}");
+            if permanent {
+                assert_eq!(s.phase, Some(Phase::Failed), "{what}");
+            } else {
+                assert_eq!(s.attempt, Some(2), "{what}");
+            }
+            api.event(reason, true).await;
+            api
+        })
+        .await;
+    }
+}
+
+/// The agent checks the kubelet's serving certificate: with a CA that did not sign it, the
+/// call fails before any request (no token sent), as a transient "no answer".
+#[tokio::test]
+async fn a_kubelet_with_a_certificate_from_another_ca_gets_no_token() {
+    let k = crate::fakekubelet::FakeKubelet::start(
+        NODE_A,
+        std::sync::Arc::new(|_: &str, _: &str, _: &str| Ok("/x.tar".to_string())),
+    )
+    .await;
+    k.add_pod(NS, POD, &[CONTAINER]);
+    let tls = |ca: &std::path::Path, name: Option<&str>| crate::kubelet::KubeletTls {
+        ca_file: Some(ca.to_path_buf()),
+        server_name: name.map(str::to_string),
+        insecure_skip_verify: false,
+    };
+    let call = |t: crate::kubelet::KubeletTls| {
+        let c = crate::kubelet::DirectKubelet::new(k.addr.ip(), k.addr.port(), &t, &k.token_file)
+            .expect("client");
+        async move {
+            c.checkpoint(NS, POD, CONTAINER, Duration::from_secs(5))
+                .await
+        }
+    };
+    let err = call(tls(&k.other_ca_file, None))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code, 0, "{err:?}");
+    assert!(
+        err.message.to_lowercase().contains("certificate"),
+        "{err:?}"
+    );
+    assert!(k.calls().is_empty(), "no request reached the server");
+    // The right CA, by IP and by the node's name.
+    assert_eq!(call(tls(&k.ca_file, None)).await.expect("ok"), "/x.tar");
+    assert_eq!(
+        call(tls(&k.ca_file, Some(NODE_A))).await.expect("ok"),
+        "/x.tar"
+    );
+    // A name the certificate does not carry.
+    assert!(call(tls(&k.ca_file, Some("node-z"))).await.is_err());
+    // A bad timeout value, as only a hand-made request can send it.
+    let t = tls(&k.ca_file, None);
+    let _ = t;
+    assert_eq!(
+        crate::kubelet::classify(404, "cannot parse value of timeout parameter"),
+        crate::kubelet::KubeletErrorKind::BadTimeout
+    );
 }
 
 #[tokio::test]
@@ -701,14 +903,18 @@ async fn deleted_mid_flow_cleans_up_through_the_finalizer() {
     let mut h = Harness::new(new_cr("lb-ckpt", CrAction::Checkpoint));
     drive_to_kubelet(&mut h).await;
     // The kubelet checkpoint ran (snapshot and archive exist); the upload has not happened.
-    let dirs = h.node(NODE_A).clone();
     h.reconcile(move |mut api| async move {
         api.status().await;
         api.event("HookPrepared", false).await;
-        dirs.hook_writes_snapshot(CONTAINER_ID, b"snap");
-        let path = dirs.kubelet_writes_archive(b"archive");
-        api.kubelet(NODE_A, 120, 200, &json!({"items": [path]}))
-            .await;
+        api
+    })
+    .await;
+    h.agent(NODE_A, |mut api| async move {
+        assert!(api.agent_result().await.succeeded);
+        api
+    })
+    .await;
+    h.reconcile(move |mut api| async move {
         api.status().await;
         api.event("CheckpointCreated", false).await;
         api
@@ -827,32 +1033,14 @@ async fn controller_restart_resumes_from_status() {
 
 #[tokio::test]
 async fn controller_restart_during_restore_adopts_the_pod_it_created() {
-    let mut h = Harness::new(with_finalizer(new_cr("lb-restore", CrAction::Restore)));
-    let reference = succeeded_checkpoint(&h);
-    let lease_b = agent_lease(NODE_B, Duration::from_secs(3));
-    h.reconcile(move |mut api| async move {
-        api.status().await;
-        api.event("Accepted", false).await;
-        api.get_checkpoint("lb-ckpt", Some(&reference)).await;
-        api.status().await;
-        api.event("CheckpointFound", false).await;
-        api.get_lease(NODE_B, Some(&lease_b)).await;
-        api.status().await;
-        api
-    })
-    .await;
-    h.agent(NODE_B, |mut api| async move {
-        assert!(api.agent_result().await.succeeded);
-        api
-    })
-    .await;
+    let mut h = restore_up_to_create_pod().await;
     // The pod POST reaches the API server but the answer is lost (controller killed): the
     // status still says CreatePod.
     let made = std::sync::Arc::new(std::sync::Mutex::new(None));
     let made2 = made.clone();
     h.reconcile(move |mut api| async move {
         api.status().await;
-        api.event("ArchiveFetched", false).await;
+        api.event("ImagePushed", false).await;
         let r = api
             .expect("POST", &format!("/api/v1/namespaces/{NS}/pods"))
             .await;
@@ -905,8 +1093,9 @@ async fn controller_restart_during_restore_adopts_the_pod_it_created() {
     .await;
 }
 
-#[tokio::test]
-async fn someone_elses_pod_name_is_a_conflict() {
+/// A Restore driven until its next reconcile creates the pod (the target's agent pushed the
+/// image).
+async fn restore_up_to_create_pod() -> Harness {
     let mut h = Harness::new(with_finalizer(new_cr("lb-restore", CrAction::Restore)));
     let reference = succeeded_checkpoint(&h);
     let lease_b = agent_lease(NODE_B, Duration::from_secs(3));
@@ -922,13 +1111,61 @@ async fn someone_elses_pod_name_is_a_conflict() {
     })
     .await;
     h.agent(NODE_B, |mut api| async move {
-        api.agent_result().await;
+        assert!(api.agent_result().await.succeeded);
         api
     })
     .await;
+    h
+}
+
+/// ResourceQuota admission refuses the restored pod (403 "exceeded quota"): retried, since
+/// quota frees up as other pods go.
+#[tokio::test]
+async fn a_pod_over_quota_is_retried() {
+    let mut h = restore_up_to_create_pod().await;
     h.reconcile(|mut api| async move {
         api.status().await;
-        api.event("ArchiveFetched", false).await;
+        api.event("ImagePushed", false).await;
+        api.create_pod_over_quota().await;
+        let s = api.status().await;
+        assert_eq!((s.step, s.attempt), (Some(Step::CreatePod), Some(2)));
+        let (_, reason, msg) = condition(&s, "Progressing");
+        assert_eq!(reason, "QuotaExceeded");
+        assert!(msg.contains("exceeded quota: compute-resources"), "{msg}");
+        api.event("QuotaExceeded", true).await;
+        api
+    })
+    .await;
+}
+
+/// A finalizer patch built from a stale object gets the API server's 409 and the reconcile
+/// fails (the runtime retries with the fresh object).
+#[tokio::test]
+async fn a_stale_finalizer_patch_gets_a_conflict() {
+    let mut h = Harness::new(new_cr("lb-ckpt", CrAction::Checkpoint));
+    let seen = h.cr().clone();
+    // Someone changed the object after the controller's cache saw it.
+    h.cr_mut().metadata.resource_version = Some("105".into());
+    let res = h
+        .try_reconcile_as(seen, |mut api| async move {
+            assert!(!api.finalizers_or_conflict(&[FINALIZER]).await);
+            api
+        })
+        .await;
+    let err = res.expect_err("a conflict fails the reconcile");
+    assert!(
+        err.to_string().contains("the object has been modified"),
+        "{err}"
+    );
+    assert!(h.cr().metadata.finalizers.is_none(), "nothing was applied");
+}
+
+#[tokio::test]
+async fn someone_elses_pod_name_is_a_conflict() {
+    let mut h = restore_up_to_create_pod().await;
+    h.reconcile(|mut api| async move {
+        api.status().await;
+        api.event("ImagePushed", false).await;
         let r = api
             .expect("POST", &format!("/api/v1/namespaces/{NS}/pods"))
             .await;
@@ -1024,7 +1261,8 @@ fn storage_location_outside_the_allowed_prefixes_is_refused() {
 }
 
 #[test]
-fn restore_on_containerd_is_refused_up_front() {
+fn containerd_restores_and_a_target_that_cannot_fails_fast_with_the_setting() {
+    // containerd is no longer refused up front: it restores from the same checkpoint image.
     let cr = with_finalizer(new_cr("x", CrAction::Migrate));
     let cfg = crate::config::Config {
         runtime: crate::config::Runtime::Containerd,
@@ -1033,21 +1271,60 @@ fn restore_on_containerd_is_refused_up_front() {
     let Decision::Apply(t) = reconcile::decide(&cr, t0(), &cfg) else {
         panic!("expected a transition");
     };
-    assert_eq!(t.status.phase, Some(Phase::Failed));
-    assert_eq!(
-        t.status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Failed")
-            .map(|c| c.reason.as_str()),
-        Some("InvalidSpec")
-    );
-    // Checkpoint alone works on containerd.
-    let cr = with_finalizer(new_cr("x", CrAction::Checkpoint));
-    let Decision::Apply(t) = reconcile::decide(&cr, t0(), &cfg) else {
-        panic!("expected a transition");
-    };
     assert_eq!(t.status.step, Some(Step::Resolve));
+    assert_ne!(t.status.phase, Some(Phase::Failed));
+
+    // The target's agent reports (from the node's containerd config) that restore is off.
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::create_dir_all(dir.path().join("etc/containerd")).expect("mkdir");
+    std::fs::write(
+        dir.path().join("etc/containerd/config.toml"),
+        "version = 3\n",
+    )
+    .expect("cfg");
+    let caps = crate::capabilities::probe(
+        crate::config::Runtime::Containerd,
+        dir.path(),
+        Some("2.1.4".into()),
+    );
+    let mut lease = agent_lease(NODE_B, Duration::from_secs(1));
+    lease
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .extend(caps.annotations());
+    let refusal = crate::layout::restore_refusal(&lease);
+    assert!(
+        refusal
+            .as_deref()
+            .is_some_and(|r| r.contains("containerd 2.1.4")
+                && r.contains("enable_experimental_restore_via_create")),
+        "{refusal:?}"
+    );
+    let mut cr = with_finalizer(new_cr("x", CrAction::Restore));
+    cr.status = Some(BpfMapCheckpointStatus {
+        phase: Some(Phase::Restoring),
+        step: Some(Step::PrepareRestore),
+        attempt: Some(1),
+        ..BpfMapCheckpointStatus::default()
+    });
+    let t = reconcile::apply(
+        &cr,
+        Step::PrepareRestore,
+        reconcile::Outcome::TargetAgent {
+            live: true,
+            refusal,
+        },
+        t0(),
+        &cfg,
+    );
+    assert_eq!(t.status.phase, Some(Phase::Failed));
+    let (_, reason, msg) = condition(&t.status, "Failed");
+    assert_eq!(reason, "RestoreUnsupported");
+    assert!(
+        msg.contains("enable_experimental_restore_via_create"),
+        "{msg}"
+    );
 }
 
 #[test]

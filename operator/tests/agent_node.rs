@@ -7,12 +7,14 @@ use std::sync::Arc;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use mapsnap::storage::{Manifest, ManifestMap, ManifestSource, StorageConfig};
+mod common;
+
 use mapsnap_operator::crd::{AgentOperation, AgentTask};
 use mapsnap_operator::node::{HookRequest, NodeAgent, NodePaths, RestoreRequest, StorageBlobs};
 use sha2::Digest;
 
 const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-const UID: &str = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
+const UID: &str = "u";
 
 fn t0() -> Timestamp {
     Timestamp::from_second(1_748_779_200).expect("time")
@@ -20,6 +22,7 @@ fn t0() -> Timestamp {
 
 struct Node {
     agent: NodeAgent,
+    images: Arc<common::KeptImages>,
     paths: NodePaths,
     store: std::path::PathBuf,
     _dir: tempfile::TempDir,
@@ -33,12 +36,21 @@ fn node() -> Node {
         checkpoints: dir.path().join("var/lib/kubelet/checkpoints"),
     };
     std::fs::create_dir_all(&paths.checkpoints).expect("mkdir");
+    let store = dir.path().join("store");
+    let images = Arc::new(common::KeptImages::default());
     let agent = NodeAgent::new(
         paths.clone(),
         Arc::new(StorageBlobs::new(StorageConfig::default())),
-    );
+    )
+    .with_allowed_locations(vec![
+        format!("file://{}", store.display()),
+        "s3://snaps/mapsnap".into(),
+        "s3://b".into(),
+    ])
+    .with_images(images.clone());
     Node {
         agent,
+        images,
         paths,
         store: dir.path().join("store"),
         _dir: dir,
@@ -51,6 +63,9 @@ fn task(op: AgentOperation) -> AgentTask {
         node: "node-a".into(),
         operation: Some(op),
         container_id: None,
+        pod: None,
+        container: None,
+        timeout_seconds: None,
         snapshot: None,
         archive: None,
         node_archive: None,
@@ -58,6 +73,7 @@ fn task(op: AgentOperation) -> AgentTask {
         archive_size: None,
         restore_pod: None,
         delete_objects: Vec::new(),
+        delete_images: Vec::new(),
         created: Time(t0()),
         expires: Time(
             t0().saturating_add(std::time::Duration::from_secs(600))
@@ -192,11 +208,11 @@ fn upload_without_a_snapshot_goes_on_without_maps_but_refuses_another_containers
     let n = node();
     let archive = n.paths.checkpoints.join("checkpoint-x.tar");
     std::fs::write(&archive, b"a").expect("archive");
-    let snapshot = n.store.join("s/maps.mapsnap");
+    let snapshot = n.store.join("edge/lb/u/maps.mapsnap");
     let mut t = task(AgentOperation::UploadArchive);
     t.container_id = Some(ID.into());
     t.node_archive = Some(archive.display().to_string());
-    t.archive = Some(loc(&n.store.join("s/checkpoint.tar")));
+    t.archive = Some(loc(&n.store.join("edge/lb/u/checkpoint.tar")));
     t.snapshot = Some(loc(&snapshot));
     let r = n.agent.execute("edge/lb", UID, &t, "node-a", t0());
     assert!(r.succeeded, "{r:?}");
@@ -262,33 +278,36 @@ fn download_checks_the_digest_and_writes_the_restore_request() {
     t.archive_size = Some(100_000);
     t.snapshot = Some("s3://b/edge/lb/u/maps.mapsnap".into());
     t.restore_pod = Some("edge/lb-0-3fa9c".into());
+    t.container = Some("lb".into());
     let r = n.agent.execute("edge/lb", UID, &t, "node-b", t0());
     assert!(r.succeeded, "{r:?}");
     let local = n
         .paths
         .checkpoints
         .join(format!("mapsnap-restore-{UID}.tar"));
-    assert_eq!(
-        r.node_archive.as_deref(),
-        Some(local.display().to_string().as_str())
+    let pushed = n.images.pushed.lock().expect("lock").clone();
+    assert_eq!(pushed.len(), 1);
+    let (container, tag, image, built_from) = pushed[0].clone();
+    assert_eq!((container.as_str(), tag.as_str()), ("lb", "mapsnap-u"));
+    assert!(built_from == bytes, "the image holds the fetched archive");
+    assert_eq!(r.image.as_deref(), Some(image.as_str()));
+    assert!(
+        !local.exists(),
+        "the node copy goes once the image is pushed"
     );
-    assert_eq!(std::fs::read(&local).expect("local"), bytes);
     let req: RestoreRequest = serde_json::from_slice(
         &std::fs::read(n.paths.restores.join("edge_lb-0-3fa9c.json")).expect("request"),
     )
     .expect("json");
     assert_eq!(req.pod, "edge/lb-0-3fa9c");
     assert_eq!(req.snapshot, "s3://b/edge/lb/u/maps.mapsnap");
-    assert_eq!(req.archive, local.display().to_string());
-    // Again: already there with the right digest.
-    assert!(
-        n.agent
-            .execute("edge/lb", UID, &t, "node-b", t0())
-            .succeeded
-    );
+    assert_eq!(req.archive, image);
+    // Again (a retried task): fetched and pushed again, same image.
+    let again = n.agent.execute("edge/lb", UID, &t, "node-b", t0());
+    assert!(again.succeeded, "{again:?}");
+    assert_eq!(again.image.as_deref(), Some(image.as_str()));
 
     // A stored archive that changed is refused, and nothing is left in the directory.
-    std::fs::remove_file(&local).expect("rm");
     std::fs::write(&stored, vec![43u8; 100_000]).expect("tamper");
     let r = n.agent.execute("edge/lb", UID, &t, "node-b", t0());
     assert!(!r.succeeded && r.permanent, "{r:?}");
@@ -336,4 +355,123 @@ fn cleanup_removes_everything_and_is_idempotent() {
     let again = n.agent.execute("edge/lb", UID, &t, "node-a", t0());
     assert!(again.succeeded, "{again:?}");
     assert_eq!(again.message.as_deref(), Some("nothing (already clean)"));
+}
+
+/// Whoever can patch an object's status (every agent's token can) writes agent tasks. A task
+/// naming foreign paths and locations, against real files: nothing outside the task's own
+/// object changes.
+#[test]
+fn a_status_patch_with_foreign_paths_and_locations_changes_nothing_outside() {
+    let n = node();
+    // Another tenant's stored snapshot and archive, a host file, and a symlink planted in the
+    // checkpoint directory pointing at the host file.
+    let other_snap = n.store.join("edge/other/u2/maps.mapsnap");
+    write_snapshot(&other_snap, ID);
+    let other_ns = n.store.join("prod/lb/u/checkpoint.tar");
+    std::fs::create_dir_all(other_ns.parent().expect("dir")).expect("mkdir");
+    std::fs::write(&other_ns, b"prod archive").expect("prod");
+    let host_file = n.store.parent().expect("root").join("etc-passwd");
+    std::fs::write(&host_file, b"root:x:0:0").expect("host file");
+    let link = n.paths.checkpoints.join("evil.tar");
+    std::os::unix::fs::symlink(&host_file, &link).expect("symlink");
+    let before = |p: &Path| std::fs::read(p).ok();
+    let watched = [
+        other_snap.clone(),
+        std::path::PathBuf::from(format!("{}.manifest.json", other_snap.display())),
+        other_ns.clone(),
+        host_file.clone(),
+    ];
+    let snapshot_of = |paths: &[std::path::PathBuf]| -> Vec<Option<Vec<u8>>> {
+        paths.iter().map(|p| before(p)).collect()
+    };
+    let start = snapshot_of(&watched);
+
+    let attacks: Vec<(&str, AgentTask)> = vec![
+        ("cleanup of another object's snapshot", {
+            let mut t = task(AgentOperation::Cleanup);
+            t.delete_objects = vec![loc(&other_snap)];
+            t
+        }),
+        ("cleanup of another namespace's archive", {
+            let mut t = task(AgentOperation::Cleanup);
+            t.delete_objects = vec![loc(&other_ns)];
+            t
+        }),
+        ("cleanup through .. and percent-encoding", {
+            let mut t = task(AgentOperation::Cleanup);
+            t.delete_objects = vec![
+                format!(
+                    "file://{}/edge/lb/u/../../other/u2/maps.mapsnap",
+                    n.store.display()
+                ),
+                format!(
+                    "file://{}/edge/lb/u/%2e%2e/%2e%2e/other/u2/maps.mapsnap",
+                    n.store.display()
+                ),
+            ];
+            t
+        }),
+        ("cleanup of a host file as node archive", {
+            let mut t = task(AgentOperation::Cleanup);
+            t.node_archive = Some(host_file.display().to_string());
+            t
+        }),
+        ("cleanup of a symlink to a host file", {
+            let mut t = task(AgentOperation::Cleanup);
+            t.node_archive = Some(link.display().to_string());
+            t
+        }),
+        ("upload over another namespace's archive", {
+            let local = n.paths.checkpoints.join("checkpoint-x.tar");
+            std::fs::write(&local, b"attacker bytes").expect("local");
+            let mut t = task(AgentOperation::UploadArchive);
+            t.node_archive = Some(local.display().to_string());
+            t.archive = Some(loc(&other_ns));
+            t.snapshot = Some(loc(&n.store.join("edge/lb/u/maps.mapsnap")));
+            t
+        }),
+        ("upload of a host file through a symlink", {
+            let mut t = task(AgentOperation::UploadArchive);
+            t.node_archive = Some(link.display().to_string());
+            t.archive = Some(loc(&n.store.join("edge/lb/u/checkpoint.tar")));
+            t.snapshot = Some(loc(&n.store.join("edge/lb/u/maps.mapsnap")));
+            t
+        }),
+        ("hook request pointing the snapshot at another object", {
+            let mut t = task(AgentOperation::PrepareCheckpoint);
+            t.container_id = Some(ID.into());
+            t.snapshot = Some(loc(&other_snap));
+            t
+        }),
+        ("a location outside every allowed prefix", {
+            let mut t = task(AgentOperation::PrepareCheckpoint);
+            t.container_id = Some(ID.into());
+            t.snapshot = Some(format!("file://{}", host_file.display()));
+            t
+        }),
+        ("deleting an image of another repository", {
+            let mut t = task(AgentOperation::Cleanup);
+            t.delete_images = vec![format!("registry.other/x@sha256:{}", "a".repeat(64))];
+            t
+        }),
+    ];
+    for (what, t) in attacks {
+        let r = n.agent.execute("edge/lb", UID, &t, "node-a", t0());
+        assert!(!r.succeeded, "{what}: {r:?}");
+        assert!(r.permanent, "{what}: refusals are permanent: {r:?}");
+        assert_eq!(
+            snapshot_of(&watched),
+            start,
+            "{what} changed a file outside"
+        );
+        assert!(
+            std::fs::symlink_metadata(&link).is_ok(),
+            "{what} removed the planted link"
+        );
+    }
+    assert!(
+        !n.paths.requests.join(format!("{ID}.json")).exists(),
+        "no hook request was written for a foreign snapshot"
+    );
+    assert!(n.images.deleted.lock().expect("lock").is_empty());
 }

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use mapsnap::storage::{Location, Manifest, ManifestMap, ManifestSource, Storage, StorageConfig};
+mod common;
+
 use mapsnap_operator::crd::{AgentOperation, AgentTask};
 use mapsnap_operator::node::{NodeAgent, NodePaths, StorageBlobs};
 use sha2::Digest;
@@ -120,6 +122,9 @@ fn task(op: AgentOperation) -> AgentTask {
         node: "n".into(),
         operation: Some(op),
         container_id: Some(ID.into()),
+        pod: None,
+        container: None,
+        timeout_seconds: None,
         snapshot: None,
         archive: None,
         node_archive: None,
@@ -127,6 +132,7 @@ fn task(op: AgentOperation) -> AgentTask {
         archive_size: None,
         restore_pod: None,
         delete_objects: Vec::new(),
+        delete_images: Vec::new(),
         created: Time(Timestamp::now()),
         expires: Time(
             Timestamp::now()
@@ -174,8 +180,13 @@ fn archive_round_trip_through_s3() {
     let cfg = config(&m);
     let dir = tempfile::tempdir().expect("tempdir");
     let blobs = Arc::new(StorageBlobs::new(cfg.clone()));
-    let source = NodeAgent::new(paths(&dir.path().join("node-a")), blobs.clone());
-    let target = NodeAgent::new(paths(&dir.path().join("node-b")), blobs);
+    let allowed = vec![format!("s3://{BUCKET}/mapsnap")];
+    let images = Arc::new(common::KeptImages::default());
+    let source = NodeAgent::new(paths(&dir.path().join("node-a")), blobs.clone())
+        .with_allowed_locations(allowed.clone());
+    let target = NodeAgent::new(paths(&dir.path().join("node-b")), blobs)
+        .with_allowed_locations(allowed)
+        .with_images(images.clone());
 
     let snapshot = format!("s3://{BUCKET}/mapsnap/edge/lb/u1/maps.mapsnap");
     let archive = format!("s3://{BUCKET}/mapsnap/edge/lb/u1/checkpoint.tar");
@@ -206,17 +217,30 @@ fn archive_round_trip_through_s3() {
     down.archive_size = Some(12 << 20);
     down.snapshot = Some(snapshot.clone());
     down.restore_pod = Some("edge/lb-r".into());
+    down.container = Some("lb".into());
     let r = target.execute("edge/lb", "u1", &down, "node-b", Timestamp::now());
     assert!(r.succeeded, "{r:?}");
-    let fetched = std::fs::read(r.node_archive.expect("path")).expect("fetched");
-    assert!(fetched == bytes, "downloaded archive differs");
+    let pushed = images.pushed.lock().expect("lock").clone();
+    assert_eq!(pushed.len(), 1);
+    assert!(
+        pushed[0].3 == bytes,
+        "the image was built from another archive"
+    );
+    assert_eq!(r.image.as_deref(), Some(pushed[0].2.as_str()));
+    assert!(
+        !target
+            .paths
+            .checkpoints
+            .join("mapsnap-restore-u1.tar")
+            .exists(),
+        "the node copy of the archive goes once the image is pushed"
+    );
 
     // Someone replaces the stored archive: the download refuses it.
     let s = Storage::open(Location::parse(&archive).expect("loc"), &cfg).expect("open");
     let mut w = s.writer(true).expect("writer");
     w.write_all(b"not the archive").expect("write");
     w.commit().expect("commit");
-    std::fs::remove_file(target.paths.checkpoints.join("mapsnap-restore-u1.tar")).expect("rm");
     let r = target.execute("edge/lb", "u1", &down, "node-b", Timestamp::now());
     assert!(!r.succeeded && r.permanent, "{r:?}");
     assert_eq!(r.reason.as_deref(), Some("DataMismatch"));
@@ -260,13 +284,14 @@ fn unreachable_storage_is_a_transient_failure() {
         ..StorageConfig::default()
     };
     let dir = tempfile::tempdir().expect("tempdir");
-    let agent = NodeAgent::new(paths(dir.path()), Arc::new(StorageBlobs::new(cfg)));
+    let agent = NodeAgent::new(paths(dir.path()), Arc::new(StorageBlobs::new(cfg)))
+        .with_allowed_locations(vec![format!("s3://{BUCKET}/a")]);
     let local = agent.paths.checkpoints.join("checkpoint-x.tar");
     std::fs::write(&local, b"x").expect("archive");
     let mut up = task(AgentOperation::UploadArchive);
     up.node_archive = Some(local.display().to_string());
-    up.archive = Some(format!("s3://{BUCKET}/a/checkpoint.tar"));
-    up.snapshot = Some(format!("s3://{BUCKET}/a/maps.mapsnap"));
+    up.archive = Some(format!("s3://{BUCKET}/a/edge/lb/u/checkpoint.tar"));
+    up.snapshot = Some(format!("s3://{BUCKET}/a/edge/lb/u/maps.mapsnap"));
     let r = agent.execute("edge/lb", "u", &up, "n", Timestamp::now());
     assert!(!r.succeeded, "{r:?}");
     assert!(!r.permanent, "an unreachable endpoint may come back: {r:?}");

@@ -6,7 +6,6 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use kube::CustomResourceExt;
 use mapsnap_operator::crd::{BpfMapCheckpoint, CRD_FILES, crd_yaml};
 use serde_json::{Value, json};
 
@@ -38,7 +37,7 @@ fn crd_files_are_generated_from_the_rust_types() {
 }
 
 fn schema() -> Value {
-    let crd = serde_json::to_value(BpfMapCheckpoint::crd()).expect("crd");
+    let crd = serde_json::to_value(mapsnap_operator::crd::crd()).expect("crd");
     crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
 }
 
@@ -169,6 +168,12 @@ fn invalid_objects_are_refused_with_a_reason() {
             "Migrate without a target",
             base("Migrate", json!({"source": pod})),
             "target is required",
+        ),
+        (
+            // A null is not "no target": the schema has no nullable fields.
+            "Migrate with target: null",
+            base("Migrate", json!({"source": pod, "target": null})),
+            "target",
         ),
         (
             "Restore with a pod",

@@ -331,6 +331,103 @@ fn checkpoint_image_with_a_password_and_a_private_ca() {
     assert!(!out.status.success(), "the manifest is gone");
 }
 
+/// `len` bytes that do not compress (xorshift), produced as they are read.
+struct Noise {
+    left: u64,
+    state: u64,
+}
+
+impl std::io::Read for Noise {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let n = out.len().min(self.left as usize) & !7;
+        for chunk in out[..n].chunks_exact_mut(8) {
+            self.state ^= self.state << 13;
+            self.state ^= self.state >> 7;
+            self.state ^= self.state << 17;
+            chunk.copy_from_slice(&self.state.to_le_bytes());
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// A plain-tar checkpoint archive whose CRIU pages file holds `len` bytes, written streaming.
+fn big_archive(path: &Path, len: u64) {
+    let mut b = tar::Builder::new(std::io::BufWriter::new(
+        std::fs::File::create(path).expect("archive"),
+    ));
+    let mut add = |name: &str, size: u64, data: &mut dyn std::io::Read| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(size);
+        h.set_mode(0o600);
+        h.set_cksum();
+        b.append_data(&mut h, name, data).expect("append");
+    };
+    add(
+        "config.dump",
+        15,
+        &mut br#"{"name":"big"}
+"#
+        .as_slice(),
+    );
+    add("spec.dump", 2, &mut b"{}".as_slice());
+    add(
+        "checkpoint/pages-1.img",
+        len,
+        &mut Noise {
+            left: len,
+            state: 0x9e37_79b9_7f4a_7c15,
+        },
+    );
+    b.into_inner()
+        .expect("tar")
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .expect("flush");
+}
+
+/// Peak RSS (KiB) of one `checkpoint-image` push, measured by GNU time.
+fn push_peak_rss(archive: &Path, push: &str) -> u64 {
+    let out = run(Command::new("/usr/bin/time")
+        .args(["-f", "peak-rss-kib=%M"])
+        .arg(OPERATOR)
+        .arg("checkpoint-image")
+        .arg("--archive")
+        .arg(archive)
+        .args(["--container", "big", "--push", push, "--insecure-http"]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .find_map(|l| l.strip_prefix("peak-rss-kib="))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("GNU time's peak RSS (install the `time` package: make deps)")
+}
+
+#[test]
+fn checkpoint_image_memory_does_not_grow_with_the_archive() {
+    require_root();
+    let reg = RegistryServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (small, big) = (dir.path().join("small.tar"), dir.path().join("big.tar"));
+    big_archive(&small, 8 << 20);
+    big_archive(&big, 128 << 20);
+    let repo = format!("{}/mapsnap/big", reg.addr);
+    let small_rss = push_peak_rss(&small, &format!("{repo}:small"));
+    let big_rss = push_peak_rss(&big, &format!("{repo}:big"));
+    eprintln!("peak RSS: 8 MiB archive {small_rss} KiB, 128 MiB archive {big_rss} KiB");
+    // Both hold the same buffers; 120 MiB more archive may not cost even 16 MiB more memory.
+    assert!(
+        big_rss < small_rss + 16 * 1024,
+        "peak RSS grew with the archive: {small_rss} KiB -> {big_rss} KiB"
+    );
+    let m = skopeo_inspect(&format!("{repo}:big"), &["--raw"]);
+    assert_eq!(m["layers"][0]["digest"], sha256_file(&big));
+}
+
 // ---- Podman end to end ----------------------------------------------------------------------
 
 type Entries = Vec<(Vec<u8>, Vec<u8>)>;
