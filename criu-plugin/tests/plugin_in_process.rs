@@ -284,6 +284,7 @@ fn hostile_image_files_are_refused_and_nothing_is_left() {
     // A FIFO nobody writes to: refused at once, not waited on.
     fs::remove_file(&snap_b).expect("rm");
     let c = std::ffi::CString::new(snap_b.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: mkfifo reads a NUL-terminated path that lives across the call.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
     refused(dir, &cfg, "hs", &["not a regular file"]);
 
@@ -387,8 +388,8 @@ fn the_deadline_bounds_a_restore_and_names_the_map() {
     let d2 = dl.clone();
     let a = anchor(dir);
     let cfg = PluginConfig::default();
-    // The worker is slowed down by a FIFO-free trick: it waits for the deadline itself
-    // before restoring, as a hung image directory would make it.
+    // The worker first sleeps past the deadline, as a read from a hung mount would keep it:
+    // the caller gets the deadline error on time, and the late worker makes no map.
     let err = dl
         .run(move || {
             std::thread::sleep(Duration::from_millis(500));
