@@ -19,5 +19,6 @@ pub mod progress;
 pub mod restore;
 pub mod storage;
 pub mod sys;
+pub mod trust;
 
 pub use error::{Error, Result};

@@ -1,0 +1,1 @@
+//! Signed and encrypted snapshots: minisign signatures and age encryption.
