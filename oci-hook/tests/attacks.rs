@@ -1,270 +1,20 @@
-//! Attacks on mapsnap-hook, performed for real on this kernel's bpffs (and real runc where
-//! the attack needs a running container). Each test plays the attacker (a container flipping
-//! names in its own bpffs directory or a shared volume, a pod naming another tenant's
-//! snapshot, a crafted URL, a reused pid, a hung file) while the real hook binary runs, then
-//! checks that nothing outside the target changed, byte for byte.
+//! Attacks on mapsnap-hook, performed for real on this kernel's bpffs: each test plays the
+//! attacker (a container flipping names in its own bpffs directory or a shared volume, a pod
+//! naming another tenant's snapshot, a crafted URL) while the real hook binary runs, then
+//! checks that nothing outside the target changed, byte for byte. The attacks that need a
+//! running container are in attacks_runc.rs.
 
 mod common;
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
 use std::fs;
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use common::attack::*;
 use common::*;
-use mapsnap::model::map_type;
-use mapsnap::sys::{CreateAttrs, Map};
+use mapsnap::sys::Map;
 use serde_json::json;
-
-/// A small world without a runtime: a tenant bpffs directory (the container's /sys/fs/bpf),
-/// another tenant's bpffs directory, a /data volume, a host directory, a node config.
-struct World {
-    dir: tempfile::TempDir,
-    bpf: PathBuf,
-    victim: PathBuf,
-    data: PathBuf,
-    host: PathBuf,
-    config: PathBuf,
-    log: PathBuf,
-    root: PathBuf,
-}
-
-impl World {
-    fn new(name: &str) -> Self {
-        require_root();
-        let dir = tempfile::Builder::new()
-            .prefix("mapsnap-attack.")
-            .tempdir_in("/tmp")
-            .expect("tempdir");
-        let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
-        if !mounts.lines().any(|l| l.contains(" /sys/fs/bpf bpf ")) {
-            ok(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]));
-        }
-        let root = PathBuf::from(format!(
-            "/sys/fs/bpf/mapsnap-attack-{name}-{}",
-            std::process::id()
-        ));
-        let _ = fs::remove_dir_all(&root);
-        let bpf = root.join("tenant");
-        let victim = root.join("victim");
-        fs::create_dir_all(&bpf).expect("mkdir");
-        fs::create_dir_all(&victim).expect("mkdir");
-        let data = dir.path().join("data");
-        let host = dir.path().join("host");
-        fs::create_dir_all(&data).expect("mkdir");
-        fs::create_dir_all(&host).expect("mkdir");
-        let w = World {
-            config: dir.path().join("config.toml"),
-            log: dir.path().join("hook.log"),
-            dir,
-            bpf,
-            victim,
-            data,
-            host,
-            root,
-        };
-        w.write_config("");
-        w
-    }
-
-    fn write_config(&self, extra: &str) {
-        let text = format!(
-            "[hook]\nlog_file = \"{}\"\ndeadline = \"20s\"\nwait_timeout = \"3s\"\n\
-             state_dir = \"{}\"\nrequest_dir = \"{}\"\nrestore_request_dir = \"{}\"\n{extra}",
-            self.log.display(),
-            self.dir.path().join("hook-state").display(),
-            self.dir.path().join("requests").display(),
-            self.dir.path().join("restores").display(),
-        );
-        fs::write(&self.config, text).expect("config");
-    }
-
-    /// A bundle whose config.json bind-mounts the tenant bpffs dir at /sys/fs/bpf and the
-    /// data dir at /data.
-    fn bundle(&self, name: &str, annotations: &[(&str, &str)]) -> PathBuf {
-        let b = self.dir.path().join(name);
-        fs::create_dir_all(b.join("rootfs")).expect("mkdir");
-        let ann: BTreeMap<&str, &str> = annotations.iter().copied().collect();
-        let spec = json!({
-            "ociVersion": "1.0.2",
-            "root": {"path": "rootfs"},
-            "mounts": [
-                {"destination": "/sys/fs/bpf", "type": "bind", "source": self.bpf, "options": ["rbind"]},
-                {"destination": "/data", "type": "bind", "source": self.data, "options": ["rbind"]},
-            ],
-            "annotations": ann,
-        });
-        fs::write(b.join("config.json"), spec.to_string()).expect("spec");
-        b
-    }
-
-    /// Runs the hook binary for `stage` with the state on stdin.
-    fn hook(&self, stage: &str, bundle: &Path, id: &str, pid: Option<u32>) -> Output {
-        let state = json!({"ociVersion": "1.0.2", "id": id, "status": "running", "pid": pid,
-                           "bundle": bundle});
-        hook_with(&self.config, &["oci", stage], &state.to_string(), &[])
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.root);
-    }
-}
-
-fn hook_with(config: &Path, args: &[&str], stdin: &str, env: &[(&str, &str)]) -> Output {
-    use std::io::Write;
-    let mut child = Command::new(HOOK)
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn hook");
-    if let Some(mut s) = child.stdin.take() {
-        let _ = s.write_all(stdin.as_bytes());
-    }
-    child.wait_with_output().expect("hook output")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// The run did its work: exit 0 and no tolerated failure (`(ignored)`) on stderr.
-fn did(o: &Output) -> bool {
-    o.status.success() && !stderr(o).contains("(ignored)")
-}
-
-/// An array map of 4 u64 slots holding `values`.
-fn array(name: &str, values: [u64; 4]) -> Map {
-    let m = Map::create(&CreateAttrs {
-        map_type: map_type::ARRAY,
-        name,
-        key_size: 4,
-        value_size: 8,
-        max_entries: 4,
-        ..CreateAttrs::default()
-    })
-    .expect("create map");
-    for (i, v) in values.iter().enumerate() {
-        m.update(Some(&(i as u32).to_ne_bytes()), &v.to_ne_bytes(), 0)
-            .expect("update");
-    }
-    m
-}
-
-/// Every byte of a 4-slot array map.
-fn contents(m: &Map) -> Vec<u8> {
-    let mut out = Vec::new();
-    for i in 0..4u32 {
-        let mut v = [0u8; 8];
-        assert!(m.lookup(Some(&i.to_ne_bytes()), &mut v, 0).expect("lookup"));
-        out.extend_from_slice(&v);
-    }
-    out
-}
-
-/// A snapshot file holding `maps` (map, pin path relative to the container's root).
-fn snapshot_bytes(maps: Vec<(Map, &str)>) -> Vec<u8> {
-    let found: Vec<_> = maps
-        .into_iter()
-        .map(|(m, pin)| {
-            mapsnap::discover::Found::from_map(m, Some(pin.to_string())).expect("found")
-        })
-        .collect();
-    let info = mapsnap::model::SnapshotInfo {
-        tool: "attack test".into(),
-        created_unix: 0,
-        hostname: String::new(),
-        kernel: String::new(),
-        possible_cpus: mapsnap::sys::possible_cpus().expect("cpus"),
-        source: "test".into(),
-    };
-    let (buf, _) = mapsnap::dump::dump(
-        &found,
-        Vec::new(),
-        &info,
-        &mapsnap::dump::DumpOptions::default(),
-        &mapsnap::progress::NoProgress,
-    )
-    .expect("dump");
-    buf
-}
-
-/// Map names in a snapshot file.
-fn names_in(bytes: &[u8]) -> Vec<String> {
-    mapsnap::format::verify(bytes)
-        .expect("verify")
-        .maps
-        .iter()
-        .map(|(m, _)| m.name.clone())
-        .collect()
-}
-
-/// Swaps two names atomically (renameat2 RENAME_EXCHANGE): a directory and a symlink trade
-/// places, as a container (or a sibling sharing the volume) can do at any moment.
-fn exchange(a: &Path, b: &Path) -> bool {
-    let ca = CString::new(a.as_os_str().as_bytes()).expect("c");
-    let cb = CString::new(b.as_os_str().as_bytes()).expect("c");
-    // SAFETY: valid C strings; renameat2 with AT_FDCWD.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            ca.as_ptr(),
-            libc::AT_FDCWD,
-            cb.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        )
-    };
-    rc == 0
-}
-
-/// Runs `flip` in a thread until stopped and at least `min` flips were done.
-struct Flipper {
-    stop: Arc<AtomicBool>,
-    count: Arc<AtomicU64>,
-    handle: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Flipper {
-    fn start(min: u64, mut flip: impl FnMut() + Send + 'static) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let count = Arc::new(AtomicU64::new(0));
-        let (s, c) = (stop.clone(), count.clone());
-        let handle = std::thread::spawn(move || {
-            while !s.load(Ordering::SeqCst) || c.load(Ordering::SeqCst) < min {
-                flip();
-                c.fetch_add(1, Ordering::SeqCst);
-            }
-        });
-        Flipper {
-            stop,
-            count,
-            handle: Some(handle),
-        }
-    }
-
-    fn finish(mut self) -> u64 {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.handle.take() {
-            h.join().expect("flipper");
-        }
-        self.count.load(Ordering::SeqCst)
-    }
-}
 
 /// Finding: in `restore-mode: wait` the hook polled the pin by path, following links, so a
 /// container flipping `x` between its own pin and a link to another tenant's map made the
@@ -406,22 +156,6 @@ fn shared_volume_link_flip_never_reaches_a_host_file() {
     eprintln!("{flips} flips; {written} snapshots written, {restored} restores from the volume");
     assert_eq!(listing(&w.host), host_before, "the host directory changed");
     assert!(written > 0 && restored > 0, "{}", w.log_text());
-}
-
-/// Names and contents of the files in `dir`, sorted.
-fn listing(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<_> = fs::read_dir(dir)
-        .expect("read dir")
-        .flatten()
-        .map(|e| {
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                fs::read(e.path()).unwrap_or_default(),
-            )
-        })
-        .collect();
-    v.sort();
-    v
 }
 
 /// Finding: the bpffs walk and the publish used paths, so a writer on the container's bpffs
@@ -612,8 +346,13 @@ fn encoded_traversal_in_a_location_is_refused() {
         s3.endpoint()
     );
     w.write_config(&format!(
-        "allowed_locations = [\"s3://snap/tenant-a/\"]\ntenant_prefix = \"\"\n{s3conf}"
+        "allowed_locations = [\"s3://snap/tenant-a/\"]\n{s3conf}"
     ));
+    // The pod's namespace: its names live below s3://snap/tenant-a/a/.
+    let pod = [
+        ("io.kubernetes.pod.namespace", "a"),
+        ("io.kubernetes.pod.name", "a-0"),
+    ];
     let cfg = mapsnap_hook::config::NodeConfig::load(Some(&w.config)).expect("config");
     let victim_url = "s3://snap/tenant-b/x.mapsnap";
     let victim_bytes = snapshot_bytes(vec![(array("tenantb", [0xb; 4]), "sys/fs/bpf/tenantb")]);
@@ -642,12 +381,12 @@ fn encoded_traversal_in_a_location_is_refused() {
         .pin(&w.bpf.join("amap"))
         .expect("pin");
     let spellings = [
-        "s3://snap/tenant-a/%2e%2e/tenant-b/x.mapsnap",
-        "s3://snap/tenant-a/%2E%2E/tenant-b/x.mapsnap",
-        "s3://snap/tenant-a/../tenant-b/x.mapsnap",
-        "s3://snap/tenant-a/..%2ftenant-b/x.mapsnap",
-        "s3://snap/tenant-a//../tenant-b/x.mapsnap",
-        "S3://SNAP/tenant-a/./../tenant-b/x.mapsnap",
+        "s3://snap/tenant-a/a/%2e%2e/%2e%2e/tenant-b/x.mapsnap",
+        "s3://snap/tenant-a/a/%2E%2E/%2E%2E/tenant-b/x.mapsnap",
+        "s3://snap/tenant-a/a/../../tenant-b/x.mapsnap",
+        "s3://snap/tenant-a/a/..%2f..%2ftenant-b/x.mapsnap",
+        "s3://snap/tenant-a/a//../../tenant-b/x.mapsnap",
+        "S3://SNAP/tenant-a/a/./../../tenant-b/x.mapsnap",
     ];
     for (i, url) in spellings.iter().enumerate() {
         let out = w.hook(
@@ -655,6 +394,8 @@ fn encoded_traversal_in_a_location_is_refused() {
             &w.bundle(
                 &format!("w{i}"),
                 &[
+                    pod[0],
+                    pod[1],
                     ("mapsnap.io/snapshot-on-stop", "true"),
                     ("mapsnap.io/snapshot-to", url),
                 ],
@@ -662,7 +403,12 @@ fn encoded_traversal_in_a_location_is_refused() {
             &format!("w{i}"),
             None,
         );
-        assert!(stderr(&out).contains("refused"), "{url}: {}", stderr(&out));
+        // Refused for the URL itself, not for a missing tenant.
+        let err = stderr(&out);
+        assert!(
+            err.contains("refused mapsnap.io/snapshot-to"),
+            "{url}: {err}"
+        );
         assert_eq!(
             get(victim_url),
             victim_bytes,
@@ -670,12 +416,15 @@ fn encoded_traversal_in_a_location_is_refused() {
         );
         let out = w.hook(
             "createRuntime",
-            &w.bundle(&format!("r{i}"), &[("mapsnap.io/restore-from", url)]),
+            &w.bundle(
+                &format!("r{i}"),
+                &[pod[0], pod[1], ("mapsnap.io/restore-from", url)],
+            ),
             &format!("r{i}"),
             None,
         );
         assert!(
-            !out.status.success() && stderr(&out).contains("refused"),
+            !out.status.success() && stderr(&out).contains("refused mapsnap.io/restore-from"),
             "{url}: {}",
             stderr(&out)
         );
@@ -690,8 +439,13 @@ fn encoded_traversal_in_a_location_is_refused() {
         &w.bundle(
             "ok",
             &[
+                pod[0],
+                pod[1],
                 ("mapsnap.io/snapshot-on-stop", "true"),
-                ("mapsnap.io/snapshot-to", "s3://snap/tenant-a/mine.mapsnap"),
+                (
+                    "mapsnap.io/snapshot-to",
+                    "s3://snap/tenant-a/a/mine.mapsnap",
+                ),
             ],
         ),
         "ok",
@@ -699,211 +453,10 @@ fn encoded_traversal_in_a_location_is_refused() {
     );
     assert!(did(&out), "{}", stderr(&out));
     assert_eq!(
-        names_in(&get("s3://snap/tenant-a/mine.mapsnap")),
+        names_in(&get("s3://snap/tenant-a/a/mine.mapsnap")),
         vec!["amap"]
     );
     assert_eq!(get(victim_url), victim_bytes);
-}
-
-/// A map type mapsnap cannot carry, pinned in the container's bpffs directory.
-fn ringbuf() -> Map {
-    Map::create(&CreateAttrs {
-        map_type: map_type::RINGBUF,
-        name: "events",
-        key_size: 0,
-        value_size: 0,
-        max_entries: 4096,
-        ..CreateAttrs::default()
-    })
-    .expect("ringbuf")
-}
-
-fn post_dump(b: &Bench, pid: u32, images: &Path) -> Output {
-    hook_with(
-        &b.config,
-        &["criu"],
-        "",
-        &[
-            ("CRTOOLS_SCRIPT_ACTION", "post-dump"),
-            ("CRTOOLS_INIT_PID", &pid.to_string()),
-            ("CRTOOLS_IMAGE_DIR", images.to_str().expect("utf-8")),
-        ],
-    )
-}
-
-/// Findings: post-dump snapshotted containers that never opted in and failed their
-/// checkpoints on unsupported pins; a stale manifest in a reused image directory was taken
-/// for this dump's. With real runc containers and the hook run as CRIU runs its action
-/// script at post-dump.
-#[test]
-fn post_dump_leaves_non_opted_in_containers_alone_and_refuses_stale_manifests() {
-    let b = Bench::new("optin");
-    let rb = ringbuf();
-    rb.pin(&b.bpf_dir.join("events")).expect("pin ringbuf");
-    let images = b.dir.path().join("images");
-    fs::create_dir_all(&images).expect("mkdir");
-    // An earlier checkpoint's manifest and snapshot in the (reused) image directory.
-    let stale = mapsnap_hook::manifest::CheckpointManifest {
-        version: mapsnap_hook::manifest::MANIFEST_VERSION,
-        container_id: format!("{}-plain", b.tag),
-        created: "2020-01-01T00:00:00Z".into(),
-        snapshot: format!("image:{}", mapsnap_hook::manifest::IMAGE_SNAPSHOT),
-        sha256: "00".repeat(32),
-        size: 1,
-        maps: Vec::new(),
-        checkpoint: None,
-        dump: None,
-    };
-    stale.write(&images).expect("stale manifest");
-    fs::write(images.join(mapsnap_hook::manifest::IMAGE_SNAPSHOT), b"old").expect("old");
-
-    let bundle = b.bundle("plain", &[]);
-    let id = format!("{}-plain", b.tag);
-    b.start_ok(&bundle, &id);
-    let (_, pid) = b.state_of(&id).expect("state");
-    let pins_before = b.pins();
-    let counters = b.counters();
-    let out = post_dump(&b, pid, &images);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "a non-opted-in checkpoint failed: {}",
-        stderr(&out)
-    );
-    assert!(
-        !images.join(mapsnap_hook::manifest::MANIFEST_NAME).exists(),
-        "the stale manifest would make this checkpoint carry another's maps"
-    );
-    assert_eq!(b.pins(), pins_before);
-    assert_eq!(b.counters(), counters);
-    b.stop(&id);
-
-    // The same container opted in: the unsupported pin fails it (strict), which is what a
-    // non-opted-in container was spared above.
-    stale.write(&images).expect("stale manifest");
-    let bundle = b.bundle("opted", &[("mapsnap.io/policy", "strict")]);
-    let id = format!("{}-opted", b.tag);
-    b.start_ok(&bundle, &id);
-    let (_, pid) = b.state_of(&id).expect("state");
-    let out = post_dump(&b, pid, &images);
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(stderr(&out).contains("ring"), "{}", stderr(&out));
-    // Without the unsupported pin, the stale manifest is replaced by this dump's own.
-    fs::remove_file(b.bpf_dir.join("events")).expect("rm");
-    let out = post_dump(&b, pid, &images);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let m = mapsnap_hook::manifest::CheckpointManifest::read(&images)
-        .expect("read")
-        .expect("manifest");
-    assert_eq!(m.container_id, id);
-    assert_ne!(m.sha256, stale.sha256);
-    let snap = fs::read(images.join(mapsnap_hook::manifest::IMAGE_SNAPSHOT)).expect("snapshot");
-    assert_eq!(names_in(&snap), vec!["pkt_count", "src_count"]);
-    // CRIU runs the action twice: the second run recognises this dump's manifest.
-    let out = post_dump(&b, pid, &images);
-    assert_eq!(out.status.code(), Some(0));
-    assert_eq!(
-        mapsnap_hook::manifest::CheckpointManifest::read(&images).expect("read"),
-        Some(m)
-    );
-    b.stop(&id);
-}
-
-/// Finding: work before the deadline started was unbounded, so a hung file kept a container
-/// frozen at post-dump. Here the container's config.json is replaced by a FIFO nobody writes
-/// (a read of it blocks forever): the hook must end within its deadline without failing the
-/// checkpoint of a container whose opt-in it cannot read.
-#[test]
-fn a_hung_file_never_keeps_post_dump_waiting() {
-    let b = Bench::new("hung");
-    b.write_config("");
-    let bundle = b.bundle("hung", &[]);
-    let id = format!("{}-hung", b.tag);
-    b.start_ok(&bundle, &id);
-    let (_, pid) = b.state_of(&id).expect("state");
-    let spec = bundle.join("config.json");
-    fs::remove_file(&spec).expect("rm spec");
-    let c = CString::new(spec.as_os_str().as_bytes()).expect("c");
-    // SAFETY: a valid C string.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-    let images = b.dir.path().join("images");
-    fs::create_dir_all(&images).expect("mkdir");
-    let t = Instant::now();
-    let mut child = Command::new(HOOK)
-        .arg("--config")
-        .arg(&b.config)
-        .arg("criu")
-        .env("CRTOOLS_SCRIPT_ACTION", "post-dump")
-        .env("CRTOOLS_INIT_PID", pid.to_string())
-        .env("CRTOOLS_IMAGE_DIR", &images)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("hook");
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if t.elapsed() > Duration::from_secs(40) {
-            let _ = child.kill();
-            let _ = child.wait();
-            // Unblock nothing: the FIFO stays; the container is removed by the bench.
-            panic!("the hook was still running after 40 s (deadline 20 s)");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    eprintln!("post-dump ended after {:?} with {status}", t.elapsed());
-    assert!(t.elapsed() < Duration::from_secs(25));
-    assert_eq!(status.code(), Some(0));
-    let _ = fs::remove_file(&spec);
-    b.stop(&id);
-}
-
-/// Finding: the wait-mode waiter SIGKILLed a pid it had read long before. Here the container
-/// dies, its pid is handed to an unrelated process (ns_last_pid), and the waiter gives up:
-/// the unrelated process must live.
-#[test]
-fn the_waiter_never_kills_a_reused_pid() {
-    let b = Bench::new("pidreuse");
-    let snap = snapshot_bytes(vec![(array("never", [1; 4]), "sys/fs/bpf/never")]);
-    fs::write(b.data.join("never.mapsnap"), snap).expect("snapshot");
-    let bundle = b.bundle(
-        "waiter",
-        &[
-            ("mapsnap.io/restore-from", "/data/never.mapsnap"),
-            ("mapsnap.io/restore-mode", "wait"),
-        ],
-    );
-    let id = format!("{}-waiter", b.tag);
-    b.start_ok(&bundle, &id);
-    let (_, pid) = b.state_of(&id).expect("state");
-    b.stop(&id);
-    wait_pid_free(pid, Duration::from_secs(10));
-    // Hand the pid to a decoy.
-    let mut decoy = None;
-    for _ in 0..500 {
-        let _ = fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string());
-        let c = Command::new("sleep").arg("60").spawn().expect("sleep");
-        if c.id() == pid {
-            decoy = Some(c);
-            break;
-        }
-        let mut c = c;
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-    let mut decoy = decoy.expect("could not get the container's pid reused");
-    // The waiter gives up after wait_timeout (10 s in the bench config).
-    b.wait_log("did not pin");
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(
-        decoy.try_wait().expect("try_wait").is_none(),
-        "the waiter killed an unrelated process that reused the container's pid:\n{}",
-        b.log_text()
-    );
-    let _ = decoy.kill();
-    let _ = decoy.wait();
 }
 
 /// Finding: a publish that failed half-way left earlier pins published and temporary pins
