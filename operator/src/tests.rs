@@ -1476,3 +1476,77 @@ fn a_download_in_flight_at_deletion_still_gets_its_target_cleanup() {
     cr.spec.retention_policy = crate::crd::RetentionPolicy::Retain;
     assert!(reconcile::cleanup_steps(&cr).is_empty());
 }
+
+#[test]
+fn event_notes_are_cut_at_1024_bytes_on_a_character_boundary() {
+    // 1023 ASCII bytes then a 3-byte character: 1026 bytes, 1024 characters.
+    let note = format!("{}€", "a".repeat(1023));
+    assert_eq!(note.chars().count(), 1024);
+    let cut = reconcile::event_note(&note);
+    assert!(cut.len() <= 1024, "{} bytes", cut.len());
+    assert_eq!(cut, "a".repeat(1023));
+    let ok = "é".repeat(512);
+    assert_eq!(reconcile::event_note(&ok), ok, "exactly 1024 bytes stays");
+    assert_eq!(reconcile::event_note(&"é".repeat(600)).len(), 1024);
+}
+
+/// What the controller used to create (the archive path as the image) is what the kubelet
+/// refuses before any CRI call: the mock answers it `InvalidImageName`, and the controller
+/// reads that as a failed restore; the pod builder refuses such an image up front.
+#[tokio::test]
+async fn a_path_as_image_is_invalid_image_name() {
+    let h = Harness::new(new_cr("lb-restore", CrAction::Restore));
+    let mut cr = succeeded_checkpoint(&h);
+    cr.spec.target = Some(crate::crd::Target {
+        node: NODE_B.into(),
+        pod_name: None,
+    });
+    let path = "/var/lib/kubelet/checkpoints/mapsnap-restore-x.tar";
+    assert!(pods::restored_pod(&cr, "p", NODE_B, path, &[]).is_err());
+    let digest = format!("{REGISTRY_REPO}@sha256:{}", "0".repeat(64));
+    let mut pod = pods::restored_pod(&cr, "p", NODE_B, &digest, &[]).expect("pod");
+    if let Some(c) = pod.spec.as_mut().map(|s| &mut s.containers[0]) {
+        c.image = Some(path.into());
+    }
+    let seen = restored_pod_status(pod, true);
+    match pods::restored_progress(&seen, CONTAINER) {
+        pods::PodProgress::Failed { message, .. } => {
+            assert!(message.contains("InvalidImageName"), "{message}");
+            assert!(message.contains("invalid reference format"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The kubelet's answer to a timeout it cannot parse (only a hand-made request sends one),
+/// from the server that answers like it, is told apart from the other 404s.
+#[tokio::test]
+async fn a_bad_timeout_is_its_own_404() {
+    let k = crate::fakekubelet::FakeKubelet::start(
+        NODE_A,
+        std::sync::Arc::new(|_: &str, _: &str, _: &str| Ok("/x.tar".to_string())),
+    )
+    .await;
+    k.add_pod(NS, POD, &[CONTAINER]);
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&k.ca_file).expect("ca")).expect("pem");
+    let client = reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .build()
+        .expect("client");
+    let resp = client
+        .post(format!(
+            "https://{}/checkpoint/{NS}/{POD}/{CONTAINER}?timeout=soon",
+            k.addr
+        ))
+        .bearer_auth(crate::fakekubelet::AGENT_TOKEN)
+        .send()
+        .await
+        .expect("answer");
+    let code = resp.status().as_u16();
+    let text = resp.text().await.expect("body");
+    assert_eq!(
+        crate::kubelet::classify(code, &text),
+        crate::kubelet::KubeletErrorKind::BadTimeout,
+        "{code} {text}"
+    );
+}

@@ -472,3 +472,29 @@ fn chart_passes_only_flags_the_operator_binary_has() {
         assert!(n > 0, "{file}: no flags found for {container}");
     }
 }
+
+/// The repository's documents stand on their own: none points at notes outside it.
+#[test]
+fn docs_point_at_nothing_outside_the_repository() {
+    let mut files = vec![root().join("README.md")];
+    for dir in [
+        "docs",
+        "tests/e2e",
+        "charts/mapsnap",
+        "charts/mapsnap/templates",
+    ] {
+        if let Ok(rd) = std::fs::read_dir(root().join(dir)) {
+            files.extend(
+                rd.filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| p.is_file()),
+            );
+        }
+    }
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap_or_default();
+        for bad in ["FIELD-NOTES", "shared/", "../shared"] {
+            assert!(!text.contains(bad), "{} mentions {bad}", f.display());
+        }
+    }
+}

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# End-to-end test of the mapsnap operator on a real cluster (kubeadm + CRI-O + CRIU >= 4.1).
+# End-to-end test of the mapsnap operator on a real cluster (kubeadm + CRI-O >= 1.26 with
+# restore enabled + CRIU >= 4.1 + a registry for checkpoint images).
 # NOT RUN IN CI: these machines have no cluster. See tests/e2e/README.md.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -7,6 +8,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 : "${IMAGE:?set IMAGE (registry/repository:tag)}"
 : "${STORAGE_LOCATION:?set STORAGE_LOCATION (s3://bucket/prefix, ...)}"
 : "${STORAGE_CONFIG:?set STORAGE_CONFIG (a mapsnap config.toml with credentials)}"
+: "${CKPT_REPOSITORY:?set CKPT_REPOSITORY (host[:port]/path for checkpoint images)}"
+REGISTRY_AUTH=${REGISTRY_AUTH:-}
+KUBELET_INSECURE=${KUBELET_INSECURE:-0}
 BUILD=${BUILD:-0}
 KEEP=${KEEP:-0}
 TIMEOUT=${TIMEOUT:-600}
@@ -66,20 +70,34 @@ say "installing the chart"
 kubectl create namespace "$OPNS" --dry-run=client -o yaml | kubectl apply -f -
 kubectl -n "$OPNS" create secret generic mapsnap-storage --from-file=config.toml="$STORAGE_CONFIG" \
     --dry-run=client -o yaml | kubectl apply -f -
+kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f -
+registry_args=(--set restore.registry.repository="$CKPT_REPOSITORY")
+if [[ -n "$REGISTRY_AUTH" ]]; then
+    for ns in "$OPNS" "$NS"; do
+        kubectl -n "$ns" create secret generic mapsnap-registry --type=kubernetes.io/dockerconfigjson \
+            --from-file=.dockerconfigjson="$REGISTRY_AUTH" --dry-run=client -o yaml | kubectl apply -f -
+    done
+    registry_args+=(--set restore.registry.credentialsSecret=mapsnap-registry
+        --set restore.registry.pullSecretName=mapsnap-registry)
+fi
+[[ "$KUBELET_INSECURE" == 1 ]] && registry_args+=(--set kubelet.insecureSkipTLSVerify=true)
 kubectl apply -f crds/bpfmapcheckpoints.yaml
 helm -n "$OPNS" upgrade --install "$RELEASE" charts/mapsnap \
     --set image.repository="${IMAGE%:*}" --set image.tag="${IMAGE##*:}" \
     --set storage.location="$STORAGE_LOCATION" \
     --set storage.credentials.existingSecret=mapsnap-storage \
+    "${registry_args[@]}" \
     --set runtime=crio --wait --timeout "${TIMEOUT}s"
 check "controller rolled out" kubectl -n "$OPNS" rollout status "deploy/$RELEASE-controller" --timeout="${TIMEOUT}s"
 check "agents rolled out" kubectl -n "$OPNS" rollout status "ds/$RELEASE-agent" --timeout="${TIMEOUT}s"
 for n in "$SOURCE_NODE" "$TARGET_NODE"; do
     check "agent lease of $n" kubectl -n "$OPNS" get lease "mapsnap-agent-$n"
+    restore=$(kubectl -n "$OPNS" get lease "mapsnap-agent-$n" -o jsonpath='{.metadata.annotations.mapsnap\.io/restore}')
+    why=$(kubectl -n "$OPNS" get lease "mapsnap-agent-$n" -o jsonpath='{.metadata.annotations.mapsnap\.io/restore-reason}')
+    check "node $n can restore ($restore: $why)" test "$restore" != disabled
 done
 
 say "starting the workload on $SOURCE_NODE"
-kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f -
 kubectl -n "$NS" apply -f - <<YAML
 apiVersion: v1
 kind: Pod
@@ -144,6 +162,10 @@ if wait_ready migrate; then
     restored=$(kubectl -n "$NS" get bmc migrate -o jsonpath='{.status.restore.pod}')
     node=$(kubectl -n "$NS" get pod "$restored" -o jsonpath='{.spec.nodeName}')
     check "restored pod $restored runs on $TARGET_NODE" test "$node" = "$TARGET_NODE"
+    image=$(kubectl -n "$NS" get bmc migrate -o jsonpath='{.status.restore.image}')
+    pod_image=$(kubectl -n "$NS" get pod "$restored" -o jsonpath='{.spec.containers[?(@.name=="app")].image}')
+    check "restored pod runs the checkpoint image by digest ($image)" \
+        bash -c "[[ '$image' == '$CKPT_REPOSITORY'@sha256:* && '$pod_image' == '$image' ]]"
     sleep 3
     after=$(kubectl -n "$NS" exec "$restored" -- cat /tmp/counter)
     check "process state continued (counter $before -> $after)" test "$after" -ge "$before"
