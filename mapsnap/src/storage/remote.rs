@@ -22,7 +22,7 @@ use futures_util::StreamExt;
 use object_store::path::Path as ObjPath;
 use object_store::{
     BackoffConfig, GetOptions, MultipartUpload, ObjectStore, ObjectStoreExt, PutMode,
-    PutMultipartOptions, PutOptions, PutPayload, RetryConfig,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult, RetryConfig,
 };
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
@@ -50,6 +50,9 @@ pub(crate) struct Remote {
     deadline: Instant,
     part_size: usize,
     concurrency: usize,
+    /// GCS only: writes go through the JSON API (see [`GcsJson`]).
+    gcs: Option<Arc<GcsJson>>,
+    provider: Provider,
 }
 
 impl std::fmt::Debug for Remote {
@@ -105,6 +108,7 @@ impl Remote {
             max_retries: cfg.retries,
             retry_timeout: cfg.retry_timeout,
         };
+        let mut gcs = None;
         let store: Arc<dyn ObjectStore> = match provider {
             Provider::S3 => {
                 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
@@ -134,12 +138,17 @@ impl Remote {
                 if let Ok(sa) = std::env::var("SERVICE_ACCOUNT") {
                     b = b.with_service_account_path(sa);
                 }
-                Arc::new(
-                    b.with_bucket_name(bucket)
-                        .with_retry(retry)
-                        .build()
+                let json = GcsJson::settings(&b, bucket, &retry);
+                let built = b
+                    .with_bucket_name(bucket)
+                    .with_retry(retry.clone())
+                    .build()
+                    .map_err(config_err)?;
+                gcs = Some(Arc::new(
+                    json.connect(built.credentials().clone())
                         .map_err(config_err)?,
-                )
+                ));
+                Arc::new(built)
             }
             Provider::Azure => {
                 use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
@@ -153,6 +162,7 @@ impl Remote {
                 if let Ok(msi) = std::env::var("MSI_ENDPOINT") {
                     b = b.with_msi_endpoint(msi);
                 }
+                b = azure_emulator_endpoint(b);
                 Arc::new(
                     b.with_container_name(bucket)
                         .with_retry(retry)
@@ -189,6 +199,8 @@ impl Remote {
             deadline: Instant::now() + cfg.timeout,
             part_size: cfg.part_size,
             concurrency: cfg.concurrency.max(1),
+            gcs,
+            provider,
         })
     }
 
@@ -298,13 +310,24 @@ impl Remote {
 
     /// Writes a small object in one PUT, replacing what is there.
     pub(crate) fn put_small(&self, bytes: Vec<u8>, what: &str) -> Result<()> {
-        self.block(
-            what,
-            self.store
-                .put_opts(&self.path, PutPayload::from(bytes), PutOptions::default()),
-        )?
-        .map_err(|e| self.err(what, &e))?;
+        self.block(what, self.put_once(Bytes::from(bytes), PutMode::Overwrite))?
+            .map_err(|e| self.err(what, &e))?;
         Ok(())
+    }
+
+    /// One single-request write (a JSON media upload on GCS).
+    async fn put_once(&self, data: Bytes, mode: PutMode) -> object_store::Result<PutResult> {
+        match &self.gcs {
+            Some(g) => {
+                g.media_upload(&self.path, data, matches!(mode, PutMode::Create))
+                    .await
+            }
+            None => {
+                self.store
+                    .put_opts(&self.path, PutPayload::from(data), PutOptions::from(mode))
+                    .await
+            }
+        }
     }
 
     pub(crate) fn writer(&self, overwrite: bool) -> Result<RemoteWriter> {
@@ -409,8 +432,37 @@ impl Drop for RemoteReader {
     }
 }
 
+/// A multipart upload: object_store's (S3 multipart, Azure blocks) or a GCS resumable upload.
+enum Upload {
+    Store(Box<dyn MultipartUpload>),
+    Gcs(GcsResumable),
+}
+
+impl Upload {
+    fn put_part(&mut self, data: Bytes) -> object_store::UploadPart {
+        match self {
+            Upload::Store(u) => u.put_part(PutPayload::from(data)),
+            Upload::Gcs(u) => u.put_part(data),
+        }
+    }
+
+    async fn complete(&mut self) -> object_store::Result<PutResult> {
+        match self {
+            Upload::Store(u) => u.complete().await,
+            Upload::Gcs(u) => u.complete().await,
+        }
+    }
+
+    async fn abort(&mut self) -> object_store::Result<()> {
+        match self {
+            Upload::Store(u) => u.abort().await,
+            Upload::Gcs(u) => u.abort().await,
+        }
+    }
+}
+
 struct Multipart {
-    upload: Box<dyn MultipartUpload>,
+    upload: Upload,
     in_flight: VecDeque<JoinHandle<object_store::Result<()>>>,
     parts: usize,
 }
@@ -445,14 +497,23 @@ impl RemoteWriter {
         let data = std::mem::replace(&mut self.buf, Vec::with_capacity(part_size));
         if self.upload.is_none() {
             let what = "cannot start the multipart upload";
+            let remote = &self.remote;
+            let start = async {
+                match &remote.gcs {
+                    Some(g) => g
+                        .start_resumable(&remote.path, !self.overwrite)
+                        .await
+                        .map(Upload::Gcs),
+                    None => remote
+                        .store
+                        .put_multipart_opts(&remote.path, PutMultipartOptions::default())
+                        .await
+                        .map(Upload::Store),
+                }
+            };
             let upload = self
                 .remote
-                .block(
-                    what,
-                    self.remote
-                        .store
-                        .put_multipart_opts(&self.remote.path, PutMultipartOptions::default()),
-                )?
+                .block(what, start)?
                 .map_err(|e| self.remote.err(what, &e))?;
             self.upload = Some(Multipart {
                 upload,
@@ -464,7 +525,7 @@ impl RemoteWriter {
         let Some(mp) = self.upload.as_mut() else {
             return Ok(());
         };
-        let fut = mp.upload.put_part(PutPayload::from(Bytes::from(data)));
+        let fut = mp.upload.put_part(Bytes::from(data));
         mp.parts += 1;
         mp.in_flight.push_back(self.remote.rt.spawn(fut));
         while mp.in_flight.len() >= concurrency {
@@ -503,11 +564,16 @@ impl RemoteWriter {
         }
         let deadline = Instant::now() + ABORT_BUDGET;
         let what = "cannot abort the multipart upload";
+        let remote = &self.remote;
         match block_until(&self.remote.rt, deadline, async {
             for h in mp.in_flight.drain(..) {
                 let _ = h.await;
             }
-            mp.upload.abort().await
+            mp.upload.abort().await?;
+            if remote.provider == Provider::Azure {
+                discard_azure_blocks(remote.store.as_ref(), &remote.path).await?;
+            }
+            Ok(())
         }) {
             Some(Ok(())) => Ok(()),
             Some(Err(e)) => Err(self.remote.err(what, &e)),
@@ -539,14 +605,9 @@ impl RemoteWriter {
                 PutMode::Create
             };
             let data = std::mem::take(&mut self.buf);
-            let r = self.remote.block(
-                what,
-                self.remote.store.put_opts(
-                    &self.remote.path,
-                    PutPayload::from(Bytes::from(data)),
-                    PutOptions::from(mode),
-                ),
-            )?;
+            let r = self
+                .remote
+                .block(what, self.remote.put_once(Bytes::from(data), mode))?;
             return match r {
                 Ok(put) => Ok(ObjectInfo {
                     size: written,
@@ -642,5 +703,543 @@ impl Drop for RemoteWriter {
                 );
             }
         }
+    }
+}
+
+/// Azure Blob emulators (Azurite) on an endpoint from the config file or the environment.
+///
+/// object_store's emulator mode (`use_emulator`) takes its endpoint only from
+/// `AZURITE_BLOB_STORAGE_URL` and ignores `endpoint`; with an `endpoint` set as well, the
+/// emulator is reached as an ordinary account on that endpoint (path style,
+/// `http://host:port/devstoreaccount1`, the dev account and key unless others are set), which
+/// is what emulator mode does on its fixed URL.
+fn azure_emulator_endpoint(
+    b: object_store::azure::MicrosoftAzureBuilder,
+) -> object_store::azure::MicrosoftAzureBuilder {
+    use object_store::ClientConfigKey;
+    use object_store::azure::AzureConfigKey as K;
+    let on = b
+        .get_config_value(&K::UseEmulator)
+        .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "true" | "1" | "yes"));
+    let Some(endpoint) = b.get_config_value(&K::Endpoint).filter(|_| on) else {
+        return b;
+    };
+    let mut b = b
+        .with_config(K::UseEmulator, "false")
+        .with_endpoint(endpoint)
+        .with_config(K::Client(ClientConfigKey::AllowHttp), "true");
+    if b.get_config_value(&K::AccountName).is_none() {
+        b = b.with_account(AZURITE_ACCOUNT);
+    }
+    let has_credential = [K::AccessKey, K::SasKey, K::Token, K::ClientSecret]
+        .iter()
+        .any(|k| b.get_config_value(k).is_some());
+    if !has_credential {
+        b = b.with_access_key(AZURITE_KEY);
+    }
+    b
+}
+
+/// Azurite's well-known development account (public, documented by Microsoft).
+const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// After an abandoned Azure upload: Azure has no call that drops uncommitted blocks (they
+/// linger 7 days), but any commit to the blob discards them. When no blob exists, an empty
+/// conditional Put Blob (`If-None-Match: *`) followed by deleting that same version leaves
+/// nothing behind. When a blob exists, its blocks go with its next commit or deletion.
+///
+/// Azurite counts a blob holding only uncommitted blocks as existing (the conditional put
+/// answers 409) while a lookup says 404; there Delete Blob drops the blocks. A writer that
+/// commits the key between that lookup and the delete would lose its object: keys are
+/// written by one writer at a time in mapsnap's flows.
+async fn discard_azure_blocks(store: &dyn ObjectStore, path: &ObjPath) -> object_store::Result<()> {
+    let placeholder = match store
+        .put_opts(path, PutPayload::new(), PutOptions::from(PutMode::Create))
+        .await
+    {
+        Ok(put) => put,
+        Err(object_store::Error::AlreadyExists { .. })
+        | Err(object_store::Error::Precondition { .. }) => {
+            return match store.head(path).await {
+                Err(object_store::Error::NotFound { .. }) => match store.delete(path).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(e),
+                },
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            };
+        }
+        Err(e) => return Err(e),
+    };
+    // Delete only our empty placeholder: an overwriting writer may have replaced it since.
+    let current = store.head(path).await?;
+    if current.size == 0 && current.e_tag.is_some() && current.e_tag == placeholder.e_tag {
+        match store.delete(path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// GCS writes through the JSON API; reads, lookups and deletes stay with object_store's
+/// XML API client.
+///
+/// object_store 0.14 writes to GCS with the XML API (single PUT, XML multipart upload). The
+/// JSON API's resumable upload does the same job on the real service and is what Google's
+/// own clients use, and it takes `ifGenerationMatch=0` at the start of the upload, so a
+/// multipart write without `--overwrite` is refused atomically by the service at the end
+/// (the XML multipart completion has no such condition). It is also what GCS test servers
+/// implement (fake-gcs-server has no XML write path). Credentials, endpoint (`base_url`)
+/// and `allow_http` are the same object_store settings.
+struct GcsJson {
+    http: object_store::client::HttpClient,
+    credentials: object_store::gcp::GcpCredentialProvider,
+    skip_signature: bool,
+    /// `scheme://host[:port]` of the configured endpoint; session URLs are sent here too.
+    base: String,
+    bucket: String,
+    retries: usize,
+    retry_timeout: Duration,
+}
+
+/// What [`GcsJson::connect`] needs, read from the builder before it is consumed.
+struct GcsSettings {
+    base: String,
+    bucket: String,
+    allow_http: bool,
+    skip_signature: bool,
+    retries: usize,
+    retry_timeout: Duration,
+}
+
+impl GcsSettings {
+    fn connect(
+        self,
+        credentials: object_store::gcp::GcpCredentialProvider,
+    ) -> object_store::Result<GcsJson> {
+        use object_store::client::HttpConnector;
+        let options = object_store::ClientOptions::new().with_allow_http(self.allow_http);
+        Ok(GcsJson {
+            http: object_store::client::ReqwestConnector::default().connect(&options)?,
+            credentials,
+            skip_signature: self.skip_signature,
+            base: self.base,
+            bucket: self.bucket,
+            retries: self.retries,
+            retry_timeout: self.retry_timeout,
+        })
+    }
+}
+
+/// GCS's resumable chunks must be multiples of 256 KiB (all but the last).
+const GCS_CHUNK_QUANTUM: usize = 256 << 10;
+
+impl GcsJson {
+    fn settings(
+        b: &object_store::gcp::GoogleCloudStorageBuilder,
+        bucket: &str,
+        retry: &RetryConfig,
+    ) -> GcsSettings {
+        use object_store::ClientConfigKey;
+        use object_store::gcp::GoogleConfigKey as K;
+        let truthy = |v: Option<String>| {
+            v.is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "true" | "1" | "yes"))
+        };
+        GcsSettings {
+            base: b
+                .get_config_value(&K::BaseUrl)
+                .unwrap_or_else(|| "https://storage.googleapis.com".to_string())
+                .trim_end_matches('/')
+                .to_string(),
+            bucket: bucket.to_string(),
+            allow_http: truthy(b.get_config_value(&K::Client(ClientConfigKey::AllowHttp))),
+            skip_signature: truthy(b.get_config_value(&K::SkipSignature)),
+            retries: retry.max_retries,
+            retry_timeout: retry.retry_timeout,
+        }
+    }
+
+    fn url(&self, path: &str, query: &[(&str, &str)]) -> String {
+        let mut u = format!("{}{path}", self.base);
+        for (i, (k, v)) in query.iter().enumerate() {
+            u.push(if i == 0 { '?' } else { '&' });
+            u.push_str(k);
+            u.push('=');
+            u.push_str(&encode(v));
+        }
+        u
+    }
+
+    /// Sends one request (retrying transient failures) and returns status, headers and body.
+    async fn send(
+        &self,
+        method: &'static str,
+        url: &str,
+        headers: &[(&'static str, String)],
+        body: Bytes,
+        key: &ObjPath,
+    ) -> object_store::Result<(u16, Option<String>, Bytes)> {
+        let started = Instant::now();
+        let mut attempt = 0usize;
+        loop {
+            let r = self
+                .send_once(method, url, headers, body.clone(), key)
+                .await;
+            let transient = match &r {
+                Ok((status, _, _)) => matches!(status, 408 | 429 | 500..=599),
+                Err(GcsFailure::Http(_)) => true,
+                Err(GcsFailure::Fatal(_)) => false,
+            };
+            attempt += 1;
+            if !transient || attempt > self.retries || started.elapsed() >= self.retry_timeout {
+                return match r {
+                    Ok(ok) => Ok(ok),
+                    Err(GcsFailure::Fatal(e)) => Err(e),
+                    Err(GcsFailure::Http(e)) => Err(object_store::Error::Generic {
+                        store: "GCS",
+                        source: Box::new(GcsHttpError {
+                            request: format!("{method} {url}"),
+                            retries: attempt - 1,
+                            source: e,
+                        }),
+                    }),
+                };
+            }
+            let backoff =
+                Duration::from_millis(100u64 << attempt.min(6)).min(Duration::from_secs(5));
+            tokio::time::sleep(backoff).await;
+        }
+    }
+
+    async fn send_once(
+        &self,
+        method: &'static str,
+        url: &str,
+        headers: &[(&'static str, String)],
+        body: Bytes,
+        key: &ObjPath,
+    ) -> std::result::Result<(u16, Option<String>, Bytes), GcsFailure> {
+        let fatal = |msg: String| {
+            GcsFailure::Fatal(object_store::Error::Generic {
+                store: "GCS",
+                source: msg.into(),
+            })
+        };
+        let mut req = object_store::client::HttpRequest::new(body.into());
+        *req.method_mut() = method
+            .parse()
+            .map_err(|e| fatal(format!("method {method}: {e}")))?;
+        *req.uri_mut() = url.parse().map_err(|e| fatal(format!("URL {url}: {e}")))?;
+        if !self.skip_signature {
+            let cred = self
+                .credentials
+                .get_credential()
+                .await
+                .map_err(GcsFailure::Fatal)?;
+            let v = format!("Bearer {}", cred.bearer)
+                .parse()
+                .map_err(|e| fatal(format!("bearer token: {e}")))?;
+            req.headers_mut().insert("authorization", v);
+        }
+        for (k, v) in headers {
+            let v = v.parse().map_err(|e| fatal(format!("header {k}: {e}")))?;
+            req.headers_mut().insert(*k, v);
+        }
+        let resp = self.http.execute(req).await.map_err(GcsFailure::Http)?;
+        let status = resp.status().as_u16();
+        let location = resp
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = resp.into_body().bytes().await.map_err(GcsFailure::Http)?;
+        if matches!(status, 200..=299 | 308 | 499) || matches!(status, 408 | 429 | 500..=599) {
+            return Ok((status, location, body));
+        }
+        let source: Box<dyn std::error::Error + Send + Sync> = format!(
+            "Error performing {method} {url}: Server returned non-2xx status code: {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        )
+        .into();
+        let path = key.to_string();
+        Err(GcsFailure::Fatal(match status {
+            404 => object_store::Error::NotFound { path, source },
+            412 => object_store::Error::Precondition { path, source },
+            409 => object_store::Error::AlreadyExists { path, source },
+            401 => object_store::Error::Unauthenticated { path, source },
+            403 => object_store::Error::PermissionDenied { path, source },
+            _ => object_store::Error::Generic {
+                store: "GCS",
+                source,
+            },
+        }))
+    }
+
+    fn status_error(method: &str, url: &str, status: u16, body: &[u8]) -> object_store::Error {
+        object_store::Error::Generic {
+            store: "GCS",
+            source: format!(
+                "Error performing {method} {url}: Server returned non-2xx status code: \
+                 {status}: {}",
+                String::from_utf8_lossy(body).trim()
+            )
+            .into(),
+        }
+    }
+
+    /// The upload URL for `key`; `create` adds `ifGenerationMatch=0` (no object may exist).
+    fn upload_url(&self, upload_type: &str, key: &ObjPath, create: bool) -> String {
+        let name = key.to_string();
+        let mut query = vec![("uploadType", upload_type), ("name", name.as_str())];
+        if create {
+            query.push(("ifGenerationMatch", "0"));
+        }
+        self.url(
+            &format!("/upload/storage/v1/b/{}/o", encode(&self.bucket)),
+            &query,
+        )
+    }
+
+    /// One-request upload (`uploadType=media`); `create` adds `ifGenerationMatch=0`.
+    async fn media_upload(
+        &self,
+        key: &ObjPath,
+        data: Bytes,
+        create: bool,
+    ) -> object_store::Result<PutResult> {
+        let url = self.upload_url("media", key, create);
+        let headers = [("content-type", "application/octet-stream".to_string())];
+        let (status, _, body) = self.send("POST", &url, &headers, data, key).await?;
+        if !(200..=299).contains(&status) {
+            return Err(Self::status_error("POST", &url, status, &body));
+        }
+        Ok(put_result(&body))
+    }
+
+    /// Starts a resumable upload; `create` makes its completion conditional on no object
+    /// existing (`ifGenerationMatch=0`).
+    async fn start_resumable(
+        self: &Arc<Self>,
+        key: &ObjPath,
+        create: bool,
+    ) -> object_store::Result<GcsResumable> {
+        let url = self.upload_url("resumable", key, create);
+        let headers = [
+            (
+                "content-type",
+                "application/json; charset=UTF-8".to_string(),
+            ),
+            (
+                "x-upload-content-type",
+                "application/octet-stream".to_string(),
+            ),
+        ];
+        let (status, location, body) = self
+            .send("POST", &url, &headers, Bytes::from_static(b"{}"), key)
+            .await?;
+        let session = match (status, location) {
+            (200..=299, Some(loc)) => self
+                .session_url(&loc)
+                .ok_or_else(|| Self::status_error("POST", &url, status, b"unusable session URL"))?,
+            _ => return Err(Self::status_error("POST", &url, status, &body)),
+        };
+        Ok(GcsResumable {
+            gcs: Arc::clone(self),
+            key: key.clone(),
+            session,
+            offset: 0,
+            held: None,
+            prev: None,
+        })
+    }
+
+    /// The session URL's path and query on the configured endpoint: requests (and the bearer
+    /// token) only ever go to the endpoint from the config, not to a host a response names.
+    fn session_url(&self, location: &str) -> Option<String> {
+        let u = url::Url::parse(location).ok()?;
+        let mut out = format!("{}{}", self.base, u.path());
+        if let Some(q) = u.query() {
+            out.push('?');
+            out.push_str(q);
+        }
+        Some(out)
+    }
+}
+
+/// A failure of one GCS request: transport-level (retried) or final.
+enum GcsFailure {
+    Http(object_store::client::HttpError),
+    Fatal(object_store::Error),
+}
+
+/// A transport failure after the retries, naming the request (the endpoint is read from it).
+#[derive(Debug)]
+struct GcsHttpError {
+    request: String,
+    retries: usize,
+    source: object_store::client::HttpError,
+}
+
+impl std::fmt::Display for GcsHttpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Error performing {}, after {} retries: {}",
+            self.request, self.retries, self.source
+        )
+    }
+}
+
+impl std::error::Error for GcsHttpError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// ETag and generation from a GCS object resource (JSON).
+fn put_result(body: &[u8]) -> PutResult {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+    PutResult {
+        e_tag: field("etag"),
+        version: field("generation"),
+        extensions: Default::default(),
+    }
+}
+
+/// Percent-encodes a query value or path segment (everything but unreserved characters).
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A GCS resumable upload fed part by part. Chunks must go in order, so each part's request
+/// waits for the one before; the latest part is held back so that the last chunk can carry
+/// the total size, which is what completes the upload.
+struct GcsResumable {
+    gcs: Arc<GcsJson>,
+    key: ObjPath,
+    session: String,
+    /// Bytes handed over so far (sent or held).
+    offset: u64,
+    held: Option<(u64, Bytes)>,
+    /// Signals that the previous chunk was accepted (dropped unsent when it failed).
+    prev: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl GcsResumable {
+    fn put_part(&mut self, data: Bytes) -> object_store::UploadPart {
+        let start = self.offset;
+        self.offset += data.len() as u64;
+        let Some((held_at, held)) = self.held.replace((start, data)) else {
+            return Box::pin(async { Ok(()) });
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let prev = self.prev.replace(rx);
+        let gcs = Arc::clone(&self.gcs);
+        let key = self.key.clone();
+        let session = self.session.clone();
+        Box::pin(async move {
+            if let Some(p) = prev {
+                p.await.map_err(|_| earlier_chunk_failed())?;
+            }
+            send_chunk(&gcs, &key, &session, held_at, held, None).await?;
+            let _ = tx.send(());
+            Ok(())
+        })
+    }
+
+    async fn complete(&mut self) -> object_store::Result<PutResult> {
+        if let Some(p) = self.prev.take() {
+            p.await.map_err(|_| earlier_chunk_failed())?;
+        }
+        let (at, data) = self.held.take().unwrap_or((self.offset, Bytes::new()));
+        send_chunk(
+            &self.gcs,
+            &self.key,
+            &self.session,
+            at,
+            data,
+            Some(self.offset),
+        )
+        .await
+    }
+
+    /// Cancels the session (`DELETE` on it; GCS answers 499): nothing is published and the
+    /// uploaded chunks are dropped.
+    async fn abort(&mut self) -> object_store::Result<()> {
+        self.held = None;
+        let (status, _, body) = self
+            .gcs
+            .send("DELETE", &self.session, &[], Bytes::new(), &self.key)
+            .await
+            .or_else(|e| match e {
+                object_store::Error::NotFound { .. } => Ok((404, None, Bytes::new())),
+                e => Err(e),
+            })?;
+        match status {
+            200..=299 | 404 | 499 => Ok(()),
+            _ => Err(GcsJson::status_error(
+                "DELETE",
+                &self.session,
+                status,
+                &body,
+            )),
+        }
+    }
+}
+
+fn earlier_chunk_failed() -> object_store::Error {
+    object_store::Error::Generic {
+        store: "GCS",
+        source: "an earlier chunk of the resumable upload failed".into(),
+    }
+}
+
+/// Sends one chunk at `at`; `total` on the last one completes the upload. A retried chunk is
+/// sent whole again from its start: GCS ignores bytes it already persisted.
+async fn send_chunk(
+    gcs: &GcsJson,
+    key: &ObjPath,
+    session: &str,
+    at: u64,
+    data: Bytes,
+    total: Option<u64>,
+) -> object_store::Result<PutResult> {
+    let len = data.len() as u64;
+    if total.is_none() && (len == 0 || !len.is_multiple_of(GCS_CHUNK_QUANTUM as u64)) {
+        return Err(object_store::Error::Generic {
+            store: "GCS",
+            source: format!(
+                "a resumable upload chunk must be a multiple of {GCS_CHUNK_QUANTUM} bytes                  (part_size), not {len}"
+            )
+            .into(),
+        });
+    }
+    let range = match (len, total) {
+        (0, Some(t)) => format!("bytes */{t}"),
+        (_, Some(t)) => format!("bytes {at}-{}/{t}", at + len - 1),
+        (_, None) => format!("bytes {at}-{}/*", at + len - 1),
+    };
+    let headers = [("content-range", range)];
+    let (status, _, body) = gcs.send("PUT", session, &headers, data, key).await?;
+    match (status, total) {
+        (308, None) => Ok(PutResult {
+            e_tag: None,
+            version: None,
+            extensions: Default::default(),
+        }),
+        (200 | 201, Some(_)) => Ok(put_result(&body)),
+        _ => Err(GcsJson::status_error("PUT", session, status, &body)),
     }
 }

@@ -1,9 +1,11 @@
-//! Test harness for the storage tests: a real S3-compatible server (moto, started on a free
-//! loopback port and stopped on drop), a fault-injecting TCP proxy in front of it, a tiny raw
-//! HTTP client to look into the bucket behind mapsnap's back, and big deterministic maps.
+//! Test harness for the storage tests: real object storage servers (S3: moto, Azure Blob:
+//! Azurite, GCS: fake-gcs-server), each started on a free loopback port and stopped on drop,
+//! a fault-injecting TCP proxy in front of them, raw looks into the bucket behind mapsnap's
+//! back, and big deterministic maps.
 //!
-//! The server comes from `scripts/install-s3.sh` (`make deps`); `MAPSNAP_TEST_PYTHON` picks
-//! the interpreter (default `python3`).
+//! The servers come from scripts/install-s3.sh, install-azurite.sh and install-gcs.sh
+//! (`make deps`): `MAPSNAP_TEST_PYTHON` picks the interpreter for moto (default `python3`),
+//! `MAPSNAP_TEST_PREFIX` the prefix of the other two (default /opt/mapsnap-test).
 
 #![allow(dead_code)]
 
@@ -17,9 +19,18 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mapsnap::model::map_type as mt;
+use mapsnap::storage::StorageConfig;
 use mapsnap::sys::{CreateAttrs, Map};
 
 pub const BUCKET: &str = "snap";
+
+/// The bearer token given to mapsnap for GCS (fake-gcs-server does not check it).
+pub const GCS_TOKEN: &str = "mapsnap-test-token";
+
+/// Azurite's well-known development account and key.
+pub const AZ_ACCOUNT: &str = "devstoreaccount1";
+pub const AZ_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
 /// A free TCP port on 127.0.0.1 (bound, then released).
 pub fn free_port() -> u16 {
@@ -31,22 +42,74 @@ fn python() -> String {
     std::env::var("MAPSNAP_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
-/// A moto S3 server process on 127.0.0.1.
-pub struct Moto {
+fn prefix() -> PathBuf {
+    std::env::var_os("MAPSNAP_TEST_PREFIX")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/mapsnap-test"))
+}
+
+/// Which object storage protocol a [`Server`] speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    S3,
+    Azure,
+    Gcs,
+}
+
+impl Kind {
+    pub fn scheme(self) -> &'static str {
+        match self {
+            Kind::S3 => "s3",
+            Kind::Azure => "az",
+            Kind::Gcs => "gs",
+        }
+    }
+
+    /// `scheme://snap/key`.
+    pub fn url(self, key: &str) -> String {
+        format!("{}://{BUCKET}/{key}", self.scheme())
+    }
+
+    fn server_name(self) -> &'static str {
+        match self {
+            Kind::S3 => "moto (S3)",
+            Kind::Azure => "Azurite (Azure Blob)",
+            Kind::Gcs => "fake-gcs-server (GCS)",
+        }
+    }
+
+    fn install_script(self) -> &'static str {
+        match self {
+            Kind::S3 => "scripts/install-s3.sh",
+            Kind::Azure => "scripts/install-azurite.sh",
+            Kind::Gcs => "scripts/install-gcs.sh",
+        }
+    }
+}
+
+/// An object storage server process on 127.0.0.1 with the bucket [`BUCKET`].
+pub struct Server {
+    pub kind: Kind,
     pub port: u16,
     child: Option<Child>,
     log: PathBuf,
+    /// Azurite and fake-gcs-server keep their data here, so it survives a restart.
+    data: PathBuf,
     _dir: tempfile::TempDir,
 }
 
-impl Moto {
+impl Server {
     /// Starts a server on a free port and creates [`BUCKET`].
-    pub fn start() -> Self {
+    pub fn start(kind: Kind) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut m = Moto {
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).expect("data dir");
+        let mut m = Server {
+            kind,
             port: free_port(),
             child: None,
-            log: dir.path().join("moto.log"),
+            log: dir.path().join("server.log"),
+            data,
             _dir: dir,
         };
         // Another test process may take the free port first: try a few.
@@ -54,10 +117,10 @@ impl Moto {
         while let Err(log) = m.spawn() {
             tries += 1;
             assert!(
-                tries < 3 && log.contains("Address already in use"),
-                "the S3 test server (`{} -m moto.server`) exited at once; run `make deps` \
-                 (scripts/install-s3.sh installs moto[server]):\n{log}",
-                python()
+                tries < 3 && (log.contains("in use") || log.contains("EADDRINUSE")),
+                "the {} test server exited at once; run `make deps` ({} installs it):\n{log}",
+                kind.server_name(),
+                kind.install_script()
             );
             m.port = free_port();
         }
@@ -65,24 +128,51 @@ impl Moto {
         m
     }
 
+    fn command(&self) -> Command {
+        let port = self.port.to_string();
+        match self.kind {
+            Kind::S3 => {
+                let mut c = Command::new(python());
+                c.args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port]);
+                c
+            }
+            Kind::Azure => {
+                let mut c = Command::new(prefix().join("azurite/node_modules/.bin/azurite-blob"));
+                c.args(["--blobHost", "127.0.0.1", "--blobPort", &port, "--location"])
+                    .arg(&self.data)
+                    .args(["--skipApiVersionCheck", "--disableTelemetry", "--silent"]);
+                c
+            }
+            Kind::Gcs => {
+                let mut c = Command::new(prefix().join("gcs/bin/fake-gcs-server"));
+                c.args(["-scheme", "http", "-host", "127.0.0.1", "-port", &port])
+                    .args(["-backend", "filesystem", "-filesystem-root"])
+                    .arg(&self.data)
+                    // Host-only public host: object URLs on any port (the proxy's too).
+                    .args(["-public-host", "127.0.0.1", "-log-level", "warn"]);
+                c
+            }
+        }
+    }
+
     /// Starts the server; `Err(log)` when it exits at once.
     fn spawn(&mut self) -> Result<(), String> {
         let log = std::fs::File::create(&self.log).expect("log file");
         let err = log.try_clone().expect("log file");
-        let child = Command::new(python())
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p"])
-            .arg(self.port.to_string())
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err)
-            .spawn();
+        let mut cmd = self.command();
+        let child = cmd.stdin(Stdio::null()).stdout(log).stderr(err).spawn();
         let mut child = match child {
             Ok(c) => c,
             Err(e) => panic!(
-                "cannot start the S3 test server (`{} -m moto.server`): {e}; run `make deps` \
-                 (scripts/install-s3.sh installs it)",
-                python()
+                "cannot start the {} test server ({cmd:?}): {e}; run `make deps` ({} installs it)",
+                self.kind.server_name(),
+                self.kind.install_script()
             ),
+        };
+        let probe = match self.kind {
+            Kind::S3 => "/moto-api/",
+            Kind::Azure => "/devstoreaccount1?comp=list",
+            Kind::Gcs => "/storage/v1/b",
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -90,14 +180,16 @@ impl Moto {
                 let log = std::fs::read_to_string(&self.log).unwrap_or_default();
                 return Err(format!("{status}: {log}"));
             }
-            if let Ok((status, _)) = http(self.port, "GET", "/moto-api/", &[], &[])
-                && status == 200
+            // Any HTTP answer means it is up (Azurite answers 403 to an unsigned request).
+            if let Ok((status, _)) = http(self.port, "GET", probe, &[], &[])
+                && status > 0
             {
                 break;
             }
             assert!(
                 Instant::now() < deadline,
-                "the S3 test server did not answer on 127.0.0.1:{} within 30 s",
+                "the {} test server did not answer on 127.0.0.1:{} within 30 s",
+                self.kind.server_name(),
                 self.port
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -119,17 +211,21 @@ impl Moto {
         }
     }
 
-    /// Starts the server again on the same port (moto keeps no state across a restart: the
-    /// bucket is created again).
+    /// Starts the server again on the same port. fake-gcs-server keeps its data on disk,
+    /// Azurite what it had saved, moto nothing (the bucket is created again when missing).
     pub fn restart(&mut self) {
         self.kill();
         if let Err(log) = self.spawn() {
             panic!(
-                "the S3 test server did not restart on port {}: {log}",
+                "the {} test server did not restart on port {}: {log}",
+                self.kind.server_name(),
                 self.port
             );
         }
-        self.create_bucket(BUCKET);
+        // moto keeps no state; Azurite may lose recent metadata to a SIGKILL.
+        if self.kind != Kind::Gcs {
+            self.create_bucket(BUCKET);
+        }
     }
 
     pub fn endpoint(&self) -> String {
@@ -137,36 +233,104 @@ impl Moto {
     }
 
     pub fn create_bucket(&self, name: &str) {
-        let (status, body) = http(self.port, "PUT", &format!("/{name}"), &[], &[]).expect("PUT");
-        assert_eq!(
-            status,
-            200,
-            "create bucket: {}",
+        let (status, body) = match self.kind {
+            Kind::S3 => http(self.port, "PUT", &format!("/{name}"), &[], &[]).expect("PUT"),
+            Kind::Azure => self.azure("PUT", &format!("/{name}"), &[("restype", "container")]),
+            Kind::Gcs => http(
+                self.port,
+                "POST",
+                "/storage/v1/b",
+                &[("Content-Type", "application/json")],
+                format!("{{\"name\":\"{name}\"}}").as_bytes(),
+            )
+            .expect("POST bucket"),
+        };
+        assert!(
+            (200..300).contains(&status) || status == 409,
+            "create bucket {name}: {status} {}",
             String::from_utf8_lossy(&body)
         );
     }
 
+    /// One Shared Key signed request to Azurite (the same signing the service checks).
+    pub fn azure(&self, method: &str, path: &str, query: &[(&str, &str)]) -> (u16, Vec<u8>) {
+        let mut args = vec![
+            AZ_SIGNER.to_string(),
+            self.port.to_string(),
+            method.to_string(),
+            path.to_string(),
+        ];
+        args.extend(query.iter().map(|(k, v)| format!("{k}={v}")));
+        let out = Command::new(python())
+            .arg("-c")
+            .args(&args)
+            .output()
+            .expect("run the Azure request signer");
+        assert!(
+            out.status.success(),
+            "Azure request {method} {path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (status, body) = text.split_once(' ').unwrap_or((&text, ""));
+        (
+            status.trim().parse().expect("status"),
+            body.as_bytes().to_vec(),
+        )
+    }
+
     /// A client of the bucket behind mapsnap's back (object_store, same test credentials).
-    fn client(&self) -> (tokio::runtime::Runtime, object_store::aws::AmazonS3) {
+    /// GCS has none: fake-gcs-server takes no XML API writes, so it is reached raw.
+    fn client(&self) -> (tokio::runtime::Runtime, Box<dyn object_store::ObjectStore>) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
-        let store = object_store::aws::AmazonS3Builder::new()
-            .with_endpoint(self.endpoint())
-            .with_allow_http(true)
-            .with_bucket_name(BUCKET)
-            .with_region("us-east-1")
-            .with_access_key_id("mapsnap-test")
-            .with_secret_access_key("mapsnap-test-secret")
-            .build()
-            .expect("test S3 client");
+        let store: Box<dyn object_store::ObjectStore> = match self.kind {
+            Kind::S3 => Box::new(
+                object_store::aws::AmazonS3Builder::new()
+                    .with_endpoint(self.endpoint())
+                    .with_allow_http(true)
+                    .with_bucket_name(BUCKET)
+                    .with_region("us-east-1")
+                    .with_access_key_id("mapsnap-test")
+                    .with_secret_access_key("mapsnap-test-secret")
+                    .build()
+                    .expect("test S3 client"),
+            ),
+            Kind::Azure => Box::new(
+                object_store::azure::MicrosoftAzureBuilder::new()
+                    .with_account(AZ_ACCOUNT)
+                    .with_access_key(AZ_KEY)
+                    .with_endpoint(format!("{}/{AZ_ACCOUNT}", self.endpoint()))
+                    .with_allow_http(true)
+                    .with_container_name(BUCKET)
+                    .build()
+                    .expect("test Azure client"),
+            ),
+            Kind::Gcs => unreachable!("GCS is reached raw"),
+        };
         (rt, store)
     }
 
     /// The object's bytes, or `None` when there is no object under the key.
     pub fn object(&self, key: &str) -> Option<Vec<u8>> {
         use object_store::ObjectStoreExt;
+        if self.kind == Kind::Gcs {
+            let (status, body) = http(
+                self.port,
+                "GET",
+                &format!("/download/storage/v1/b/{BUCKET}/o/{}?alt=media", enc(key)),
+                &[],
+                &[],
+            )
+            .expect("GET object");
+            return match status {
+                200 => Some(body),
+                404 => None,
+                s => panic!("GET {key}: {s} {}", String::from_utf8_lossy(&body)),
+            };
+        }
         let (rt, store) = self.client();
         rt.block_on(async {
             match store.get(&object_store::path::Path::from(key)).await {
@@ -177,19 +341,24 @@ impl Moto {
         })
     }
 
-    /// The object's ETag (multipart objects end in `-<parts>`).
-    pub fn etag(&self, key: &str) -> Option<String> {
-        use object_store::ObjectStoreExt;
-        let (rt, store) = self.client();
-        rt.block_on(store.head(&object_store::path::Path::from(key)))
-            .ok()?
-            .e_tag
-            .map(|t| t.trim_matches('"').to_string())
-    }
-
     /// Replaces an object behind mapsnap's back (no conditions).
     pub fn put_object(&self, key: &str, bytes: &[u8]) {
         use object_store::ObjectStoreExt;
+        if self.kind == Kind::Gcs {
+            let (status, body) = http(
+                self.port,
+                "POST",
+                &format!(
+                    "/upload/storage/v1/b/{BUCKET}/o?uploadType=media&name={}",
+                    enc(key)
+                ),
+                &[("Content-Type", "application/octet-stream")],
+                bytes,
+            )
+            .expect("POST object");
+            assert_eq!(status, 200, "PUT {key}: {}", String::from_utf8_lossy(&body));
+            return;
+        }
         let (rt, store) = self.client();
         rt.block_on(store.put(
             &object_store::path::Path::from(key),
@@ -198,32 +367,125 @@ impl Moto {
         .unwrap_or_else(|e| panic!("PUT {key}: {e}"));
     }
 
-    /// Multipart uploads in progress in the bucket.
-    pub fn uploads_in_progress(&self) -> usize {
-        let (status, body) =
-            http(self.port, "GET", &format!("/{BUCKET}?uploads"), &[], &[]).expect("GET uploads");
-        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-        String::from_utf8_lossy(&body).matches("<UploadId>").count()
+    /// How many parts the stored object was assembled from, where the protocol shows it:
+    /// S3 (the ETag's `-N`), Azure (the committed block list). GCS: `None` (a resumable
+    /// upload leaves one plain object).
+    pub fn parts(&self, key: &str) -> Option<usize> {
+        use object_store::ObjectStoreExt;
+        match self.kind {
+            Kind::S3 => {
+                let (rt, store) = self.client();
+                let tag = rt
+                    .block_on(store.head(&object_store::path::Path::from(key)))
+                    .ok()?
+                    .e_tag?;
+                tag.trim_matches('"')
+                    .rsplit_once('-')
+                    .and_then(|(_, n)| n.parse().ok())
+            }
+            Kind::Azure => {
+                let (status, body) = self.azure(
+                    "GET",
+                    &format!("/{BUCKET}/{key}"),
+                    &[("comp", "blocklist"), ("blocklisttype", "committed")],
+                );
+                (status == 200).then(|| String::from_utf8_lossy(&body).matches("<Block>").count())
+            }
+            Kind::Gcs => None,
+        }
+    }
+
+    /// Unfinished uploads the protocol lets a client see, by key: S3 multipart uploads in
+    /// progress; Azure blobs holding uncommitted blocks. `None` for GCS, whose resumable
+    /// sessions cannot be listed.
+    pub fn leftovers(&self) -> Option<Vec<String>> {
+        match self.kind {
+            Kind::S3 => {
+                let (status, body) =
+                    http(self.port, "GET", &format!("/{BUCKET}?uploads"), &[], &[])
+                        .expect("GET uploads");
+                assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+                Some(xml_all(&String::from_utf8_lossy(&body), "Key"))
+            }
+            Kind::Azure => {
+                let (status, body) = self.azure(
+                    "GET",
+                    &format!("/{BUCKET}"),
+                    &[
+                        ("restype", "container"),
+                        ("comp", "list"),
+                        ("include", "uncommittedblobs"),
+                    ],
+                );
+                assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+                let names = xml_all(&String::from_utf8_lossy(&body), "Name");
+                Some(
+                    names
+                        .into_iter()
+                        .filter(|name| {
+                            let (s, b) = self.azure(
+                                "GET",
+                                &format!("/{BUCKET}/{name}"),
+                                &[("comp", "blocklist"), ("blocklisttype", "uncommitted")],
+                            );
+                            s == 200 && String::from_utf8_lossy(&b).contains("<Block>")
+                        })
+                        .collect(),
+                )
+            }
+            Kind::Gcs => None,
+        }
     }
 
     /// Environment for mapsnap: endpoint, credentials, no config file from the host.
     pub fn env(&self, endpoint: &str) -> Vec<(String, String)> {
-        vec![
-            ("AWS_ENDPOINT".into(), endpoint.into()),
-            ("AWS_ALLOW_HTTP".into(), "true".into()),
-            ("AWS_ACCESS_KEY_ID".into(), "mapsnap-test".into()),
-            ("AWS_SECRET_ACCESS_KEY".into(), "mapsnap-test-secret".into()),
-            ("AWS_REGION".into(), "us-east-1".into()),
-            (
-                "MAPSNAP_CONFIG".into(),
-                empty_config().display().to_string(),
-            ),
-        ]
+        let mut v: Vec<(String, String)> = match self.kind {
+            Kind::S3 => vec![
+                ("AWS_ENDPOINT".into(), endpoint.into()),
+                ("AWS_ALLOW_HTTP".into(), "true".into()),
+                ("AWS_ACCESS_KEY_ID".into(), "mapsnap-test".into()),
+                ("AWS_SECRET_ACCESS_KEY".into(), "mapsnap-test-secret".into()),
+                ("AWS_REGION".into(), "us-east-1".into()),
+            ],
+            Kind::Azure => vec![
+                ("AZURE_STORAGE_USE_EMULATOR".into(), "true".into()),
+                (
+                    "AZURE_STORAGE_ENDPOINT".into(),
+                    format!("{endpoint}/{AZ_ACCOUNT}"),
+                ),
+            ],
+            Kind::Gcs => vec![
+                ("GOOGLE_BASE_URL".into(), endpoint.into()),
+                ("GOOGLE_ALLOW_HTTP".into(), "true".into()),
+                ("GOOGLE_BEARER_TOKEN".into(), GCS_TOKEN.into()),
+            ],
+        };
+        v.push((
+            "MAPSNAP_CONFIG".into(),
+            empty_config().display().to_string(),
+        ));
+        v
+    }
+
+    /// The same settings as [`Self::env`], as a config for the library API.
+    pub fn config(&self, endpoint: &str) -> StorageConfig {
+        let mut cfg = StorageConfig::default();
+        for (k, v) in self.env(endpoint) {
+            let key = k.to_ascii_lowercase();
+            match self.kind {
+                Kind::S3 if k.starts_with("AWS_") => cfg.s3.push((key, v)),
+                Kind::Azure if k.starts_with("AZURE_") => cfg.azure.push((key, v)),
+                Kind::Gcs if k.starts_with("GOOGLE_") => cfg.gcs.push((key, v)),
+                _ => {}
+            }
+        }
+        cfg
     }
 
     /// Turns on moto's IAM checks: requests must be signed by the access key returned
     /// (created in moto's IAM with an s3:* policy); anything else is refused.
     pub fn enforce_auth(&self) -> (String, String) {
+        assert_eq!(self.kind, Kind::S3, "only moto needs IAM switched on");
         let script = r#"
 import json, sys, urllib.request
 import boto3
@@ -255,10 +517,65 @@ print(key["AccessKeyId"], key["SecretAccessKey"])
     }
 }
 
-impl Drop for Moto {
+impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Signs one request with Azure Shared Key (Python standard library only) and prints
+/// `STATUS BODY`: argv = port, method, path (under the account), then `k=v` query pairs.
+const AZ_SIGNER: &str = r#"
+import base64, email.utils, hashlib, hmac, sys, urllib.error, urllib.parse, urllib.request
+KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+ACC = "devstoreaccount1"
+port, method, path = sys.argv[1], sys.argv[2], sys.argv[3]
+query = dict(a.split("=", 1) for a in sys.argv[4:])
+hdrs = {"x-ms-date": email.utils.formatdate(usegmt=True), "x-ms-version": "2021-08-06"}
+ct = "application/octet-stream" if method == "PUT" else ""
+canon_h = "".join(f"{k}:{v}\n" for k, v in sorted(hdrs.items()))
+canon_r = f"/{ACC}/{ACC}{path}" + "".join(f"\n{k}:{v}" for k, v in sorted(query.items()))
+sts = f"{method}\n\n\n\n\n{ct}\n\n\n\n\n\n\n{canon_h}{canon_r}"
+sig = base64.b64encode(hmac.new(base64.b64decode(KEY), sts.encode(), hashlib.sha256).digest()).decode()
+hdrs["Authorization"] = f"SharedKey {ACC}:{sig}"
+if ct:
+    hdrs["Content-Type"] = ct
+q = urllib.parse.urlencode(query)
+url = f"http://127.0.0.1:{port}/{ACC}{path}" + (f"?{q}" if q else "")
+req = urllib.request.Request(url, method=method, headers=hdrs, data=b"" if method == "PUT" else None)
+try:
+    with urllib.request.urlopen(req) as r:
+        print(r.status, r.read().decode())
+except urllib.error.HTTPError as e:
+    print(e.code, e.read().decode())
+"#;
+
+/// Every `<tag>...</tag>` text in `s`.
+fn xml_all(s: &str, tag: &str) -> Vec<String> {
+    let open = format!("<{tag}>");
+    let close = format!("</{tag}>");
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some(i) = rest.find(&open) {
+        let after = &rest[i + open.len()..];
+        let Some(j) = after.find(&close) else { break };
+        out.push(after[..j].to_string());
+        rest = &after[j + close.len()..];
+    }
+    out
+}
+
+/// Percent-encodes a key for a URL path segment or query value.
+pub fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 /// An empty config file, so a host's /etc/mapsnap/config.toml cannot change the tests.
@@ -504,6 +821,9 @@ struct ProxyShared {
     conns: Mutex<Vec<TcpStream>>,
     faults: Mutex<Vec<Fault>>,
     fired: AtomicU64,
+    /// Request lines and `authorization` headers the clients sent (for what a server does not
+    /// check itself).
+    seen: Mutex<Vec<String>>,
 }
 
 /// A TCP proxy on 127.0.0.1 in front of a server, injecting [`Fault`]s.
@@ -525,6 +845,7 @@ impl Proxy {
             conns: Mutex::new(Vec::new()),
             faults: Mutex::new(Vec::new()),
             fired: AtomicU64::new(0),
+            seen: Mutex::new(Vec::new()),
         });
         let mut p = Proxy {
             port,
@@ -571,6 +892,12 @@ impl Proxy {
     /// Faults that fired so far.
     pub fn fired(&self) -> u64 {
         self.shared.fired.load(Ordering::SeqCst)
+    }
+
+    /// Request lines (`METHOD /path?query HTTP/1.1`) and `authorization:` header lines sent
+    /// through the proxy so far.
+    pub fn seen(&self) -> Vec<String> {
+        self.shared.seen.lock().expect("lock").clone()
     }
 
     pub fn bytes_up(&self) -> u64 {
@@ -623,6 +950,9 @@ fn pump(shared: &Arc<ProxyShared>, from: &TcpStream, to: &TcpStream, up: bool) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
+            if up {
+                record_heads(&shared, &buf[..n]);
+            }
             if to.write_all(&buf[..n]).is_err() {
                 break;
             }
@@ -633,6 +963,31 @@ fn pump(shared: &Arc<ProxyShared>, from: &TcpStream, to: &TcpStream, up: bool) {
         let _ = from.shutdown(Shutdown::Both);
         let _ = to.shutdown(Shutdown::Both);
     });
+}
+
+/// Records request lines and authorization headers found at the start of a chunk (clients
+/// write a request's head in one piece, before its body).
+fn record_heads(shared: &ProxyShared, chunk: &[u8]) {
+    let head = &chunk[..chunk.len().min(16 << 10)];
+    let text = String::from_utf8_lossy(head);
+    let Some(first) = text.split("\r\n").next() else {
+        return;
+    };
+    let is_request = ["GET /", "PUT /", "POST /", "DELETE /", "HEAD /", "PATCH /"]
+        .iter()
+        .any(|m| first.starts_with(m));
+    if !is_request {
+        return;
+    }
+    let mut seen = shared.seen.lock().expect("lock");
+    for line in text.split("\r\n") {
+        if line.is_empty() {
+            break;
+        }
+        if line == first || line.to_ascii_lowercase().starts_with("authorization:") {
+            seen.push(line.to_string());
+        }
+    }
 }
 
 fn check_faults(shared: &Arc<ProxyShared>, up: bool, total: u64) {
