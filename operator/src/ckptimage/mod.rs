@@ -17,7 +17,11 @@
 //! The layer blob is the archive's own bytes: a tar is already a layer, and a gzip or zstd
 //! archive is a `tar+gzip` / `tar+zstd` layer. One pass over the file computes the blob
 //! digest, the diff ID and checks the contents while the bytes stream to the registry in
-//! chunks (see [`layer`]), so archives of any size are pushed in constant memory.
+//! chunks (see [`layer`]), so archives of any size are pushed in constant memory: the reader
+//! keeps at most a few 1 MiB blocks queued, and oci-client's `push_blob_stream_chunked` sends
+//! them as 4 MiB `PATCH`es, hashing as it goes, without needing the digest up front (checked
+//! against ours at the end). Only the config and the manifest (a few hundred bytes) are pushed
+//! from memory.
 
 mod auth;
 mod layer;
