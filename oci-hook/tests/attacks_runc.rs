@@ -62,7 +62,27 @@ fn post_dump_leaves_non_opted_in_containers_alone_and_refuses_stale_manifests() 
     rb.pin(&b.bpf_dir.join("events")).expect("pin ringbuf");
     let images = b.dir.path().join("images");
     fs::create_dir_all(&images).expect("mkdir");
-    // An earlier checkpoint's manifest and snapshot in the (reused) image directory.
+    let bundle = b.bundle("plain", &[]);
+    let id = format!("{}-plain", b.tag);
+    b.start_ok(&bundle, &id);
+    let (_, pid) = b.state_of(&id).expect("state");
+    let pins_before = b.pins();
+    let counters = b.counters();
+    // 1. A container without any mapsnap.io/ annotation and an unsupported pin: its
+    //    checkpoint must not fail, and nothing is written for it.
+    let out = post_dump(&b, pid, &images);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "a non-opted-in checkpoint failed: {}",
+        stderr(&out)
+    );
+    assert_eq!(
+        fs::read_dir(&images).expect("read").count(),
+        0,
+        "nothing written"
+    );
+    // 2. The image directory is reused and holds an earlier checkpoint's manifest.
     let stale = mapsnap_hook::manifest::CheckpointManifest {
         version: mapsnap_hook::manifest::MANIFEST_VERSION,
         container_id: format!("{}-plain", b.tag),
@@ -76,20 +96,8 @@ fn post_dump_leaves_non_opted_in_containers_alone_and_refuses_stale_manifests() 
     };
     stale.write(&images).expect("stale manifest");
     fs::write(images.join(mapsnap_hook::manifest::IMAGE_SNAPSHOT), b"old").expect("old");
-
-    let bundle = b.bundle("plain", &[]);
-    let id = format!("{}-plain", b.tag);
-    b.start_ok(&bundle, &id);
-    let (_, pid) = b.state_of(&id).expect("state");
-    let pins_before = b.pins();
-    let counters = b.counters();
     let out = post_dump(&b, pid, &images);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "a non-opted-in checkpoint failed: {}",
-        stderr(&out)
-    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(
         !images.join(mapsnap_hook::manifest::MANIFEST_NAME).exists(),
         "the stale manifest would make this checkpoint carry another's maps"
