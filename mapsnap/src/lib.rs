@@ -8,6 +8,8 @@
 
 pub mod anchor;
 pub mod btf_fmt;
+pub mod clocks;
+pub mod convert;
 pub mod diff;
 pub mod discover;
 pub mod dump;
