@@ -18,6 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub mod emulators;
+
 use mapsnap::model::map_type as mt;
 use mapsnap::storage::StorageConfig;
 use mapsnap::sys::{CreateAttrs, Map};
@@ -27,10 +29,7 @@ pub const BUCKET: &str = "snap";
 /// The bearer token given to mapsnap for GCS (fake-gcs-server does not check it).
 pub const GCS_TOKEN: &str = "mapsnap-test-token";
 
-/// Azurite's well-known development account and key.
-pub const AZ_ACCOUNT: &str = "devstoreaccount1";
-pub const AZ_KEY: &str =
-    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+pub use emulators::{AZ_ACCOUNT, AZ_KEY};
 
 /// A free TCP port on 127.0.0.1 (bound, then released).
 pub fn free_port() -> u16 {
@@ -42,11 +41,7 @@ fn python() -> String {
     std::env::var("MAPSNAP_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
-fn prefix() -> PathBuf {
-    std::env::var_os("MAPSNAP_TEST_PREFIX")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/opt/mapsnap-test"))
-}
+use emulators::prefix;
 
 /// Which object storage protocol a [`Server`] speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,29 +249,7 @@ impl Server {
 
     /// One Shared Key signed request to Azurite (the same signing the service checks).
     pub fn azure(&self, method: &str, path: &str, query: &[(&str, &str)]) -> (u16, Vec<u8>) {
-        let mut args = vec![
-            AZ_SIGNER.to_string(),
-            self.port.to_string(),
-            method.to_string(),
-            path.to_string(),
-        ];
-        args.extend(query.iter().map(|(k, v)| format!("{k}={v}")));
-        let out = Command::new(python())
-            .arg("-c")
-            .args(&args)
-            .output()
-            .expect("run the Azure request signer");
-        assert!(
-            out.status.success(),
-            "Azure request {method} {path}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let (status, body) = text.split_once(' ').unwrap_or((&text, ""));
-        (
-            status.trim().parse().expect("status"),
-            body.as_bytes().to_vec(),
-        )
+        emulators::azure_request(self.port, method, path, query)
     }
 
     /// A client of the bucket behind mapsnap's back (object_store, same test credentials).
@@ -522,33 +495,6 @@ impl Drop for Server {
         self.kill();
     }
 }
-
-/// Signs one request with Azure Shared Key (Python standard library only) and prints
-/// `STATUS BODY`: argv = port, method, path (under the account), then `k=v` query pairs.
-const AZ_SIGNER: &str = r#"
-import base64, email.utils, hashlib, hmac, sys, urllib.error, urllib.parse, urllib.request
-KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-ACC = "devstoreaccount1"
-port, method, path = sys.argv[1], sys.argv[2], sys.argv[3]
-query = dict(a.split("=", 1) for a in sys.argv[4:])
-hdrs = {"x-ms-date": email.utils.formatdate(usegmt=True), "x-ms-version": "2021-08-06"}
-ct = "application/octet-stream" if method == "PUT" else ""
-canon_h = "".join(f"{k}:{v}\n" for k, v in sorted(hdrs.items()))
-canon_r = f"/{ACC}/{ACC}{path}" + "".join(f"\n{k}:{v}" for k, v in sorted(query.items()))
-sts = f"{method}\n\n\n\n\n{ct}\n\n\n\n\n\n\n{canon_h}{canon_r}"
-sig = base64.b64encode(hmac.new(base64.b64decode(KEY), sts.encode(), hashlib.sha256).digest()).decode()
-hdrs["Authorization"] = f"SharedKey {ACC}:{sig}"
-if ct:
-    hdrs["Content-Type"] = ct
-q = urllib.parse.urlencode(query)
-url = f"http://127.0.0.1:{port}/{ACC}{path}" + (f"?{q}" if q else "")
-req = urllib.request.Request(url, method=method, headers=hdrs, data=b"" if method == "PUT" else None)
-try:
-    with urllib.request.urlopen(req) as r:
-        print(r.status, r.read().decode())
-except urllib.error.HTTPError as e:
-    print(e.code, e.read().decode())
-"#;
 
 /// Every `<tag>...</tag>` text in `s`.
 fn xml_all(s: &str, tag: &str) -> Vec<String> {
