@@ -1,0 +1,334 @@
+//! Unit tests: round trips, tampering, and cross-checks against the minisign crate's own
+//! signer and verifier (the CLI interop tests are in tests/trust_interop.rs).
+
+use std::io::{Cursor, Read, Write};
+
+use super::*;
+
+fn payload(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 31 + i / 251) as u8).collect()
+}
+
+fn sign(key: &SecretKey, data: &[u8], manifest: Option<&str>) -> Signed {
+    let mut w = SigningWriter::new(Vec::new(), key);
+    // Odd-sized writes: the signature must not depend on how the stream was chunked.
+    for c in data.chunks(7777) {
+        w.write_all(c).expect("write to a Vec");
+    }
+    let (out, signed) = w.finish(manifest).expect("sign");
+    assert_eq!(out, data);
+    signed
+}
+
+fn set_of(keys: &[&PublicKey]) -> TrustSet {
+    let mut set = TrustSet::new();
+    for k in keys {
+        set.add((*k).clone(), "test").expect("add key");
+    }
+    set
+}
+
+#[test]
+fn sign_then_verify_names_key_and_facts() {
+    let kp = keygen(None).expect("keygen");
+    let data = payload(300_000);
+    let signed = sign(&kp.secret, &data, Some("sha256:abcd"));
+    let text = String::from_utf8(signed.signature.clone()).expect("utf8");
+    assert!(text.starts_with("untrusted comment: "), "{text}");
+    assert!(text.contains(&format!(
+        "trusted comment: mapsnap-snapshot sha256:{} size:300000 manifest:sha256:abcd timestamp:",
+        hex::encode(sha2::Sha256::digest(&data))
+    )));
+    let v = set_of(&[&kp.public])
+        .verify_stream(Cursor::new(&data), &signed.signature)
+        .expect("verifies");
+    assert_eq!(v.key_id, kp.public.key_id());
+    assert_eq!(v.size, 300_000);
+    let facts = v.facts.clone().expect("mapsnap facts");
+    assert_eq!(facts.manifest_digest.as_deref(), Some("sha256:abcd"));
+    assert_eq!(facts.sha256, v.sha256);
+    v.check(&Expected {
+        sha256: Some(v.sha256),
+        size: Some(300_000),
+        manifest_digest: Some("sha256:abcd".into()),
+    })
+    .expect("expected facts");
+    let err = v
+        .check(&Expected {
+            size: Some(299_999),
+            ..Expected::default()
+        })
+        .expect_err("size mismatch");
+    assert!(
+        err.to_string()
+            .contains("names size 300000, expected 299999"),
+        "{err}"
+    );
+    let err = v
+        .check(&Expected {
+            manifest_digest: Some("sha256:other".into()),
+            ..Expected::default()
+        })
+        .expect_err("manifest mismatch");
+    assert!(
+        err.to_string().contains("names manifest sha256:abcd"),
+        "{err}"
+    );
+}
+
+use sha2::Digest as _;
+
+#[test]
+fn refusals_name_the_signing_key() {
+    let a = keygen(None).expect("keygen");
+    let b = keygen(None).expect("keygen");
+    let data = payload(100_000);
+    let signed = sign(&a.secret, &data, None);
+    let err = set_of(&[&b.public])
+        .verify_stream(Cursor::new(&data), &signed.signature)
+        .expect_err("other key");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!(
+            "signed by key {}, which is not in the trust set",
+            a.public.key_id()
+        )),
+        "{msg}"
+    );
+    assert!(msg.contains(&b.public.key_id().to_string()), "{msg}");
+
+    // Rotation: both keys trusted, either signature verifies.
+    let both = set_of(&[&b.public, &a.public]);
+    assert_eq!(
+        both.verify_stream(Cursor::new(&data), &signed.signature)
+            .expect("a")
+            .key_id,
+        a.public.key_id()
+    );
+
+    // One flipped payload bit.
+    let mut altered = data.clone();
+    altered[54_321] ^= 0x10;
+    let err = both
+        .verify_stream(Cursor::new(&altered), &signed.signature)
+        .expect_err("altered");
+    assert!(matches!(err, TrustError::DataMismatch { key_id } if key_id == a.public.key_id()));
+
+    // Truncated and extended payloads.
+    for bad in [
+        &data[..data.len() - 1],
+        &[data.as_slice(), b"x"].concat()[..],
+    ] {
+        assert!(matches!(
+            both.verify_stream(Cursor::new(bad), &signed.signature),
+            Err(TrustError::DataMismatch { .. })
+        ));
+    }
+
+    // Edited trusted comment (a different size) is caught before any data is read.
+    let text = String::from_utf8(signed.signature.clone()).expect("utf8");
+    let edited = text.replace("size:100000", "size:100001");
+    assert_ne!(edited, text);
+    let err = both.verifier(edited.as_bytes()).expect_err("comment");
+    assert!(matches!(err, TrustError::CommentMismatch { .. }), "{err}");
+}
+
+#[test]
+fn our_signatures_verify_in_the_minisign_crate_and_back() {
+    let kp = keygen(None).expect("keygen");
+    let data = payload(200_000);
+    let signed = sign(&kp.secret, &data, Some("sha256:ff"));
+    let pk = minisign::PublicKey::from_box(
+        minisign::PublicKeyBox::from_string(&kp.public_file).expect("pk box"),
+    )
+    .expect("pk");
+    let sig_box =
+        minisign::SignatureBox::from_string(std::str::from_utf8(&signed.signature).expect("utf8"))
+            .expect("minisign crate parses our signature");
+    assert!(sig_box.is_prehashed());
+    assert_eq!(
+        sig_box.trusted_comment().expect("comment"),
+        signed.trusted_comment
+    );
+    minisign::verify(&pk, &sig_box, Cursor::new(&data), true, false, false)
+        .expect("minisign crate verifies our signature");
+
+    // And the crate's own signer's output verifies here.
+    let sk = minisign::SecretKey::from_unencrypted_box(
+        minisign::SecretKeyBox::from_string(&kp.secret_file).expect("sk box"),
+    )
+    .expect("sk");
+    let theirs = minisign::sign(
+        Some(&pk),
+        &sk,
+        Cursor::new(&data),
+        Some("their comment"),
+        None,
+    )
+    .expect("crate signs");
+    let v = set_of(&[&kp.public])
+        .verify_stream(Cursor::new(&data), &theirs.to_bytes())
+        .expect("verifies");
+    assert_eq!(v.trusted_comment, "their comment");
+    assert_eq!(v.facts, None);
+    assert!(
+        v.check(&Expected {
+            size: Some(200_000),
+            ..Expected::default()
+        })
+        .is_err()
+    );
+}
+
+#[test]
+fn password_protected_keys() {
+    let kp = keygen(Some("correct horse")).expect("keygen");
+    assert!(kp.secret_file.starts_with("untrusted comment: "));
+    let err = SecretKey::parse(&kp.secret_file, None, "k").expect_err("needs password");
+    assert!(matches!(err, TrustError::KeyNeedsPassword { .. }), "{err}");
+    let err = SecretKey::parse(&kp.secret_file, Some("wrong"), "k").expect_err("wrong password");
+    assert!(matches!(err, TrustError::WrongPassword { .. }), "{err}");
+    let sk = SecretKey::parse(&kp.secret_file, Some("correct horse"), "k").expect("decrypts");
+    assert_eq!(sk.key_id(), kp.public.key_id());
+    assert_eq!(sk.public_key(), kp.public);
+    // The public key round-trips through its file format.
+    assert_eq!(
+        PublicKey::parse(&kp.public.to_box_string(), "x").expect("parse"),
+        kp.public
+    );
+}
+
+#[test]
+fn trust_set_from_directory_and_duplicates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = keygen(None).expect("keygen");
+    let b = keygen(None).expect("keygen");
+    std::fs::write(dir.path().join("a.pub"), &a.public_file).expect("write");
+    std::fs::write(dir.path().join("b.pub"), &b.public_file).expect("write");
+    std::fs::write(dir.path().join("notes.txt"), "not a key").expect("write");
+    let set = TrustSet::from_paths(&[dir.path()]).expect("dir");
+    let mut ids = set.key_ids();
+    ids.sort();
+    let mut want = vec![a.public.key_id(), b.public.key_id()];
+    want.sort();
+    assert_eq!(ids, want);
+
+    let empty = tempfile::tempdir().expect("tempdir");
+    assert!(matches!(
+        TrustSet::from_paths(&[empty.path()]),
+        Err(TrustError::EmptyTrustSet { .. })
+    ));
+
+    // Same key id, different key: refused as ambiguous.
+    let forged = PublicKey {
+        key_id: a.public.key_id(),
+        key: b.public.key,
+    };
+    let mut set = set_of(&[&a.public]);
+    set.add(a.public.clone(), "again")
+        .expect("same key twice is fine");
+    assert!(matches!(
+        set.add(forged, "forged"),
+        Err(TrustError::DuplicateKeyId { .. })
+    ));
+}
+
+#[test]
+fn verifying_reader_needs_finish_and_reads_the_rest() {
+    let kp = keygen(None).expect("keygen");
+    let data = payload(150_000);
+    let signed = sign(&kp.secret, &data, None);
+    let set = set_of(&[&kp.public]);
+    let mut r = set
+        .verifying_reader(Cursor::new(&data), &signed.signature)
+        .expect("reader");
+    let mut head = vec![0u8; 1000];
+    r.read_exact(&mut head).expect("read head");
+    assert_eq!(head, data[..1000]);
+    // finish() reads the remaining 149000 bytes itself.
+    let (_, v) = r.finish().expect("verifies");
+    assert_eq!(v.size, 150_000);
+}
+
+#[test]
+fn age_round_trip_and_refusals() {
+    let id = age::x25519::Identity::generate();
+    let other = age::x25519::Identity::generate();
+    let recipient = Recipient::parse(&id.to_public().to_string()).expect("recipient");
+    let mut ids = Identities::new();
+    ids.add_bytes(
+        format!(
+            "# created: now\n{}\n",
+            age::secrecy::ExposeSecret::expose_secret(&id.to_string())
+        )
+        .as_bytes(),
+        "test identity",
+    )
+    .expect("identity");
+    let data = payload(1_000_000);
+    let mut w = encrypt_writer(Vec::new(), std::slice::from_ref(&recipient)).expect("encrypt");
+    for c in data.chunks(10_000) {
+        w.write_all(c).expect("write");
+    }
+    let ct = w.finish().expect("finish");
+    assert!(ct.starts_with(b"age-encryption.org/v1\n"));
+
+    let mut out = Vec::new();
+    decrypt_reader(Cursor::new(&ct), &ids)
+        .expect("decrypt")
+        .read_to_end(&mut out)
+        .expect("read");
+    assert_eq!(out, data);
+
+    let mut wrong = Identities::new();
+    wrong
+        .add_bytes(
+            age::secrecy::ExposeSecret::expose_secret(&other.to_string()).as_bytes(),
+            "other identity",
+        )
+        .expect("identity");
+    let err = decrypt_reader(Cursor::new(&ct), &wrong).expect_err("wrong key");
+    assert!(
+        matches!(err, TrustError::NoMatchingIdentity { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("other identity"), "{err}");
+
+    // 1,000,000 bytes = 15 full 64 KiB chunks + 16960 bytes, sealed with a 16-byte tag.
+    // Cut at the chunk boundary: every chunk left authenticates, only the end is missing.
+    let mut cut = Vec::new();
+    let err = decrypt_reader(Cursor::new(&ct[..ct.len() - (16_960 + 16)]), &ids)
+        .expect("header intact")
+        .read_to_end(&mut cut)
+        .expect_err("truncated");
+    assert!(
+        err.to_string()
+            .contains("age stream truncated after 983040"),
+        "{err}"
+    );
+    // Cut inside a chunk: that chunk fails authentication.
+    let err = decrypt_reader(Cursor::new(&ct[..ct.len() - 100_000]), &ids)
+        .expect("header intact")
+        .read_to_end(&mut cut)
+        .expect_err("truncated");
+    assert!(err.to_string().contains("failed authentication"), "{err}");
+
+    let mut altered = ct.clone();
+    let n = altered.len();
+    altered[n / 2] ^= 1;
+    let mut sink = Vec::new();
+    let err = decrypt_reader(Cursor::new(&altered), &ids)
+        .expect("header intact")
+        .read_to_end(&mut sink)
+        .expect_err("altered");
+    assert!(err.to_string().contains("failed authentication"), "{err}");
+
+    assert!(matches!(
+        decrypt_reader(Cursor::new(&data), &ids),
+        Err(TrustError::NotAge { .. })
+    ));
+    assert!(matches!(
+        Recipient::parse("AGE-SECRET-KEY-1XYZ"),
+        Err(TrustError::BadRecipient { .. })
+    ));
+}
