@@ -460,9 +460,7 @@ mod tests {
         assert!("cpu_ns".parse::<RebaseSpec>().is_err());
         assert!("monotonic_h".parse::<RebaseSpec>().is_err());
         assert_eq!(
-            RebaseSpec::from_decl_tag("mapsnap:clock=boottime_ms")
-                .map(|r| r.ok())
-                .flatten(),
+            RebaseSpec::from_decl_tag("mapsnap:clock=boottime_ms").and_then(|r| r.ok()),
             Some(RebaseSpec {
                 clock: Clock::Boottime,
                 unit: Unit::Ms

@@ -811,8 +811,17 @@ impl Planner<'_> {
             let d_path = join(&d.path, &m.name);
             let old_name = match self.renamed_from.get(&d_path) {
                 Some(old) if parent_of(old) == s.path => {
+                    let name = old.rsplit('.').next().unwrap_or_default();
+                    if !sm.iter().any(|x| x.name == name) {
+                        return Err(ConvertError::BadOption {
+                            option: format!("{old}={d_path}"),
+                            reason: format!(
+                                "no member {old} in the old type paired with {d_path} in the new type"
+                            ),
+                        });
+                    }
                     self.used_renames.insert(old.clone());
-                    old.rsplit('.').next().map(str::to_string)
+                    Some(name.to_string())
                 }
                 _ => {
                     let own = join(&s.path, &m.name);
