@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the S3-compatible server the storage tests run against (mapsnap/tests/storage_s3.rs):
+# Install the S3-compatible server the storage tests run against (mapsnap/tests/storage_remote.rs):
 # moto in server mode (`python3 -m moto.server -H 127.0.0.1 -p PORT`), from PyPI.
 #
 # Idempotent and fast: one Python import check when it is already there, silent then.

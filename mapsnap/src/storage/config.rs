@@ -16,8 +16,10 @@
 //! allow_http = true
 //! virtual_hosted_style_request = false
 //!
-//! [gcs]                  # GoogleConfigKey names, e.g. service_account = "/path/key.json"
-//! [azure]                # AzureConfigKey names, e.g. account_name = "myaccount"
+//! [gcs]                  # GoogleConfigKey names, e.g. service_account = "/path/key.json";
+//!                        # a test server: base_url, allow_http, bearer_token
+//! [azure]                # AzureConfigKey names, e.g. account_name = "myaccount";
+//!                        # an emulator: use_emulator = true, endpoint = "http://127.0.0.1:10000/devstoreaccount1"
 //! ```
 
 use std::path::{Path, PathBuf};

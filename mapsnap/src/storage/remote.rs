@@ -8,6 +8,8 @@
 //!   (conditional when not overwriting); beyond, a multipart upload starts and every full part
 //!   is sent by a task while the caller keeps producing, with at most `concurrency` parts in
 //!   flight. Memory: `(concurrency + 1) * part_size`. Any failure aborts the multipart upload.
+//! - GCS writes go through the JSON API ([`GcsJson`]): a media upload, or a resumable upload
+//!   whose chunks go in order (one part more is held back: the last chunk carries the size).
 //! - Every wait is bounded by the handle's overall deadline.
 
 use std::collections::VecDeque;
@@ -591,7 +593,8 @@ impl RemoteWriter {
     /// and Azure, `ifGenerationMatch=0` on GCS): atomic. A multipart upload is checked for an
     /// existing object just before it is completed (object_store 0.14 cannot send a
     /// conditional CompleteMultipartUpload), so two writers racing in that instant can
-    /// still replace each other.
+    /// still replace each other; on GCS the resumable upload carries `ifGenerationMatch=0`,
+    /// so the service refuses that commit too.
     pub(crate) fn commit(mut self) -> Result<ObjectInfo> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
