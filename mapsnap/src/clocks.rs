@@ -357,6 +357,16 @@ pub enum RebaseMode {
     Elapsed,
 }
 
+impl RebaseMode {
+    /// Name used on the command line and in annotations.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PreserveRemaining => "preserve-remaining",
+            Self::Elapsed => "elapsed",
+        }
+    }
+}
+
 impl FromStr for RebaseMode {
     type Err = ClockError;
 

@@ -499,7 +499,7 @@ fn timestamps_rebased_by_tags() {
     let p = plan(0, "struct conn", 1, "struct conn", &o).unwrap();
     assert!(
         p.to_string()
-            .contains("copy __u64; rebase monotonic_ns (PreserveRemaining)")
+            .contains("copy __u64; rebase monotonic_ns (preserve-remaining)")
     );
     let old = v1_entry(&|set| {
         typical(set);

@@ -643,7 +643,7 @@ impl Planner<'_> {
                 format!("{x} -> {y}")
             };
             match &self.opts.clocks {
-                Some(c) => action.push_str(&format!("; rebase {what} ({:?})", c.mode)),
+                Some(c) => action.push_str(&format!("; rebase {what} ({})", c.mode.as_str())),
                 None => action.push_str(&format!("; {what} timestamp, NOT rebased (no clocks)")),
             }
         }
