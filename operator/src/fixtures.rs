@@ -50,12 +50,14 @@ impl CheckpointImages for RecordingImages {
 
     fn build_and_push(
         &self,
-        archive: &Path,
+        archive: std::fs::File,
         container: &str,
         tag: &str,
     ) -> Result<String, NodeError> {
         use sha2::Digest;
-        let bytes = std::fs::read(archive).map_err(|e| NodeError::io("cannot read", archive, e))?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut { archive }, &mut bytes)
+            .map_err(|e| NodeError::io("cannot read", std::path::Path::new(tag), e))?;
         let reference = format!(
             "{REGISTRY_REPO}@sha256:{}",
             hex::encode(sha2::Sha256::digest(&bytes))

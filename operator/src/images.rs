@@ -1,8 +1,6 @@
 //! The agent's checkpoint images: [`crate::ckptimage`] over the registry named in the chart
 //! (`restore.registry`), behind the node work's synchronous [`CheckpointImages`] interface.
 
-use std::path::Path;
-
 use crate::ckptimage::{self, ImageError, Registry};
 use crate::node::{CheckpointImages, NodeError};
 
@@ -30,12 +28,10 @@ impl CheckpointImages for RegistryImages {
 
     fn build_and_push(
         &self,
-        archive: &Path,
+        file: std::fs::File,
         container: &str,
         tag: &str,
     ) -> Result<String, NodeError> {
-        let file =
-            std::fs::File::open(archive).map_err(|e| NodeError::io("cannot open", archive, e))?;
         let pushed = self
             .runtime
             .block_on(ckptimage::build_and_push(

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use mapsnap::anchor::{Anchor, AnchorError, RelPath};
 use mapsnap::storage::{ErrorKind, Location, Manifest, Storage, StorageConfig, StorageError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -81,6 +82,10 @@ pub enum NodeError {
     },
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// A node file named by a task, reached through a directory fd (a symlink or a mount
+    /// crossing anywhere fails here).
+    #[error(transparent)]
+    Anchor(#[from] AnchorError),
     /// The task asks for something refused (bad path, bad container id).
     #[error("{0}")]
     Refused(String),
@@ -117,6 +122,11 @@ impl NodeError {
             NodeError::Refused(_) | NodeError::Mismatch(_) | NodeError::Unsupported(_) => true,
             NodeError::Cleanup { permanent, .. } => *permanent,
             NodeError::Image(_) => false,
+            // A link or a swapped directory stays so; an I/O hiccup may pass.
+            NodeError::Anchor(e) => !matches!(
+                e.errno(),
+                Some(libc_errno::EIO | libc_errno::ENOSPC | libc_errno::EAGAIN | libc_errno::EINTR)
+            ),
         }
     }
 
@@ -130,8 +140,17 @@ impl NodeError {
             NodeError::Unsupported(_) => "Unsupported",
             NodeError::Cleanup { .. } => "CleanupFailed",
             NodeError::Image(_) => "ImagePushFailed",
+            NodeError::Anchor(_) => "NodePathRefused",
         }
     }
+}
+
+/// The errno values the agent tells apart (from the kernel ABI; no libc dependency here).
+mod libc_errno {
+    pub const EINTR: i32 = 4;
+    pub const EIO: i32 = 5;
+    pub const EAGAIN: i32 = 11;
+    pub const ENOSPC: i32 = 28;
 }
 
 /// Digest of a transferred object.
@@ -144,8 +163,9 @@ pub struct Digested {
 /// Object storage as the agent uses it (a trait so that tests and later backends can stand
 /// in).
 pub trait Blobs: Send + Sync + std::fmt::Debug {
-    /// Uploads a local file (replacing an existing object) and returns its digest.
-    fn upload(&self, from: &Path, to: &str) -> Result<Digested, NodeError>;
+    /// Uploads an open local file (`label` names it in errors), replacing an existing object,
+    /// and returns its digest.
+    fn upload(&self, from: File, label: &str, to: &str) -> Result<Digested, NodeError>;
     /// Streams an object into `to`, returning its digest.
     fn download(&self, from: &str, to: &mut dyn Write) -> Result<Digested, NodeError>;
     /// The manifest beside a snapshot, if there is one.
@@ -211,15 +231,15 @@ impl<R> Hashing<R> {
 }
 
 impl Blobs for StorageBlobs {
-    fn upload(&self, from: &Path, to: &str) -> Result<Digested, NodeError> {
+    fn upload(&self, from: File, label: &str, to: &str) -> Result<Digested, NodeError> {
         let storage = self.open(to)?;
         if let Location::Local(p) = storage.location()
             && let Some(dir) = p.parent()
         {
             fs::create_dir_all(dir).map_err(|e| NodeError::io("cannot create", dir, e))?;
         }
-        let file = File::open(from).map_err(|e| NodeError::io("cannot open", from, e))?;
-        let mut reader = Hashing::new(BufReader::with_capacity(1 << 20, file));
+        let mut reader = Hashing::new(BufReader::with_capacity(1 << 20, from));
+        let from = Path::new(label);
         let mut w = storage.writer(true)?;
         io::copy(&mut reader, &mut w).map_err(|e| match StorageError::from_io(&e) {
             Some(s) => NodeError::Storage(s.clone()),
@@ -293,37 +313,43 @@ fn check_name(what: &str, s: &str) -> Result<(), NodeError> {
     }
 }
 
-/// Writes `bytes` to `path` atomically (temporary file, fsync, rename), mode 0600.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), NodeError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path
-        .parent()
-        .ok_or_else(|| NodeError::Refused(format!("{} has no directory", path.display())))?;
-    fs::create_dir_all(dir).map_err(|e| NodeError::io("cannot create", dir, e))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| NodeError::io("cannot create", &tmp, e))?;
-    f.write_all(bytes)
+/// Writes `bytes` to the leaf `leaf` of `dir` atomically (temporary file, fsync, rename),
+/// mode 0600, never following a link.
+fn write_atomic(dir: &Anchor, leaf: &str, bytes: &[u8]) -> Result<(), NodeError> {
+    let (mut f, tmp) = dir.create_temp(&format!(".{leaf}."), 0o600)?;
+    let written = f
+        .write_all(bytes)
         .and_then(|()| f.sync_all())
-        .map_err(|e| NodeError::io("cannot write", &tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| NodeError::io("cannot rename into", path, e))
+        .map_err(|e| NodeError::io("cannot write", Path::new(&tmp), e));
+    let renamed = written.and_then(|()| Ok(dir.rename(&tmp, leaf, true)?));
+    if renamed.is_err() {
+        let _ = dir.unlink(&tmp);
+    }
+    renamed
 }
 
-fn remove_if_present(path: &Path) -> Result<bool, NodeError> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(NodeError::io("cannot remove", path, e)),
+/// The restore request file's name for a pod (`<namespace>/<name>`).
+fn restore_request_leaf(pod: &str) -> Result<String, NodeError> {
+    let (ns, name) = pod
+        .split_once('/')
+        .ok_or_else(|| NodeError::Refused(format!("invalid pod {pod:?}")))?;
+    check_name("namespace", ns)?;
+    check_name("pod name", name)?;
+    Ok(layout::restore_request_name(ns, name))
+}
+
+/// Removes the archive `name` of the checkpoint directory if it is a regular file there (a
+/// link or anything else a task names is refused, not removed; unlinkat never follows).
+fn unlink_archive(dir: &Anchor, name: &str) -> Result<bool, NodeError> {
+    match dir.open_file(&leaf(name)?, u64::MAX) {
+        Ok(_) => Ok(dir.unlink(name)?),
+        Err(e) if e.is_not_found() => Ok(false),
+        Err(e) => Err(e.into()),
     }
+}
+
+fn leaf(name: &str) -> Result<RelPath, NodeError> {
+    RelPath::parse(name).map_err(|e| NodeError::Refused(format!("{name:?}: {e}")))
 }
 
 fn rfc3339(t: &Time) -> String {
@@ -340,7 +366,7 @@ pub trait CheckpointImages: Send + Sync + std::fmt::Debug {
     /// and returns its reference by digest (`repository@sha256:...`).
     fn build_and_push(
         &self,
-        archive: &Path,
+        archive: File,
         container: &str,
         tag: &str,
     ) -> Result<String, NodeError>;
@@ -434,29 +460,34 @@ impl NodeAgent {
         }
     }
 
-    /// Path of the hook request file of a container.
-    pub fn request_path(&self, container_id: &str) -> Result<PathBuf, NodeError> {
+    fn request_leaf(&self, container_id: &str) -> Result<String, NodeError> {
         check_container_id(container_id)?;
-        Ok(self.paths.requests.join(format!("{container_id}.json")))
+        Ok(format!("{container_id}.json"))
     }
 
-    /// Path of the restore request file of a pod (`<namespace>/<name>`).
-    pub fn restore_request_path(&self, pod: &str) -> Result<PathBuf, NodeError> {
-        let (ns, name) = pod
-            .split_once('/')
-            .ok_or_else(|| NodeError::Refused(format!("invalid pod {pod:?}")))?;
-        check_name("namespace", ns)?;
-        check_name("pod name", name)?;
-        Ok(self
-            .paths
-            .restores
-            .join(layout::restore_request_name(ns, name)))
+    /// One of this node's directories (configured, so trusted), created if missing; every
+    /// file a task names is a leaf below it, reached through its fd.
+    fn node_dir(&self, path: &Path, label: &str) -> Result<Anchor, NodeError> {
+        fs::create_dir_all(path).map_err(|e| NodeError::io("cannot create", path, e))?;
+        Ok(Anchor::open_trusted(path, label)?)
     }
 
-    /// Checks that `path` is an archive directly inside the kubelet checkpoint directory (no
-    /// symlink, no other directory), so a task cannot make the agent read or delete any
-    /// other file of the node.
-    pub fn checked_archive_path(&self, path: &str) -> Result<PathBuf, NodeError> {
+    fn requests_dir(&self) -> Result<Anchor, NodeError> {
+        self.node_dir(&self.paths.requests, "hook requests directory")
+    }
+
+    fn restores_dir(&self) -> Result<Anchor, NodeError> {
+        self.node_dir(&self.paths.restores, "restore requests directory")
+    }
+
+    fn checkpoints_dir(&self) -> Result<Anchor, NodeError> {
+        self.node_dir(&self.paths.checkpoints, "kubelet checkpoint directory")
+    }
+
+    /// Checks that `path` names an archive directly inside the kubelet checkpoint directory
+    /// and returns its leaf name; the file is then only reached through that directory's fd
+    /// with links refused, so a task cannot make the agent read or delete any other file.
+    pub fn archive_leaf(&self, path: &str) -> Result<String, NodeError> {
         let p = Path::new(path);
         let refused = |why: &str| {
             NodeError::Refused(format!(
@@ -474,10 +505,7 @@ impl NodeAgent {
         if p.parent() != Some(self.paths.checkpoints.as_path()) {
             return Err(refused("not in the checkpoint directory"));
         }
-        match fs::symlink_metadata(p) {
-            Ok(m) if !m.file_type().is_file() => Err(refused("not a regular file")),
-            _ => Ok(p.to_path_buf()),
-        }
+        Ok(name.to_string())
     }
 
     /// Runs a task and answers it. `checkpoint` is `<namespace>/<name>` of the object, `uid`
@@ -545,7 +573,8 @@ impl NodeAgent {
             .ok_or_else(|| NodeError::Refused("the task names no snapshot location".into()))?;
         Location::parse(&snapshot)?;
         self.check_task_location(&snapshot, checkpoint, uid, true)?;
-        let path = self.request_path(id)?;
+        let name = self.request_leaf(id)?;
+        let path = self.paths.requests.join(&name);
         let req = HookRequest {
             checkpoint: checkpoint.to_string(),
             snapshot,
@@ -554,7 +583,7 @@ impl NodeAgent {
         };
         let json = serde_json::to_vec_pretty(&req)
             .map_err(|e| NodeError::Refused(format!("cannot encode the request: {e}")))?;
-        write_atomic(&path, &json)?;
+        write_atomic(&self.requests_dir()?, &name, &json)?;
         Ok(format!("wrote {}", path.display()))
     }
 
@@ -569,7 +598,8 @@ impl NodeAgent {
             .node_archive
             .as_deref()
             .ok_or_else(|| NodeError::Refused("the task names no archive on the node".into()))?;
-        let local = self.checked_archive_path(local)?;
+        let local_name = self.archive_leaf(local)?;
+        let local = self.paths.checkpoints.join(&local_name);
         let archive = task
             .archive
             .as_deref()
@@ -580,7 +610,13 @@ impl NodeAgent {
             .ok_or_else(|| NodeError::Refused("the task names no snapshot".into()))?;
         self.check_task_location(archive, checkpoint, uid, true)?;
         self.check_task_location(snapshot, checkpoint, uid, true)?;
-        let digest = self.blobs.upload(&local, archive)?;
+        // Opened through the directory's fd: a link planted there is refused, not followed.
+        let file = self
+            .checkpoints_dir()?
+            .open_file(&leaf(&local_name)?, u64::MAX)?;
+        let digest = self
+            .blobs
+            .upload(file, &local.display().to_string(), archive)?;
         // No manifest: the hook wrote no snapshot (no bpffs mount, opted out, or not
         // installed). The controller warns and goes on without maps.
         let manifest = self.blobs.manifest(snapshot)?;
@@ -597,7 +633,7 @@ impl NodeAgent {
             )));
         }
         if let Some(id) = task.container_id.as_deref() {
-            remove_if_present(&self.request_path(id)?)?;
+            self.requests_dir()?.unlink(&self.request_leaf(id)?)?;
         }
         result.archive_sha256 = Some(digest.sha256.clone());
         result.archive_size = Some(i64::try_from(digest.size).unwrap_or(i64::MAX));
@@ -620,7 +656,7 @@ impl NodeAgent {
     /// container's memory).
     pub fn after_upload(&self, task: &AgentTask) -> Result<(), NodeError> {
         if let Some(p) = task.node_archive.as_deref() {
-            remove_if_present(&self.checked_archive_path(p)?)?;
+            unlink_archive(&self.checkpoints_dir()?, &self.archive_leaf(p)?)?;
         }
         Ok(())
     }
@@ -645,7 +681,7 @@ impl NodeAgent {
             .restore_pod
             .as_deref()
             .ok_or_else(|| NodeError::Refused("the task names no restored pod".into()))?;
-        let request_path = self.restore_request_path(pod)?;
+        let request_name = restore_request_leaf(pod)?;
         check_name("uid", uid)?;
         self.check_task_location(archive, checkpoint, uid, false)?;
         if let Some(s) = task.snapshot.as_deref() {
@@ -663,40 +699,35 @@ impl NodeAgent {
                     .into(),
             )
         })?;
-        let dest = self
-            .paths
-            .checkpoints
-            .join(layout::restore_archive_name(uid));
-        let already = match File::open(&dest) {
+        let dir = self.checkpoints_dir()?;
+        let dest_name = layout::restore_archive_name(uid);
+        let dest = self.paths.checkpoints.join(&dest_name);
+        let already = match dir.open_file(&leaf(&dest_name)?, u64::MAX) {
             Ok(f) => {
                 let mut h = Hashing::new(BufReader::with_capacity(1 << 20, f));
                 io::copy(&mut h, &mut io::sink())
                     .map_err(|e| NodeError::io("cannot read", &dest, e))?;
                 h.digest().sha256 == want_sha
             }
-            Err(_) => false,
+            Err(e) if e.is_not_found() => false,
+            Err(e) => return Err(e.into()),
         };
         if !already {
-            fs::create_dir_all(&self.paths.checkpoints)
-                .map_err(|e| NodeError::io("cannot create", &self.paths.checkpoints, e))?;
-            let tmp = self
-                .paths
-                .checkpoints
-                .join(format!(".{}.partial", layout::restore_archive_name(uid)));
-            let file = File::create(&tmp).map_err(|e| NodeError::io("cannot create", &tmp, e))?;
+            let (file, tmp) = dir.create_temp(&format!(".{dest_name}.partial."), 0o600)?;
+            let tmp_path = self.paths.checkpoints.join(&tmp);
             let mut w = io::BufWriter::with_capacity(1 << 20, file);
             let got = self.blobs.download(archive, &mut w).and_then(|d| {
                 let f = w
                     .into_inner()
-                    .map_err(|e| NodeError::io("cannot write", &tmp, e.into_error()))?;
+                    .map_err(|e| NodeError::io("cannot write", &tmp_path, e.into_error()))?;
                 f.sync_all()
-                    .map_err(|e| NodeError::io("cannot sync", &tmp, e))?;
+                    .map_err(|e| NodeError::io("cannot sync", &tmp_path, e))?;
                 Ok(d)
             });
             let got = match got {
                 Ok(d) => d,
                 Err(e) => {
-                    let _ = fs::remove_file(&tmp);
+                    let _ = dir.unlink(&tmp);
                     return Err(e);
                 }
             };
@@ -704,7 +735,7 @@ impl NodeAgent {
                 .archive_size
                 .is_none_or(|s| u64::try_from(s).ok() == Some(got.size));
             if got.sha256 != want_sha || !size_ok {
-                let _ = fs::remove_file(&tmp);
+                let _ = dir.unlink(&tmp);
                 return Err(NodeError::Mismatch(format!(
                     "the archive at {archive} ({} bytes, sha256 {}) is not the one checkpointed \
                      ({} bytes, sha256 {want_sha}): it was replaced or damaged",
@@ -713,10 +744,14 @@ impl NodeAgent {
                     task.archive_size.unwrap_or(-1)
                 )));
             }
-            fs::rename(&tmp, &dest).map_err(|e| NodeError::io("cannot rename into", &dest, e))?;
+            dir.rename(&tmp, &dest_name, true)?;
         }
         let tag = layout::image_tag(uid);
-        let image = images.build_and_push(&dest, container, &tag)?;
+        let image = images.build_and_push(
+            dir.open_file(&leaf(&dest_name)?, u64::MAX)?,
+            container,
+            &tag,
+        )?;
         let req = RestoreRequest {
             checkpoint: checkpoint.to_string(),
             pod: pod.to_string(),
@@ -727,10 +762,10 @@ impl NodeAgent {
         };
         let json = serde_json::to_vec_pretty(&req)
             .map_err(|e| NodeError::Refused(format!("cannot encode the request: {e}")))?;
-        write_atomic(&request_path, &json)?;
+        write_atomic(&self.restores_dir()?, &request_name, &json)?;
         // The archive holds the container's memory: once the registry has it, the node copy
         // goes.
-        remove_if_present(&dest)?;
+        dir.unlink(&dest_name)?;
         result.image = Some(image.clone());
         Ok(format!("fetched {archive}, pushed {image}"))
     }
@@ -748,19 +783,19 @@ impl NodeAgent {
             }
         };
         if let Some(id) = task.container_id.as_deref() {
-            let r = self.request_path(id).and_then(|p| remove_if_present(&p));
+            let r = self
+                .request_leaf(id)
+                .and_then(|n| Ok(self.requests_dir()?.unlink(&n)?));
             record(format!("the hook request of {id}"), r);
         }
         if let Some(p) = task.node_archive.as_deref() {
             let r = self
-                .checked_archive_path(p)
-                .and_then(|p| remove_if_present(&p));
+                .archive_leaf(p)
+                .and_then(|n| unlink_archive(&self.checkpoints_dir()?, &n));
             record(p.to_string(), r);
         }
         if let Some(pod) = task.restore_pod.as_deref() {
-            let r = self
-                .restore_request_path(pod)
-                .and_then(|p| remove_if_present(&p));
+            let r = restore_request_leaf(pod).and_then(|n| Ok(self.restores_dir()?.unlink(&n)?));
             record(format!("the restore request of {pod}"), r);
         }
         for loc in &task.delete_objects {

@@ -1550,3 +1550,79 @@ async fn a_bad_timeout_is_its_own_404() {
         "{code} {text}"
     );
 }
+
+/// Migrate with `switchover: StopAfterCheckpoint`: the source pod is deleted right after the
+/// upload (before anything is restored), and not again once the restored pod runs.
+#[tokio::test]
+async fn migrate_stop_after_checkpoint_deletes_the_source_before_restoring() {
+    let mut cr = new_cr("lb-to-node-b", CrAction::Migrate);
+    cr.spec.switchover = Some(crate::crd::Switchover::StopAfterCheckpoint);
+    let mut h = Harness::new(cr);
+    drive_to_kubelet(&mut h).await;
+    drive_kubelet_and_upload(&mut h).await;
+    let lease_b = agent_lease(NODE_B, Duration::from_secs(1));
+    let action = h
+        .reconcile(move |mut api| async move {
+            let s = api.status().await;
+            assert_eq!(
+                (s.phase, s.step),
+                (Some(Phase::Restoring), Some(Step::DeleteSource))
+            );
+            api.event("Checkpointed", false).await;
+            api.delete_pod(POD, POD_UID, 200).await;
+            let s = api.status().await;
+            assert_eq!(s.step, Some(Step::PrepareRestore));
+            assert_eq!(
+                s.restore.as_ref().and_then(|r| r.source_pod_deleted),
+                Some(true)
+            );
+            api.event("SourcePodDeleted", false).await;
+            api.get_lease(NODE_B, Some(&lease_b)).await;
+            let s = api.status().await;
+            assert_eq!(s.step, Some(Step::DownloadArchive));
+            assert_eq!(
+                s.restore.as_ref().and_then(|r| r.source_pod_deleted),
+                Some(true),
+                "kept while the restore is prepared"
+            );
+            api
+        })
+        .await;
+    assert_eq!(action, requeue(POLL));
+    h.agent(NODE_B, |mut api| async move {
+        assert!(api.agent_result().await.succeeded);
+        api
+    })
+    .await;
+    let expected_name = crate::layout::restored_pod_name(POD, CR_UID);
+    let action = h
+        .reconcile(move |mut api| async move {
+            api.status().await;
+            api.event("ImagePushed", false).await;
+            let pod = api.create_pod().await;
+            api.status().await;
+            api.event("PodCreated", false).await;
+            api.get_pod(&expected_name, Some(&restored_pod_status(pod, true)))
+                .await;
+            // Succeeded at once: no second DeleteSource.
+            let s = api.status().await;
+            assert_eq!(s.phase, Some(Phase::Succeeded));
+            assert_eq!(condition(&s, "Ready").1, "Migrated");
+            api.event("PodRunning", false).await;
+            api.event("Succeeded", false).await;
+            api
+        })
+        .await;
+    assert_eq!(action, Action::await_change());
+}
+
+#[test]
+fn switchover_applies_to_migrate_only() {
+    let mut cr = with_finalizer(new_cr("x", CrAction::Checkpoint));
+    cr.spec.switchover = Some(crate::crd::Switchover::StopAfterCheckpoint);
+    let Decision::Apply(t) = reconcile::decide(&cr, t0(), &crate::config::Config::default()) else {
+        panic!("expected a transition");
+    };
+    assert_eq!(t.status.phase, Some(Phase::Failed));
+    assert!(condition(&t.status, "Failed").2.contains("switchover"));
+}

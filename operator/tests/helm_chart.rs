@@ -133,6 +133,14 @@ fn chart_renders_valid_objects_for_each_value_set() {
         .expect("agent");
     assert_ne!(agent["securityContext"]["privileged"], true);
     assert_eq!(agent["securityContext"]["capabilities"]["drop"][0], "ALL");
+    assert_eq!(
+        agent["securityContext"]["capabilities"]["add"],
+        serde_json::json!(["DAC_OVERRIDE"])
+    );
+    assert!(
+        !pod.to_string().contains("/sys/fs/bpf"),
+        "the agent does not touch BPF maps: no bpffs mount"
+    );
     let a = args_of(ds, "agent");
     assert!(a.contains(&"--kubelet-access=agent".to_string()), "{a:?}");
     assert!(

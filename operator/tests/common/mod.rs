@@ -1,6 +1,5 @@
 //! Shared by the agent's integration tests.
 
-use std::path::Path;
 use std::sync::Mutex;
 
 use mapsnap_operator::node::{CheckpointImages, NodeError};
@@ -27,11 +26,13 @@ impl CheckpointImages for KeptImages {
 
     fn build_and_push(
         &self,
-        archive: &Path,
+        archive: std::fs::File,
         container: &str,
         tag: &str,
     ) -> Result<String, NodeError> {
-        let bytes = std::fs::read(archive).map_err(|e| NodeError::io("cannot read", archive, e))?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut { archive }, &mut bytes)
+            .map_err(|e| NodeError::io("cannot read", std::path::Path::new(tag), e))?;
         let reference = format!(
             "{REPO}@sha256:{}",
             hex::encode(sha2::Sha256::digest(&bytes))
