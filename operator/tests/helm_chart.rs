@@ -159,6 +159,13 @@ fn chart_renders_valid_objects_for_each_value_set() {
         parsed["hook"]["require_restore_request"].as_bool(),
         Some(true)
     );
+    // The CRIU plugin goes into CRIU's default plugin directory, not through `libdir`.
+    let hook_args = args_of(ds, "install-hook");
+    assert!(
+        hook_args.iter().any(|a| a.starts_with("--criu-plugin=")),
+        "{hook_args:?}"
+    );
+    assert!(!hook_args.iter().any(|a| a.starts_with("--criu-libdir")));
     // Hooks go where CRI-O and Podman read them by default.
     assert!(
         ds.to_string().contains("/usr/share/containers/oci/hooks.d"),
