@@ -260,9 +260,14 @@ pub async fn heartbeat(
     annotations.extend(capabilities);
     let duration = every * 3;
     loop {
-        match lease::heartbeat_once(&api, &name, &namespace, &identity, duration, &annotations)
-            .await
-        {
+        // Bounded: a renewal that hangs must not leave the agent reported ready.
+        let beat =
+            lease::heartbeat_once(&api, &name, &namespace, &identity, duration, &annotations);
+        let r = match tokio::time::timeout(every, beat).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {}s", every.as_secs())),
+        };
+        match r {
             Ok(()) => health
                 .ready
                 .store(true, std::sync::atomic::Ordering::Relaxed),
