@@ -768,3 +768,234 @@ proptest! {
         prop_assert_eq!(again, old);
     }
 }
+
+/// A minimal BTF writer for random layouts: integers, arrays of integers and one struct.
+#[derive(Default)]
+struct BtfBuilder {
+    types: Vec<u8>,
+    strings: Vec<u8>,
+    next_id: u32,
+}
+
+impl BtfBuilder {
+    fn new() -> Self {
+        Self {
+            strings: vec![0],
+            next_id: 1,
+            ..Self::default()
+        }
+    }
+
+    fn name(&mut self, s: &str) -> u32 {
+        let off = self.strings.len() as u32;
+        self.strings.extend_from_slice(s.as_bytes());
+        self.strings.push(0);
+        off
+    }
+
+    fn words(&mut self, words: &[u32]) -> u32 {
+        for w in words {
+            self.types.extend_from_slice(&w.to_le_bytes());
+        }
+        self.next_id += 1;
+        self.next_id - 1
+    }
+
+    fn int(&mut self, size: u32, signed: bool) -> u32 {
+        let name = self.name(&format!(
+            "{}int{}",
+            if signed { "s" } else { "u" },
+            size * 8
+        ));
+        self.words(&[name, 1 << 24, size, (u32::from(signed) << 24) | (size * 8)])
+    }
+
+    fn array(&mut self, elem: u32, index: u32, len: u32) -> u32 {
+        self.words(&[0, 3 << 24, 0, elem, index, len])
+    }
+
+    fn structure(&mut self, name: &str, size: u32, members: &[(String, u32, u32)]) -> u32 {
+        let name = self.name(name);
+        let mut words = vec![name, (4 << 24) | members.len() as u32, size];
+        for (n, ty, bit) in members {
+            let n = self.name(n);
+            words.extend([n, *ty, *bit]);
+        }
+        self.words(&words)
+    }
+
+    fn finish(self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&0xeb9fu16.to_le_bytes());
+        out.extend_from_slice(&[1, 0]);
+        for w in [
+            24u32,
+            0,
+            self.types.len() as u32,
+            self.types.len() as u32,
+            self.strings.len() as u32,
+        ] {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        out.extend_from_slice(&self.types);
+        out.extend_from_slice(&self.strings);
+        out
+    }
+}
+
+/// One member of a random layout: integer size (bytes), signedness, array length (0 =
+/// not an array).
+type MemberSpec = (u32, bool, u32);
+
+/// BTF with `struct s` made of the members in `order` (indexes into `members`), naturally
+/// aligned; returns the blob and each member's byte offset (by member index).
+fn layout(members: &[MemberSpec], order: &[usize]) -> (Vec<u8>, Vec<u32>) {
+    let mut b = BtfBuilder::new();
+    let index = b.int(4, false);
+    let mut offsets = vec![0u32; members.len()];
+    let mut list = Vec::new();
+    let mut off = 0u32;
+    let mut align = 1u32;
+    for &i in order {
+        let (size, signed, len) = members[i];
+        let int = b.int(size, signed);
+        let (ty, total) = if len > 0 {
+            (b.array(int, index, len), size * len)
+        } else {
+            (int, size)
+        };
+        off = off.div_ceil(size) * size;
+        align = align.max(size);
+        offsets[i] = off;
+        list.push((format!("m{i}"), ty, off * 8));
+        off += total;
+    }
+    let size = off.div_ceil(align) * align;
+    b.structure("s", size, &list);
+    (b.finish(), offsets)
+}
+
+/// Plans between two random layouts (both ways) and one entry converted forwards.
+struct TwoLayouts {
+    there: Plan,
+    back: Plan,
+    /// An old entry: random member bytes, zero padding.
+    old: Vec<u8>,
+    /// `old` converted.
+    mid: Vec<u8>,
+    a_off: Vec<u32>,
+    b_off: Vec<u32>,
+}
+
+impl TwoLayouts {
+    fn new(a: (&[MemberSpec], &[usize]), b: (&[MemberSpec], &[usize]), bytes: &[u8]) -> Self {
+        let (a_blob, a_off) = layout(a.0, a.1);
+        let (b_blob, b_off) = layout(b.0, b.1);
+        let (ga, gb) = (
+            BtfGraph::parse(&a_blob).unwrap(),
+            BtfGraph::parse(&b_blob).unwrap(),
+        );
+        let (ia, ib) = (
+            ga.find_type("struct s").unwrap(),
+            gb.find_type("s").unwrap(),
+        );
+        let there = Plan::new(&ga, ia, &gb, ib, &Options::default()).unwrap();
+        let back = Plan::new(&gb, ib, &ga, ia, &Options::default()).unwrap();
+        let mut old = vec![0u8; there.src_size()];
+        for (i, &(size, _, len)) in a.0.iter().enumerate() {
+            let total = (size * len.max(1)) as usize;
+            let at = a_off[i] as usize;
+            old[at..at + total].copy_from_slice(&bytes[at..at + total]);
+        }
+        let mut mid = vec![0u8; there.dst_size()];
+        there.apply(&old, &mut mid).unwrap();
+        Self {
+            there,
+            back,
+            old,
+            mid,
+            a_off,
+            b_off,
+        }
+    }
+}
+
+fn any_members() -> impl Strategy<Value = Vec<MemberSpec>> {
+    prop::collection::vec(
+        (
+            prop::sample::select(vec![1u32, 2, 4, 8]),
+            any::<bool>(),
+            0u32..4,
+        ),
+        1..8,
+    )
+}
+
+proptest! {
+    /// Reordering members (and so padding) and back is the identity, and each member's
+    /// bytes land at its new offset.
+    #[test]
+    fn random_layout_reorder_round_trip(
+        members in any_members(),
+        seed in any::<u64>(),
+        bytes in prop::collection::vec(any::<u8>(), 256),
+    ) {
+        let n = members.len();
+        let a_order: Vec<usize> = (0..n).collect();
+        let mut b_order = a_order.clone();
+        // A seeded permutation (Fisher-Yates with an LCG).
+        let mut x = seed | 1;
+        for i in (1..n).rev() {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            b_order.swap(i, (x >> 33) as usize % (i + 1));
+        }
+        let t = TwoLayouts::new((&members, &a_order), (&members, &b_order), &bytes);
+        let (there, back, old, mid, a_off, b_off) = (t.there, t.back, t.old, t.mid, t.a_off, t.b_off);
+        for (i, &(size, _, len)) in members.iter().enumerate() {
+            let total = (size * len.max(1)) as usize;
+            prop_assert_eq!(&mid[b_off[i] as usize..][..total], &old[a_off[i] as usize..][..total]);
+        }
+        let mut again = vec![0u8; back.dst_size()];
+        back.apply(&mid, &mut again).unwrap();
+        prop_assert_eq!(&again, &old);
+        if a_order == b_order {
+            prop_assert!(there.is_identity());
+        }
+    }
+
+    /// Widening every integer (same signedness) and narrowing back is the identity; the
+    /// widened values are the sign- or zero-extended old ones.
+    #[test]
+    fn random_layout_widen_round_trip(
+        members in any_members(),
+        grow in prop::collection::vec(0u32..3, 8),
+        bytes in prop::collection::vec(any::<u8>(), 256),
+    ) {
+        let wide: Vec<MemberSpec> = members
+            .iter()
+            .zip(&grow)
+            .map(|(&(size, signed, len), &g)| ((size << g).min(8), signed, len))
+            .collect();
+        let order: Vec<usize> = (0..members.len()).collect();
+        let t = TwoLayouts::new((&members, &order), (&wide, &order), &bytes);
+        let (back, old, mid, a_off, b_off) = (t.back, t.old, t.mid, t.a_off, t.b_off);
+        let read = |buf: &[u8], at: usize, size: u32, signed: bool| -> i128 {
+            let mut v: u128 = 0;
+            for k in (0..size as usize).rev() {
+                v = (v << 8) | u128::from(buf[at + k]);
+            }
+            let bits = size * 8;
+            if signed && (v >> (bits - 1)) & 1 == 1 { v as i128 - (1i128 << bits) } else { v as i128 }
+        };
+        for (i, (&(size, signed, len), &(wsize, _, _))) in members.iter().zip(&wide).enumerate() {
+            for e in 0..len.max(1) {
+                let a = read(&old, (a_off[i] + e * size) as usize, size, signed);
+                let b = read(&mid, (b_off[i] + e * wsize) as usize, wsize, signed);
+                prop_assert_eq!(a, b, "member m{} element {}", i, e);
+            }
+        }
+        let mut again = vec![0u8; back.dst_size()];
+        back.apply(&mid, &mut again).unwrap();
+        prop_assert_eq!(&again, &old);
+    }
+}

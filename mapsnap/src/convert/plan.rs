@@ -99,6 +99,9 @@ pub struct Plan {
     pub(crate) lossy: bool,
     pub(crate) clocks: Option<RebaseClocks>,
     pub(crate) rebase_members: Vec<String>,
+    /// Members added, removed or left to the kernel: not a plain copy even when every
+    /// step copies in place.
+    pub(crate) changed: bool,
 }
 
 impl Plan {
@@ -131,6 +134,7 @@ impl Plan {
             used_rebase: HashSet::new(),
             rebase_members: Vec::new(),
             show: true,
+            changed: false,
         };
         let root = |id| Side {
             id,
@@ -159,6 +163,7 @@ impl Plan {
             lossy: opts.lossy,
             clocks: opts.clocks,
             rebase_members: p.rebase_members,
+            changed: p.changed,
         })
     }
 
@@ -187,20 +192,16 @@ impl Plan {
         &self.rebase_members
     }
 
-    /// True when a converted entry is byte for byte the old one (same size, one copy).
+    /// True when the layouts are the same: every member keeps its bytes at the same
+    /// offset, nothing is added, removed, left to the kernel or rebased. Entries can then
+    /// be copied as they are (only padding would differ: `apply` zeroes it).
     pub fn is_identity(&self) -> bool {
         self.src_size == self.dst_size
-            && match self.ops.as_slice() {
-                [
-                    Op::Copy {
-                        src: 0,
-                        dst: 0,
-                        len,
-                    },
-                ] => *len == self.src_size,
-                [] => self.src_size == 0,
-                _ => false,
-            }
+            && !self.changed
+            && self
+                .ops
+                .iter()
+                .all(|op| matches!(op, Op::Copy { src, dst, .. } if src == dst))
             && (self.clocks.is_none() || self.rebase_members.is_empty())
     }
 
@@ -286,6 +287,7 @@ struct Planner<'a> {
     rebase_members: Vec<String>,
     /// Rows are recorded only for the first element of arrays.
     show: bool,
+    changed: bool,
 }
 
 fn refused(path: &str, reason: impl Into<String>) -> ConvertError {
@@ -373,6 +375,7 @@ impl Planner<'_> {
         let sr = self.from.resolve(s.id)?;
         let dr = self.to.resolve(d.id)?;
         if let Some(what) = self.to.kernel_managed(&dr) {
+            self.changed = true;
             self.row(
                 &d.path,
                 &s.path,
@@ -855,6 +858,7 @@ impl Planner<'_> {
         }
         for (o, _) in sm.iter().zip(&matched).filter(|(_, m)| !**m) {
             let path = join(&s.path, &o.name);
+            self.changed = true;
             self.row("-", &path, "removed: dropped");
             if self.show {
                 self.removed.push(path);
@@ -867,6 +871,7 @@ impl Planner<'_> {
         if depth > MAX_DEPTH {
             return Err(refused(&d.path, "types nest too deep"));
         }
+        self.changed = true;
         let dr = self.to.resolve(d.id)?;
         if let Some(what) = self.to.kernel_managed(&dr) {
             self.row(
