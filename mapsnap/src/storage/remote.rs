@@ -1246,3 +1246,52 @@ async fn send_chunk(
         _ => Err(GcsJson::status_error("PUT", session, status, &body)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gcs(base: &str) -> GcsJson {
+        let settings = GcsSettings {
+            base: base.to_string(),
+            bucket: "b".into(),
+            allow_http: true,
+            skip_signature: false,
+            retries: 0,
+            retry_timeout: Duration::from_secs(1),
+        };
+        let creds = Arc::new(object_store::StaticCredentialProvider::new(
+            object_store::gcp::GcpCredential { bearer: "t".into() },
+        ));
+        settings.connect(creds).expect("client")
+    }
+
+    #[test]
+    fn gcs_session_urls_stay_on_the_configured_endpoint() {
+        // The bearer token goes only where the config points, whatever host a response names.
+        let g = gcs("http://127.0.0.1:4443");
+        assert_eq!(
+            g.session_url(
+                "https://evil.example/upload/storage/v1/b/b/o?uploadType=resumable&upload_id=x"
+            )
+            .as_deref(),
+            Some("http://127.0.0.1:4443/upload/storage/v1/b/b/o?uploadType=resumable&upload_id=x")
+        );
+        assert_eq!(g.session_url("not a url"), None);
+    }
+
+    #[test]
+    fn gcs_upload_urls_encode_the_key_and_carry_the_condition() {
+        let g = gcs("https://storage.googleapis.com");
+        let key = ObjPath::parse("dir/a b+c.mapsnap").expect("path");
+        assert_eq!(
+            g.upload_url("media", &key, true),
+            "https://storage.googleapis.com/upload/storage/v1/b/b/o?uploadType=media\
+             &name=dir%2Fa%20b%2Bc.mapsnap&ifGenerationMatch=0"
+        );
+        assert!(
+            !g.upload_url("resumable", &key, false)
+                .contains("ifGenerationMatch")
+        );
+    }
+}
