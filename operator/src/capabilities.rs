@@ -6,8 +6,9 @@
 //!   the drop-ins `/etc/crio/crio.conf.d/*.conf` (read in name order, later ones win).
 //!   `"checkpoint_restore"` restores; `"checkpoint_only"` (the default of CRI-O releases since
 //!   September 2026) does not. Not set: unknown (older releases restore, newer do not).
-//! - containerd (>= 2.1): `enable_experimental_restore_via_create = true` anywhere in the CRI
-//!   plugin's section of `/etc/containerd/config.toml` restores; absent or false does not.
+//! - containerd (>= 2.1): `enable_experimental_restore_via_create = true` (in the CRI plugin's
+//!   section, `[plugins."io.containerd.grpc.v1.cri"]`, of `/etc/containerd/config.toml`)
+//!   restores; absent or false does not (the default since 2.2.7 and 2.3.4).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -185,8 +186,8 @@ fn probe_containerd(root: &Path) -> (Restore, String) {
             other => (
                 Restore::Disabled,
                 format!(
-                    "{KEY} is {} in {}: set it to true in the CRI plugin's config on restore \
-                     targets (containerd >= 2.1)",
+                    "{KEY} is {} in {}: set it to true in [plugins.\"io.containerd.grpc.v1.cri\"] \
+                     on restore targets (containerd >= 2.1; off by default since 2.2.7/2.3.4)",
                     if other.is_some() { "false" } else { "not set" },
                     f.display()
                 ),
@@ -247,7 +248,7 @@ mod tests {
         write(
             d.path(),
             "etc/containerd/config.toml",
-            "version = 3\n[plugins.'io.containerd.cri.v1.runtime']\n\
+            "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\"]\n\
              enable_experimental_restore_via_create = true\n",
         );
         assert_eq!(
