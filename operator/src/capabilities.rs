@@ -148,8 +148,8 @@ fn probe_crio(root: &Path) -> (Restore, String) {
         None => (
             Restore::Unknown,
             "[crio.checkpoint_restore] container_level_enabled is not set: CRI-O releases since \
-             September 2026 default to \"checkpoint_only\" (no restore); set \
-             \"checkpoint_restore\" on restore targets"
+             September 2026 (1.34.14, 1.35.9, 1.36.6 and later) default to \"checkpoint_only\" \
+             (no restore); set \"checkpoint_restore\" on restore targets"
                 .into(),
         ),
     }
