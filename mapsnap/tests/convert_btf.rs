@@ -2,7 +2,8 @@
 //! conntrack-style entry (tests/bpf/convert/conn_v1.bpf.c -> conn_v2.bpf.c), refusals
 //! against conn_bad.bpf.c, and property tests of the rebasing arithmetic.
 //!
-//! Needs clang (`make deps`); no root, no kernel maps: this tests the library core.
+//! Needs clang (`make deps`); `kernel_maps_v1_to_v2_with_rebase` also needs root: it
+//! converts real kernel maps created from the two objects.
 
 #![allow(clippy::unwrap_used)]
 
@@ -213,11 +214,6 @@ fn plan_table_v1_to_v2() {
     };
     check("packets", "packets", "widen __u32 -> __u64 (zero-extend)");
     check("bytes", "bytes", "copy __u64");
-    check(
-        "lock",
-        "lock",
-        "struct bpf_spin_lock: left zero for the kernel",
-    );
     check("local_port", "rx_port", "copy __u16");
     check("zone", "-", "new __u32: default 7");
     check("created", "-", "new __u64: zero");
@@ -266,7 +262,6 @@ fn entries_convert_field_by_field() {
     let p = plan(0, "struct conn", 1, "struct conn", &base_opts()).unwrap();
     let old = v1_entry(&|set| {
         typical(set);
-        set("lock", 0xffff_ffff); // a held lock must not travel
     });
     // hist elements are array members, not named: fill them directly.
     let mut old = old;
@@ -284,7 +279,6 @@ fn entries_convert_field_by_field() {
         json!({
             "bytes": 123_456_789_012u64,
             "packets": 4_000_000_000u64,
-            "lock": {"val": 0},
             "state": "CS_ESTABLISHED",
             "local_port": 8080,
             "retries": 13,
@@ -343,6 +337,51 @@ fn keys_convert_with_new_member_default() {
     )
     .unwrap();
     assert!(same.is_identity(), "{same}");
+}
+
+#[test]
+fn kernel_managed_fields_left_zero() {
+    let p = plan(
+        0,
+        "struct locked_s",
+        1,
+        "struct locked_s",
+        &Options::default(),
+    )
+    .unwrap();
+    let rows: Vec<_> = p
+        .rows()
+        .iter()
+        .map(|r| format!("{} <- {}: {}", r.new_path, r.old_path, r.action))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            "hits <- hits: widen __u32 -> __u64 (zero-extend)",
+            "lock <- lock: struct bpf_spin_lock: left zero for the kernel",
+        ]
+    );
+    // A held lock (non-zero) must not travel.
+    let mut old = vec![0u8; p.src_size()];
+    put(&mut old, member(0, "struct locked_s", "lock"), 1);
+    put(&mut old, member(0, "struct locked_s", "hits"), 41);
+    let mut new = vec![0xffu8; p.dst_size()];
+    p.apply(&old, &mut new).unwrap();
+    assert_eq!(
+        render(1, "struct locked_s", &new),
+        json!({"hits": 41, "lock": {"val": 0}})
+    );
+    assert!(!p.is_identity());
+    // The same type on both sides is still not a plain copy: the lock stays zero.
+    let same = plan(
+        0,
+        "struct locked_s",
+        0,
+        "struct locked_s",
+        &Options::default(),
+    )
+    .unwrap();
+    assert!(!same.is_identity());
 }
 
 #[test]
@@ -997,5 +1036,144 @@ proptest! {
         let mut again = vec![0u8; back.dst_size()];
         back.apply(&mid, &mut again).unwrap();
         prop_assert_eq!(&again, &old);
+    }
+}
+
+/// The `conns` map of a fixture object, created in the kernel by aya (with its BTF), as a
+/// mapsnap map. The `Ebpf` keeps the object alive.
+fn kernel_map(name: &str) -> (aya::Ebpf, mapsnap::sys::Map) {
+    use std::os::fd::AsFd;
+    let mut ebpf = aya::EbpfLoader::new()
+        .load(&object(name, true))
+        .unwrap_or_else(|e| panic!("aya could not create the maps of {name}: {e} ({e:?})"));
+    let map = match ebpf.take_map("conns") {
+        Some(aya::maps::Map::HashMap(data)) => {
+            let fd = data.fd().as_fd().try_clone_to_owned().unwrap();
+            mapsnap::sys::Map::from_fd(fd).unwrap()
+        }
+        other => panic!("{name}: conns is {other:?}"),
+    };
+    (ebpf, map)
+}
+
+/// Real kernel maps: v1's map filled, its BTF read back from the kernel, every entry
+/// converted (keys and values, with a clock shift) into v2's map, and v2's entries read
+/// back from the kernel and checked.
+#[test]
+fn kernel_maps_v1_to_v2_with_rebase() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test creates BPF maps: run it as root"
+    );
+    const S: u64 = 1_000_000_000;
+    let (_keep1, v1) = kernel_map("conn_v1");
+    let (_keep2, v2) = kernel_map("conn_v2");
+    let (i1, i2) = (v1.info().unwrap(), v2.info().unwrap());
+    assert!(i1.btf_id != 0 && i2.btf_id != 0, "maps without BTF");
+    let g1 = BtfGraph::parse(&mapsnap::sys::btf_raw_by_id(i1.btf_id).unwrap()).unwrap();
+    let b2 = mapsnap::sys::btf_raw_by_id(i2.btf_id).unwrap();
+    let g2 = BtfGraph::parse(&b2).unwrap();
+
+    // The source host's clocks: 1000 s ahead of ours (another host, up for longer).
+    let now = ClockSample::now().unwrap();
+    let mut from = now;
+    from.monotonic_ns += 1000 * S;
+    from.boottime_ns += 1000 * S;
+    let mut vopts = base_opts();
+    vopts.add_default("peer.ifindex=2").unwrap();
+    vopts.clocks = Some(RebaseClocks {
+        from,
+        to: now,
+        mode: RebaseMode::PreserveRemaining,
+    });
+    let vplan = Plan::new(&g1, i1.btf_value_type_id, &g2, i2.btf_value_type_id, &vopts).unwrap();
+    let mut kopts = Options::default();
+    kopts.add_default("ifindex=3").unwrap();
+    let kplan = Plan::new(&g1, i1.btf_key_type_id, &g2, i2.btf_key_type_id, &kopts).unwrap();
+    assert_eq!(
+        vplan.rebase_members(),
+        ["expires", "last_seen"],
+        "decl tags survive the kernel\n{vplan}"
+    );
+    assert_eq!(vplan.src_size(), i1.value_size as usize);
+    assert_eq!(vplan.dst_size(), i2.value_size as usize);
+
+    // v1 entries: expires 30 s after the source's "now", last seen 5 s before it.
+    for n in 1..=3u64 {
+        let mut key = vec![0u8; i1.key_size as usize];
+        put(
+            &mut key,
+            member(0, "struct conn_key", "saddr"),
+            0x0a00_0000 + n,
+        );
+        put(&mut key, member(0, "struct conn_key", "dport"), 443);
+        let value = v1_entry(&|set| {
+            typical(set);
+            set("packets", n * 1000);
+            set("expires", from.monotonic_ns + 30 * S);
+            set("last_seen", from.boottime_ns / S - 5);
+        });
+        v1.update(Some(&key), &value, 0).unwrap();
+    }
+
+    // Convert every entry of v1 into v2, as a restore with --convert will.
+    let mut seen = KeyCollisions::new();
+    let (mut key, mut next) = (
+        vec![0u8; i1.key_size as usize],
+        vec![0u8; i1.key_size as usize],
+    );
+    let mut value = vec![0u8; i1.value_size as usize];
+    let (mut nkey, mut nvalue) = (vec![0u8; kplan.dst_size()], vec![0u8; vplan.dst_size()]);
+    let mut total = mapsnap::convert::Outcome::default();
+    let mut count = 0;
+    let mut cursor: Option<Vec<u8>> = None;
+    while v1.next_key(cursor.as_deref(), &mut next).unwrap() {
+        key.copy_from_slice(&next);
+        assert!(v1.lookup(Some(&key), &mut value, 0).unwrap());
+        kplan.apply(&key, &mut nkey).unwrap();
+        seen.check(&key, &nkey).unwrap();
+        total.add(vplan.apply(&value, &mut nvalue).unwrap());
+        v2.update(Some(&nkey), &nvalue, 0).unwrap();
+        cursor = Some(key.clone());
+        count += 1;
+    }
+    assert_eq!(count, 3);
+    assert_eq!(total.rebased, 6);
+    assert_eq!(total.lossy, 0);
+
+    // Read v2 back from the kernel, by the new keys.
+    let tb = TypedBtf::parse(&b2).unwrap();
+    for n in 1..=3u64 {
+        let mut k2 = vec![0u8; i2.key_size as usize];
+        put(&mut k2, member(1, "struct conn_key", "ifindex"), 3);
+        put(
+            &mut k2,
+            member(1, "struct conn_key", "saddr"),
+            0x0a00_0000 + n,
+        );
+        put(&mut k2, member(1, "struct conn_key", "dport"), 443);
+        let mut got = vec![0u8; i2.value_size as usize];
+        assert!(
+            v2.lookup(Some(&k2), &mut got, 0).unwrap(),
+            "flow {n} under its new key"
+        );
+        let v = tb.render(i2.btf_value_type_id, &got).unwrap();
+        assert_eq!(v["packets"], n * 1000);
+        assert_eq!(v["bytes"], 123_456_789_012u64);
+        assert_eq!(v["local_port"], 8080);
+        assert_eq!(v["state"], "CS_ESTABLISHED");
+        assert_eq!(v["zone"], 7);
+        assert_eq!(
+            v["peer"],
+            json!({"port": 443, "addr": 0x0a00_0001, "ifindex": 2})
+        );
+        assert_eq!(
+            v["expires"],
+            now.monotonic_ns + 30 * S,
+            "30 s left, on our clock"
+        );
+        assert_eq!(v["last_seen"], now.boottime_ns / S - 5);
     }
 }

@@ -45,7 +45,6 @@ union conn_label {
 };
 
 struct conn {
-	struct bpf_spin_lock lock;
 	__u32 packets;
 	__u64 bytes;
 	__u64 expires CLOCK("monotonic_ns");
@@ -81,6 +80,22 @@ struct {
 	__type(value, struct conn);
 } conns SEC(".maps");
 
+/*
+ * Kernel-managed fields live in their own value type: the kernel refuses BTF in which a
+ * struct holding a bpf_spin_lock (or bpf_timer, ...) contains bitfields, even nested.
+ */
+struct locked_s {
+	struct bpf_spin_lock lock;
+	__u32 hits;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16);
+	__type(key, __u32);
+	__type(value, struct locked_s);
+} locks SEC(".maps");
+
 struct arr_s g_arr;
 struct un_s g_un;
 struct kind_s g_kind;
@@ -92,11 +107,17 @@ int count(struct xdp_md *ctx)
 	struct conn *c = bpf_map_lookup_elem(&conns, &key);
 
 	if (c) {
-		bpf_spin_lock(&c->lock);
-		c->packets++;
-		c->bytes += ctx->data_end - ctx->data;
+		__sync_fetch_and_add(&c->packets, 1);
+		__sync_fetch_and_add(&c->bytes, ctx->data_end - ctx->data);
 		c->expires = bpf_ktime_get_ns() + 30000000000ULL;
-		bpf_spin_unlock(&c->lock);
+	}
+	__u32 zero = 0;
+	struct locked_s *l = bpf_map_lookup_elem(&locks, &zero);
+
+	if (l) {
+		bpf_spin_lock(&l->lock);
+		l->hits++;
+		bpf_spin_unlock(&l->lock);
 	}
 	return XDP_PASS;
 }

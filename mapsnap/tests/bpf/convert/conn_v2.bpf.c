@@ -3,7 +3,7 @@
 // Conversion test fixture, version 2 of the conntrack-style map of conn_v1.bpf.c:
 // - packets widened to __u64, delta widened to __s32, mtu narrowed to __u16;
 // - rx_port renamed local_port, legacy_flags removed, zone and created new;
-// - members reordered (the spin lock moved too), endpoint reordered with a new ifindex;
+// - members reordered, endpoint reordered with a new ifindex;
 // - hist grows from 4 to 8 elements; enum conn_state renumbered, CS_OLD_ONLY gone;
 // - bitfields reordered and retries widened; the key gains an ifindex.
 //
@@ -50,7 +50,6 @@ union conn_label {
 struct conn {
 	__u64 bytes;
 	__u64 packets;
-	struct bpf_spin_lock lock;
 	enum conn_state state;
 	__u16 local_port;
 	__u8 retries : 6, seen_reply : 1, dir : 1;
@@ -72,6 +71,22 @@ struct {
 	__type(value, struct conn);
 } conns SEC(".maps");
 
+/*
+ * Kernel-managed fields live in their own value type: the kernel refuses BTF in which a
+ * struct holding a bpf_spin_lock (or bpf_timer, ...) contains bitfields, even nested.
+ */
+struct locked_s {
+	__u64 hits;
+	struct bpf_spin_lock lock;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16);
+	__type(key, __u32);
+	__type(value, struct locked_s);
+} locks SEC(".maps");
+
 SEC("xdp")
 int count(struct xdp_md *ctx)
 {
@@ -79,11 +94,17 @@ int count(struct xdp_md *ctx)
 	struct conn *c = bpf_map_lookup_elem(&conns, &key);
 
 	if (c) {
-		bpf_spin_lock(&c->lock);
-		c->packets++;
-		c->bytes += ctx->data_end - ctx->data;
+		__sync_fetch_and_add(&c->packets, 1);
+		__sync_fetch_and_add(&c->bytes, ctx->data_end - ctx->data);
 		c->expires = bpf_ktime_get_ns() + 30000000000ULL;
-		bpf_spin_unlock(&c->lock);
+	}
+	__u32 zero = 0;
+	struct locked_s *l = bpf_map_lookup_elem(&locks, &zero);
+
+	if (l) {
+		bpf_spin_lock(&l->lock);
+		l->hits++;
+		bpf_spin_unlock(&l->lock);
 	}
 	return XDP_PASS;
 }
