@@ -6,6 +6,7 @@
 #   make test    deps + lint + every test (kernel tests need root)
 #   make bench   the benchmark of docs/PERFORMANCE.md (BENCH_ARGS=--quick for a smoke run)
 #   make demo    deps + build + scripts/demo.sh (pinned maps -> dump -> restore -> diff)
+#   make fuzz    every cargo-fuzz target for FUZZ_SECONDS each (default 600); fuzz-smoke: 20 s
 #   make clean   cargo clean, demo/test leftovers in bpffs and /tmp
 #
 # Tests run with cargo-nextest when it is installed, otherwise with `cargo test`;
@@ -23,7 +24,7 @@ MAPSNAP ?= $(TARGET_DIR)/release/mapsnap
 
 export RUST_BACKTRACE ?= 1
 
-.PHONY: deps build lint fmt-check clippy test test-only demo bench clean
+.PHONY: deps build lint fmt-check clippy test test-only demo bench clean fuzz fuzz-smoke
 
 deps:
 	bash scripts/install-deps.sh
@@ -40,10 +41,38 @@ clippy:
 lint: fmt-check clippy
 
 # Kernel tests create, pin and load BPF objects: they need root and bpffs (make deps).
-test: deps lint test-only
+test: deps lint test-only fuzz-smoke
 
 test-only:
 	CARGO="$(CARGO)" TEST_RUNNER="$(TEST_RUNNER)" bash scripts/run-tests.sh
+
+# Fuzzing: fuzz/ (snapshot reader, manifest, OCI state, annotations) and criu-plugin/fuzz
+# (the dump index), each a cargo workspace of its own. cargo-fuzz passes -Z flags
+# (-Zsanitizer=address): RUSTC_BOOTSTRAP=1 lets this stable toolchain take them. Each
+# target runs FUZZ_SECONDS on its seeds plus a corpus kept in <dir>/corpus/<target>; a crash
+# stops the run and leaves the input in <dir>/artifacts/<target>/.
+FUZZ_SECONDS ?= 600
+# --release (optimised, the default) for real runs; fuzz-smoke builds --dev, which compiles
+# in a fraction of the time and still runs every target with the sanitizer.
+FUZZ_BUILD ?= --release
+FUZZ_DIRS := fuzz $(wildcard criu-plugin/fuzz)
+
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	@for d in $(FUZZ_DIRS); do \
+	    for t in $$(cd $$d && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz list); do \
+	        echo "==> fuzz $$d $$t for $(FUZZ_SECONDS)s"; \
+	        mkdir -p $$d/corpus/$$t; \
+	        (cd $$d && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $(FUZZ_BUILD) $$t corpus/$$t seeds/$$t \
+	            -- -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 -print_final_stats=1) \
+	            2>&1 | grep -vE '^#[0-9]+' \
+	            || exit 1; \
+	    done; \
+	done
+
+# A short run of every target: part of `make test`, so CI fuzzes each for a few seconds.
+fuzz-smoke:
+	$(MAKE) fuzz FUZZ_SECONDS=20 FUZZ_BUILD=--dev
 
 # The full benchmark table of docs/PERFORMANCE.md (several minutes; root).
 bench: deps build
