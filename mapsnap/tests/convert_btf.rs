@@ -695,6 +695,19 @@ fn jiffies_between_tick_rates() {
     );
     let mut no_jiffies = to;
     no_jiffies.jiffies = None;
+    // A plan that would need the missing reading refuses up front.
+    let mut o = Options::default();
+    o.add_rebase("hits=jiffies").unwrap();
+    o.clocks = Some(RebaseClocks {
+        from,
+        to: no_jiffies,
+        mode: RebaseMode::PreserveRemaining,
+    });
+    let err = plan(0, "struct locked_s", 1, "struct locked_s", &o).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "hits: cannot rebase jiffies: a clock sample lacks jiffies or HZ (jiffies need root on both hosts)"
+    );
     assert_eq!(
         clocks::rebase(
             5_100,

@@ -601,6 +601,22 @@ impl Planner<'_> {
                 (None, None) => None,
             },
         };
+        if let (Some((x, y)), Some(c)) = (rebase, &self.opts.clocks) {
+            // Refuse before the first write when a sample lacks what the spec needs.
+            let probe = crate::clocks::rebase_between(1, x, y, &c.from, &c.to, c.mode, u64::MAX);
+            if probe.is_none() {
+                return Err(ConvertError::Rebase {
+                    path: shown(&d.path).to_string(),
+                    spec: if x == y {
+                        x.to_string()
+                    } else {
+                        format!("{x} -> {y}")
+                    },
+                    reason: "a clock sample lacks jiffies or HZ (jiffies need root on both hosts)"
+                        .to_string(),
+                });
+            }
+        }
         if rebase.is_some() && self.show {
             self.rebase_members.push(shown(&d.path).to_string());
         }
