@@ -150,15 +150,17 @@ fn read_clock(id: libc::clockid_t, clock: &'static str) -> Result<u64, ClockErro
 
 /// `(jiffies, CLOCK_MONOTONIC ns when the file was generated)` from /proc/timer_list.
 fn read_timer_list() -> Option<(u64, u64)> {
-    let text = fs::read_to_string("/proc/timer_list").ok()?;
-    parse_timer_list(&text)
+    use std::io::BufRead;
+    // Line by line: the file lists every CPU's timers and the two values come first.
+    let file = fs::File::open("/proc/timer_list").ok()?;
+    parse_timer_list(std::io::BufReader::new(file).lines().map_while(Result::ok))
 }
 
-fn parse_timer_list(text: &str) -> Option<(u64, u64)> {
+fn parse_timer_list(lines: impl IntoIterator<Item = impl AsRef<str>>) -> Option<(u64, u64)> {
     let mut now = None;
     let mut jiffies = None;
-    for line in text.lines() {
-        let line = line.trim();
+    for line in lines {
+        let line = line.as_ref().trim();
         if now.is_none()
             && let Some(rest) = line.strip_prefix("now at ")
         {
@@ -438,10 +440,10 @@ mod tests {
     fn timer_list_parse() {
         let text = "Timer List Version: v0.10\nHRTIMER_MAX_CLOCK_BASES: 8\nnow at 2593626592102 nsecs\n\ncpu: 0\n jiffies: 4295540601\n";
         assert_eq!(
-            parse_timer_list(text),
+            parse_timer_list(text.lines()),
             Some((4_295_540_601, 2_593_626_592_102))
         );
-        assert_eq!(parse_timer_list("nothing"), None);
+        assert_eq!(parse_timer_list(["nothing"]), None);
     }
 
     #[test]
