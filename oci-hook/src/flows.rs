@@ -223,6 +223,15 @@ pub fn oci(
                     "the CRIU image directory",
                 )?);
                 if let Some(m) = CheckpointManifest::read_at(&dir)? {
+                    if let Some(from) = newer_than_manifest(ctr, &m, cfg) {
+                        tracing::info!(
+                            snapshot = crate::location::truncate(from, 256),
+                            "restoring the pins from the snapshot the operator chose over the \
+                             checkpoint's (taken when the source stopped)"
+                        );
+                        let src = restore_source(ctr, from, cfg)?;
+                        return restore_pinned(&src, state, ctr, cfg, Existing::Keep);
+                    }
                     return restore_from_manifest(&m, &dir, state, ctr, cfg);
                 }
                 tracing::info!("restoring a checkpoint without a mapsnap-hook manifest");
@@ -259,32 +268,156 @@ pub fn oci(
         },
         Stage::Poststop => {
             manifest::remove_marker(&cfg.hook.state_dir, &state.id);
-            if !ctr.annotations.snapshot_on_stop {
+            // Both run even when one fails; the first error is returned (and logged).
+            let requested = stop_snapshot(ctr, cfg).transpose();
+            let annotated = ctr
+                .annotations
+                .snapshot_on_stop
+                .then(|| annotated_stop_snapshot(state, ctr, cfg));
+            let results: Vec<Result<String>> =
+                [requested, annotated].into_iter().flatten().collect();
+            if results.is_empty() {
                 return Ok("no snapshot asked at stop".into());
             }
-            let default = format!("stop/{}.mapsnap", state.id);
-            let to = ctr.annotations.snapshot_to.as_deref().unwrap_or(&default);
-            let scope = ctr.scope(to, cfg)?;
-            let dest = location::from_annotation(
-                to,
-                &ctr.mounts,
-                &cfg.hook,
-                crate::annotations::SNAPSHOT_TO,
-                scope.as_deref(),
-                true,
-            )?;
-            let w = take_snapshot(ctr, &dest, true, "poststop", cfg)?;
-            Ok(format!(
-                "saved {} pinned maps to {} ({} bytes, sha256 {})",
-                top_count(&w),
-                w.location,
-                w.size,
-                w.sha256
-            ))
+            let mut done = Vec::new();
+            for r in results {
+                done.push(r?);
+            }
+            Ok(done.join("; "))
         }
         Stage::CreateContainer | Stage::StartContainer => Ok(format!(
             "nothing to do at {stage} (it runs inside the container)"
         )),
+    }
+}
+
+/// Leaf name of the stop snapshot, beside the checkpoint's snapshot (docs/API.md).
+pub const STOP_SNAPSHOT: &str = "maps-stop.mapsnap";
+
+/// `mapsnap.io/snapshot-on-stop`: the pins to the annotated (or default) location.
+fn annotated_stop_snapshot(state: &HookState, ctr: &Container, cfg: &NodeConfig) -> Result<String> {
+    let default = format!("stop/{}.mapsnap", state.id);
+    let to = ctr.annotations.snapshot_to.as_deref().unwrap_or(&default);
+    let scope = ctr.scope(to, cfg)?;
+    let dest = location::from_annotation(
+        to,
+        &ctr.mounts,
+        &cfg.hook,
+        crate::annotations::SNAPSHOT_TO,
+        scope.as_deref(),
+        true,
+    )?;
+    let w = take_snapshot(ctr, &dest, true, "poststop", cfg)?;
+    Ok(format!(
+        "saved {} pinned maps to {} ({} bytes, sha256 {})",
+        top_count(&w),
+        w.location,
+        w.size,
+        w.sha256
+    ))
+}
+
+/// Checks the stop location of a request: exactly [`STOP_SNAPSHOT`] beside the request's
+/// snapshot, below `<namespace>/<name>/<uid>/` of the request's checkpoint object, whose
+/// namespace is the container's own (when it names a pod). The agent checked the snapshot
+/// against the object's storage prefix; this keeps the stop snapshot in the same place.
+pub fn check_stop_location(r: &Request, stop: &str, pod_namespace: Option<&str>) -> Result<()> {
+    let refuse = |why: String| {
+        HookError::refused(
+            format!(
+                "request stopSnapshot {}",
+                crate::location::truncate(stop, 256)
+            ),
+            why,
+        )
+    };
+    let beside = r
+        .snapshot
+        .rsplit_once('/')
+        .map(|(dir, _)| format!("{dir}/{STOP_SNAPSHOT}"));
+    if beside.as_deref() != Some(stop) {
+        return Err(refuse(format!(
+            "it is not {STOP_SNAPSHOT} beside the request's snapshot"
+        )));
+    }
+    let Some((ns, name)) = r.checkpoint.split_once('/') else {
+        return Err(refuse(
+            "the request names no <namespace>/<name> checkpoint".into(),
+        ));
+    };
+    let parts: Vec<&str> = stop.rsplit('/').take(4).collect();
+    if parts.len() != 4 || parts[3] != ns || parts[2] != name || parts[1].is_empty() {
+        return Err(refuse(format!(
+            "it is not below {ns}/{name}/<uid>/ of the request's checkpoint"
+        )));
+    }
+    if let Some(pod_ns) = pod_namespace.filter(|p| *p != ns) {
+        return Err(refuse(format!(
+            "the checkpoint is in namespace {ns}, the container in {pod_ns}"
+        )));
+    }
+    Ok(())
+}
+
+/// The node agent asked for the pins when this container stops (a Migrate that stops the
+/// source after its checkpoint): writes them to the request's `stopSnapshot`, never over an
+/// existing object (the first stop wins; a leftover is the agent's to remove), with the
+/// storage manifest beside it, which is what the agent waits for. None: not asked.
+fn stop_snapshot(ctr: &Container, cfg: &NodeConfig) -> Result<Option<String>> {
+    let Some(r) = Request::read(&cfg.hook.request_dir, &ctr.id, jiff::Timestamp::now())? else {
+        return Ok(None);
+    };
+    let Some(stop) = r.stop_snapshot.clone().filter(|s| !s.is_empty()) else {
+        return Ok(None);
+    };
+    check_stop_location(&r, &stop, ctr.pod_namespace.as_deref())?;
+    if !ctr.annotations.checkpoint {
+        return Ok(Some(
+            "stop snapshot asked, but the container opted out (mapsnap.io/checkpoint-maps=false)"
+                .into(),
+        ));
+    }
+    if ctr.mounts.bpf().next().is_none() {
+        return Ok(Some(
+            "stop snapshot asked, but the container has no bpffs mount".into(),
+        ));
+    }
+    let dest = location::from_request(&stop, &cfg.hook, true)?;
+    let w = take_snapshot(ctr, &dest, false, "poststop, stop snapshot", cfg)?;
+    Ok(Some(format!(
+        "saved {} pinned maps at stop to {} ({} bytes, sha256 {}) for checkpoint {}",
+        top_count(&w),
+        w.location,
+        w.size,
+        w.sha256,
+        r.checkpoint
+    )))
+}
+
+/// At a restore from an archive whose manifest names the checkpoint's snapshot: the pod's
+/// `restore-from` when it names another snapshot and the node agent's restore request for the
+/// pod names exactly that one (the operator chose a newer state, taken when the source
+/// stopped). An annotation alone never overrides the manifest.
+fn newer_than_manifest<'a>(
+    ctr: &'a Container,
+    m: &CheckpointManifest,
+    cfg: &NodeConfig,
+) -> Option<&'a str> {
+    let from = ctr.annotations.restore_from.as_deref()?;
+    if ctr.annotations.restore_mode != RestoreMode::Pin || from == m.snapshot {
+        return None;
+    }
+    let (Some(ns), Some(pod)) = (&ctr.pod_namespace, &ctr.pod_name) else {
+        return None;
+    };
+    match manifest::RestoreRequest::read(
+        &cfg.hook.restore_request_dir,
+        ns,
+        pod,
+        jiff::Timestamp::now(),
+    ) {
+        Ok(Some(r)) if r.snapshot == from => Some(from),
+        _ => None,
     }
 }
 
@@ -660,4 +793,43 @@ pub fn criu_post_dump(env: &CriuEnv, target: &CriuTarget, cfg: &NodeConfig) -> R
         w.size,
         w.sha256,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(checkpoint: &str, snapshot: &str) -> Request {
+        Request {
+            checkpoint: checkpoint.into(),
+            snapshot: snapshot.into(),
+            stop_snapshot: None,
+            created: None,
+            expires: None,
+        }
+    }
+
+    #[test]
+    fn stop_location_stays_beside_the_snapshot_of_the_requests_object() {
+        let r = request("edge/mig", "s3://b/p/edge/mig/u1/maps.mapsnap");
+        let ok = "s3://b/p/edge/mig/u1/maps-stop.mapsnap";
+        assert!(check_stop_location(&r, ok, Some("edge")).is_ok());
+        assert!(check_stop_location(&r, ok, None).is_ok());
+        for bad in [
+            "s3://b/p/edge/mig/u1/maps.mapsnap",
+            "s3://b/p/edge/mig/u2/maps-stop.mapsnap",
+            "s3://b/p/other/mig/u1/maps-stop.mapsnap",
+            "s3://b/p/edge/mig/u1/x/maps-stop.mapsnap",
+        ] {
+            assert!(check_stop_location(&r, bad, Some("edge")).is_err(), "{bad}");
+        }
+        // Another tenant's container, or an object whose location is not its own.
+        assert!(check_stop_location(&r, ok, Some("other")).is_err());
+        let moved = request("edge/mig", "s3://b/p/other/x/u1/maps.mapsnap");
+        assert!(
+            check_stop_location(&moved, "s3://b/p/other/x/u1/maps-stop.mapsnap", None).is_err()
+        );
+        let unnamed = request("", "s3://b/p/edge/mig/u1/maps.mapsnap");
+        assert!(check_stop_location(&unnamed, ok, None).is_err());
+    }
 }

@@ -190,6 +190,10 @@ pub struct Request {
     pub checkpoint: String,
     /// Snapshot location.
     pub snapshot: String,
+    /// Where poststop writes the pins when the container stops (a Migrate that takes the
+    /// source out of service after the checkpoint): `maps-stop.mapsnap` beside `snapshot`.
+    #[serde(default, rename = "stopSnapshot")]
+    pub stop_snapshot: Option<String>,
     #[serde(default)]
     pub created: Option<String>,
     #[serde(default)]

@@ -12,43 +12,11 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
 use mapsnap_hook::manifest::{CheckpointManifest, IMAGE_SNAPSHOT};
-
-fn criu_conf(b: &Bench) -> PathBuf {
-    // What `mapsnap-hook install --config` writes: a wrapper, as CRIU's config takes no
-    // arguments after the script path.
-    let wrapper = b.dir.path().join("criu-action");
-    fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nexec {HOOK} --config {} criu\n",
-            b.config.display()
-        ),
-    )
-    .expect("wrapper");
-    fs::set_permissions(
-        &wrapper,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .expect("chmod");
-    let mut text = format!("action-script {}\n", wrapper.display());
-    if let Some(dir) = criu_plugin_dir(b.dir.path()) {
-        eprintln!(
-            "(CRIU runs with the mapsnap CRIU plugin from {})",
-            dir.display()
-        );
-        text.push_str(&format!("libdir {}\n", dir.display()));
-    } else {
-        eprintln!("(the CRIU plugin is not built in this target dir: CRIU runs without it)");
-    }
-    let path = b.dir.path().join("criu.conf");
-    fs::write(&path, text).expect("criu.conf");
-    path
-}
 
 struct Run {
     before: [u64; 3],
@@ -60,7 +28,6 @@ struct Run {
 
 /// Start, 3 pings, checkpoint, wipe, restore, re-attach, 2 pings.
 fn checkpoint_and_restore(b: &Bench, extra_annotations: &[(&str, &str)]) -> Run {
-    let criu = criu();
     let conf = criu_conf(b);
     // Post-dump acts only on containers that opted in (any mapsnap.io/ annotation).
     let mut ann = vec![
@@ -79,22 +46,7 @@ fn checkpoint_and_restore(b: &Bench, extra_annotations: &[(&str, &str)]) -> Run 
     assert_eq!(b.echo_from_host(), 3);
 
     let images = b.dir.path().join("images");
-    let work = b.dir.path().join("work-dump");
-    let out = run(b
-        .runc()
-        .arg("--criu")
-        .arg(&criu)
-        .args(["checkpoint", "--image-path"])
-        .arg(&images)
-        .arg("--work-path")
-        .arg(&work)
-        .arg(&id));
-    assert!(
-        out.status.success(),
-        "runc checkpoint failed\n--- dump.log ---\n{}\n--- hook log ---\n{}",
-        tail(&work.join("dump.log"), 30),
-        b.log_text()
-    );
+    b.criu_checkpoint(&id, &images, &[]);
     wait_pid_free(pid, Duration::from_secs(10));
     let manifest = CheckpointManifest::read(&images)
         .expect("manifest readable")
@@ -118,26 +70,7 @@ fn checkpoint_and_restore(b: &Bench, extra_annotations: &[(&str, &str)]) -> Run 
     b.wipe_node();
     assert!(b.pins().is_empty() && !b.xdp_attached());
 
-    let rwork = b.dir.path().join("work-restore");
-    let out = run(b
-        .runc()
-        .arg("--criu")
-        .arg(&criu)
-        .args(["restore", "-d", "--image-path"])
-        .arg(&images)
-        .arg("--work-path")
-        .arg(&rwork)
-        .arg("--bundle")
-        .arg(&bundle)
-        .arg(&id)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null()));
-    assert!(
-        out.status.success(),
-        "runc restore failed\n--- restore.log ---\n{}\n--- hook log ---\n{}",
-        tail(&rwork.join("restore.log"), 30),
-        b.log_text()
-    );
+    b.criu_restore(&id, &images, &bundle);
     assert_eq!(b.state_of(&id).map(|s| s.0).as_deref(), Some("running"));
     // Restored by the createRuntime hook, before the tasks resumed.
     let lines = b.log_lines_with("restored 2 pinned maps");
@@ -170,12 +103,6 @@ fn checkpoint_and_restore(b: &Bench, extra_annotations: &[(&str, &str)]) -> Run 
         manifest,
         images,
     }
-}
-
-fn tail(path: &Path, n: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_else(|e| format!("({}: {e})", path.display()));
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 #[test]

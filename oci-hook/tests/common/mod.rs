@@ -734,3 +734,93 @@ fn http_status(port: u16, method: &str, path: &str) -> std::io::Result<u16> {
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::other("no status"))
 }
+
+/// The CRIU config file runc passes through `org.criu.config`: what `mapsnap-hook install
+/// --config` writes (a wrapper, as CRIU's config takes no arguments after the script path),
+/// and the mapsnap CRIU plugin as `libdir` when the workspace built it.
+pub fn criu_conf(b: &Bench) -> PathBuf {
+    let wrapper = b.dir.path().join("criu-action");
+    fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec {HOOK} --config {} criu\n",
+            b.config.display()
+        ),
+    )
+    .expect("wrapper");
+    fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let mut text = format!("action-script {}\n", wrapper.display());
+    if let Some(dir) = criu_plugin_dir(b.dir.path()) {
+        eprintln!(
+            "(CRIU runs with the mapsnap CRIU plugin from {})",
+            dir.display()
+        );
+        text.push_str(&format!("libdir {}\n", dir.display()));
+    } else {
+        eprintln!("(the CRIU plugin is not built in this target dir: CRIU runs without it)");
+    }
+    let path = b.dir.path().join("criu.conf");
+    fs::write(&path, text).expect("criu.conf");
+    path
+}
+
+/// The last `n` lines of a file (a CRIU log), for failure messages.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_else(|e| format!("({}: {e})", path.display()));
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+impl Bench {
+    /// `runc checkpoint` of `id` with CRIU into `images` (`extra`: e.g. `--leave-running`);
+    /// fails the test with CRIU's and the hook's logs.
+    pub fn criu_checkpoint(&self, id: &str, images: &Path, extra: &[&str]) {
+        let work = self.dir.path().join("work-dump");
+        let out = run(self
+            .runc()
+            .arg("--criu")
+            .arg(criu())
+            .arg("checkpoint")
+            .args(extra)
+            .arg("--image-path")
+            .arg(images)
+            .arg("--work-path")
+            .arg(&work)
+            .arg(id));
+        assert!(
+            out.status.success(),
+            "runc checkpoint failed\n--- dump.log ---\n{}\n--- hook log ---\n{}",
+            tail(&work.join("dump.log"), 30),
+            self.log_text()
+        );
+    }
+
+    /// `runc restore -d` of `id` from `images` with `bundle`; fails the test with CRIU's and
+    /// the hook's logs.
+    pub fn criu_restore(&self, id: &str, images: &Path, bundle: &Path) {
+        let rwork = self.dir.path().join("work-restore");
+        let out = run(self
+            .runc()
+            .arg("--criu")
+            .arg(criu())
+            .args(["restore", "-d", "--image-path"])
+            .arg(images)
+            .arg("--work-path")
+            .arg(&rwork)
+            .arg("--bundle")
+            .arg(bundle)
+            .arg(id)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()));
+        assert!(
+            out.status.success(),
+            "runc restore failed\n--- restore.log ---\n{}\n--- hook log ---\n{}",
+            tail(&rwork.join("restore.log"), 30),
+            self.log_text()
+        );
+    }
+}
