@@ -18,6 +18,7 @@
 //! [age]: https://age-encryption.org/v1
 
 mod crypt;
+mod hasher;
 mod keys;
 mod sign;
 mod verify;
@@ -30,7 +31,9 @@ pub use crypt::{
 };
 pub use keys::{KeyId, KeyPair, PublicKey, SecretKey, keygen};
 pub use sign::{SIGNATURE_SUFFIX, Signed, SignedFacts, SigningWriter};
-pub use verify::{Expected, StreamVerifier, TrustSet, Verified, VerifyingReader};
+pub use verify::{
+    Expected, StreamVerifier, TrustSet, Verified, VerifyingReader, read_signature, signature_path,
+};
 
 use std::path::PathBuf;
 
@@ -89,7 +92,8 @@ pub enum TrustError {
     #[error("signature by key {key_id} is valid, but its trusted comment {reason}")]
     FactsMismatch { key_id: KeyId, reason: String },
     #[error(
-        "invalid manifest digest {digest:?}: it must be non-empty printable ASCII without spaces"
+        "invalid manifest digest {digest:?}: it must be 1 to 256 printable ASCII characters \
+         without spaces"
     )]
     BadManifestDigest { digest: String },
     #[error("invalid age recipient {given:?}: {reason}")]

@@ -5,9 +5,9 @@ use std::io::{self, Write};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use blake2::Digest as _;
 use ed25519_dalek::Signer as _;
 
+use super::hasher::StreamHasher;
 use super::keys::{KeyId, SecretKey};
 use super::{Result, TrustError};
 
@@ -22,41 +22,6 @@ pub(crate) const UNTRUSTED_PREFIX: &str = "untrusted comment: ";
 pub(crate) const TRUSTED_PREFIX: &str = "trusted comment: ";
 /// First word of the trusted comments mapsnap writes (see [`SignedFacts`]).
 const FACTS_TAG: &str = "mapsnap-snapshot";
-
-/// The three digests every signed or verified stream gets in one pass: BLAKE2b-512 (what the
-/// minisign signature covers), SHA-256 and the size (what the trusted comment names, and what
-/// mapsnap's manifest and storage already use).
-#[derive(Clone)]
-pub(crate) struct StreamHasher {
-    blake2b: blake2::Blake2b512,
-    sha256: sha2::Sha256,
-    size: u64,
-}
-
-impl StreamHasher {
-    pub(crate) fn new() -> Self {
-        Self {
-            blake2b: blake2::Blake2b512::new(),
-            sha256: sha2::Sha256::new(),
-            size: 0,
-        }
-    }
-
-    pub(crate) fn update(&mut self, buf: &[u8]) {
-        self.blake2b.update(buf);
-        self.sha256.update(buf);
-        self.size += buf.len() as u64;
-    }
-
-    /// (BLAKE2b-512 prehash, SHA-256, size)
-    pub(crate) fn finish(self) -> ([u8; 64], [u8; 32], u64) {
-        (
-            self.blake2b.finalize().into(),
-            self.sha256.finalize().into(),
-            self.size,
-        )
-    }
-}
 
 /// What a mapsnap trusted comment states about the signed stream:
 /// `mapsnap-snapshot sha256:<hex> size:<bytes> manifest:<digest|none> timestamp:<unix secs>`.
@@ -153,7 +118,7 @@ impl<W: Write> fmt::Debug for SigningWriter<W> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SigningWriter")
             .field("key_id", &self.key.key_id)
-            .field("bytes", &self.hasher.size)
+            .field("bytes", &self.hasher.size())
             .finish_non_exhaustive()
     }
 }
@@ -169,7 +134,7 @@ impl<W: Write> SigningWriter<W> {
 
     /// Bytes signed so far.
     pub fn bytes_written(&self) -> u64 {
-        self.hasher.size
+        self.hasher.size()
     }
 
     pub fn get_ref(&self) -> &W {
@@ -181,7 +146,11 @@ impl<W: Write> SigningWriter<W> {
     /// printable ASCII without spaces.
     pub fn finish(mut self, manifest_digest: Option<&str>) -> Result<(W, Signed)> {
         if let Some(d) = manifest_digest
-            && (d.is_empty() || d == "none" || !d.bytes().all(|b| b.is_ascii_graphic()))
+            // minisign bounds the length of trusted comments it reads; a digest is short.
+            && (d.is_empty()
+                || d.len() > 256
+                || d == "none"
+                || !d.bytes().all(|b| b.is_ascii_graphic()))
         {
             return Err(TrustError::BadManifestDigest {
                 digest: d.to_string(),
@@ -190,7 +159,7 @@ impl<W: Write> SigningWriter<W> {
         self.inner
             .flush()
             .map_err(|e| TrustError::io("flushing the signed stream", e))?;
-        let (prehash, sha256, size) = self.hasher.finish();
+        let (prehash, sha256, size) = self.hasher.finish()?;
         let facts = SignedFacts {
             sha256,
             size,

@@ -332,3 +332,21 @@ fn age_round_trip_and_refusals() {
         Err(TrustError::BadRecipient { .. })
     ));
 }
+
+#[test]
+fn missing_signature_file_is_unsigned() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let snap = dir.path().join("s.msnap");
+    std::fs::write(&snap, b"data").expect("write");
+    assert_eq!(signature_path(&snap), dir.path().join("s.msnap.minisig"));
+    let err = read_signature(&snap).expect_err("unsigned");
+    assert!(matches!(err, TrustError::Unsigned { .. }), "{err}");
+    assert!(err.to_string().contains("is not signed"), "{err}");
+    let kp = keygen(None).expect("keygen");
+    let signed = sign(&kp.secret, b"data", None);
+    std::fs::write(signature_path(&snap), &signed.signature).expect("write sig");
+    let sig = read_signature(&snap).expect("signed");
+    set_of(&[&kp.public])
+        .verify_stream(std::fs::File::open(&snap).expect("open"), &sig)
+        .expect("verifies");
+}

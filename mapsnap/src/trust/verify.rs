@@ -7,10 +7,9 @@ use std::path::Path;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 
+use super::hasher::StreamHasher;
 use super::keys::{KeyId, PublicKey};
-use super::sign::{
-    SIGALG_LEGACY, SIGALG_PREHASHED, SignedFacts, StreamHasher, TRUSTED_PREFIX, UNTRUSTED_PREFIX,
-};
+use super::sign::{SIGALG_LEGACY, SIGALG_PREHASHED, SignedFacts, TRUSTED_PREFIX, UNTRUSTED_PREFIX};
 use super::{Result, TrustError};
 
 /// The public keys a reader accepts signatures from. Several at once, so keys can be rotated:
@@ -186,6 +185,27 @@ impl TrustSet {
     }
 }
 
+/// The detached signature's path for a snapshot file: `<snapshot>.minisig`.
+pub fn signature_path(snapshot: &Path) -> std::path::PathBuf {
+    let mut s = snapshot.as_os_str().to_owned();
+    s.push(super::SIGNATURE_SUFFIX);
+    s.into()
+}
+
+/// Reads the detached signature of `snapshot` (see [`signature_path`]). A missing signature
+/// file is [`TrustError::Unsigned`], so a caller with a trust set refuses the snapshot.
+pub fn read_signature(snapshot: &Path) -> Result<Vec<u8>> {
+    let path = signature_path(snapshot);
+    match super::read_file(&path) {
+        Err(TrustError::ReadFile { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            Err(TrustError::Unsigned {
+                what: snapshot.display().to_string(),
+            })
+        }
+        other => other,
+    }
+}
+
 /// What a successful verification established.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verified {
@@ -256,7 +276,6 @@ impl Verified {
 
 /// A verification in progress: feed it the stream with [`StreamVerifier::update`], then
 /// [`StreamVerifier::finish`].
-#[derive(Clone)]
 pub struct StreamVerifier {
     key: PublicKey,
     sig: ed25519_dalek::Signature,
@@ -295,7 +314,7 @@ impl StreamVerifier {
 
     pub fn finish(self) -> Result<Verified> {
         let key_id = self.key.key_id;
-        let (prehash, sha256, size) = self.hasher.finish();
+        let (prehash, sha256, size) = self.hasher.finish()?;
         self.key
             .key
             .verify_strict(&prehash, &self.sig)
