@@ -523,13 +523,24 @@ fn mapsnap_encryption_decrypts_with_age_cli() {
     let (_, signed) = signer.finish(Some("sha256:1234")).expect("sign");
     let sig_file = d.join(format!("both.msnap.age{SIGNATURE_SUFFIX}"));
     fs::write(&sig_file, &signed.signature).expect("write sig");
-    run(&mut minisign_verify(&pubf, &out_file, &sig_file));
+    let verified = run(&mut minisign_verify(&pubf, &out_file, &sig_file));
     let out = run(Command::new("age")
         .arg("-d")
         .arg("-i")
         .arg(&age_id)
         .arg(&out_file));
     assert!(out.stdout == snap);
+    // A transcript for humans (shown with --nocapture).
+    eprintln!(
+        "$ minisign -V -p signer.pub -m both.msnap.age -x both.msnap.age.minisig\n{}{}\
+         $ age -d -i id.txt both.msnap.age | sha256sum\n{:x}  -\n\
+         (snapshot written by mapsnap: {} bytes, sha256 {:x})",
+        String::from_utf8_lossy(&verified.stderr),
+        String::from_utf8_lossy(&verified.stdout),
+        sha2::Sha256::digest(&out.stdout),
+        snap.len(),
+        sha2::Sha256::digest(&snap)
+    );
     let v = TrustSet::from_paths(&[&pubf])
         .expect("set")
         .verify_stream(fs::File::open(&out_file).expect("open"), &signed.signature)
