@@ -551,9 +551,14 @@ async fn execute_inner(
                 },
             })
         }
-        Step::PrepareHook | Step::UploadArchive | Step::DownloadArchive | Step::Done => Ok(
-            Outcome::ApiError(format!("step {} has nothing to execute", step.as_str())),
-        ),
+        Step::PrepareHook
+        | Step::UploadArchive
+        | Step::DownloadArchive
+        | Step::AwaitStopSnapshot
+        | Step::Done => Ok(Outcome::ApiError(format!(
+            "step {} has nothing to execute",
+            step.as_str()
+        ))),
     }
 }
 

@@ -328,6 +328,10 @@ pub enum Step {
     /// Migrate with `sourcePodPolicy: Delete` or `switchover: StopAfterCheckpoint`: delete
     /// the source pod.
     DeleteSource,
+    /// Migrate with `switchover: StopAfterCheckpoint`, after the source pod's deletion: the
+    /// source node's agent waits (bounded) for the snapshot mapsnap-hook writes of the pins
+    /// when the source container stops.
+    AwaitStopSnapshot,
     /// Nothing left to do.
     Done,
     /// Deletion: the source node's agent removes stored data and node-local files.
@@ -349,6 +353,7 @@ impl Step {
             Step::CreatePod => "CreatePod",
             Step::WaitPod => "WaitPod",
             Step::DeleteSource => "DeleteSource",
+            Step::AwaitStopSnapshot => "AwaitStopSnapshot",
             Step::Done => "Done",
             Step::CleanupSource => "CleanupSource",
             Step::CleanupTarget => "CleanupTarget",
@@ -366,7 +371,8 @@ impl Step {
             | Step::DownloadArchive
             | Step::CreatePod
             | Step::WaitPod
-            | Step::DeleteSource => Phase::Restoring,
+            | Step::DeleteSource
+            | Step::AwaitStopSnapshot => Phase::Restoring,
             Step::Done => Phase::Succeeded,
             Step::CleanupSource | Step::CleanupTarget => Phase::Deleting,
         }
@@ -508,6 +514,26 @@ pub struct CheckpointStatus {
     /// When the kubelet finished the checkpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_time: Option<Time>,
+    /// Migrate with `switchover: StopAfterCheckpoint`: the snapshot of the pinned maps taken
+    /// when the source stopped (`maps-stop.mapsnap` beside `snapshot`), set once it exists;
+    /// the restore uses it instead of `snapshot`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_snapshot: Option<String>,
+    /// The stop snapshot's manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_manifest: Option<ManifestSummary>,
+}
+
+impl CheckpointStatus {
+    /// The snapshot a restore takes the pinned maps from: the stop snapshot when there is
+    /// one, else the checkpoint's; None when the checkpoint carries no maps.
+    pub fn restore_snapshot(&self) -> Option<&str> {
+        match (&self.stop_snapshot, &self.manifest) {
+            (Some(stop), _) => Some(stop),
+            (None, Some(_)) => Some(&self.snapshot),
+            (None, None) => None,
+        }
+    }
 }
 
 /// What the snapshot's manifest says.
@@ -573,6 +599,9 @@ pub enum AgentOperation {
     DownloadArchive,
     /// Remove request files, node-local archives, stored objects and pushed images.
     Cleanup,
+    /// Wait (until the task expires) for the stop snapshot's manifest in storage, then remove
+    /// the hook request file.
+    AwaitStopSnapshot,
 }
 
 impl AgentOperation {
@@ -583,6 +612,7 @@ impl AgentOperation {
             AgentOperation::UploadArchive => "UploadArchive",
             AgentOperation::DownloadArchive => "DownloadArchive",
             AgentOperation::Cleanup => "Cleanup",
+            AgentOperation::AwaitStopSnapshot => "AwaitStopSnapshot",
         }
     }
 }
@@ -610,6 +640,10 @@ pub struct AgentTask {
     /// The snapshot location (hook request; manifest to read).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
+    /// The stop snapshot's location (PrepareCheckpoint: asked of the hook at the container's
+    /// stop; UploadArchive: the request stays for it; AwaitStopSnapshot: what to wait for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_snapshot: Option<String>,
     /// The archive location (upload to, download from).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub archive: Option<String>,
@@ -657,7 +691,8 @@ pub struct AgentResult {
     pub archive_sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub archive_size: Option<i64>,
-    /// Upload: the snapshot's manifest.
+    /// Upload: the snapshot's manifest. AwaitStopSnapshot: the stop snapshot's (None: it did
+    /// not appear before the task expired).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest: Option<ManifestSummary>,
     /// Download: where the archive is on the node. KubeletCheckpoint: the kubelet's archive.

@@ -320,25 +320,45 @@ impl NodeDirs {
     /// What mapsnap-hook does at CRIU's post-dump: reads the request file and writes the
     /// snapshot and its manifest where it says. Returns the request.
     pub fn hook_writes_snapshot(&self, container_id: &str, snapshot: &[u8]) -> HookRequest {
-        let req_path = self.paths.requests.join(format!("{container_id}.json"));
-        let req: HookRequest = serde_json::from_slice(
-            &std::fs::read(&req_path).expect("the agent wrote the hook request file"),
-        )
-        .expect("hook request JSON");
-        let path = match mapsnap::storage::Location::parse(&req.snapshot).expect("location") {
-            mapsnap::storage::Location::Local(p) => p,
-            other => panic!("tests use file:// locations, got {other:?}"),
-        };
-        std::fs::create_dir_all(path.parent().expect("dir")).expect("mkdir");
-        std::fs::write(&path, snapshot).expect("snapshot");
-        let manifest = test_manifest(&req.snapshot, snapshot, container_id);
-        std::fs::write(
-            format!("{}{}", path.display(), mapsnap::storage::MANIFEST_SUFFIX),
-            manifest.to_json(),
-        )
-        .expect("manifest");
+        let req = self.hook_request(container_id);
+        write_snapshot(&req.snapshot, snapshot, container_id);
         req
     }
+
+    /// What mapsnap-hook does at the container's poststop when the request names a stop
+    /// snapshot: writes it, then its manifest (the agent waits for the manifest).
+    pub fn hook_writes_stop_snapshot(&self, container_id: &str, snapshot: &[u8]) -> String {
+        let req = self.hook_request(container_id);
+        let stop = req
+            .stop_snapshot
+            .expect("the hook request names a stop snapshot");
+        write_snapshot(&stop, snapshot, container_id);
+        stop
+    }
+
+    fn hook_request(&self, container_id: &str) -> HookRequest {
+        let req_path = self.paths.requests.join(format!("{container_id}.json"));
+        serde_json::from_slice(
+            &std::fs::read(&req_path).expect("the agent wrote the hook request file"),
+        )
+        .expect("hook request JSON")
+    }
+}
+
+/// A snapshot and its manifest at a `file://` location, as the hook writes them.
+fn write_snapshot(location: &str, snapshot: &[u8], container_id: &str) {
+    let path = match mapsnap::storage::Location::parse(location).expect("location") {
+        mapsnap::storage::Location::Local(p) => p,
+        other => panic!("tests use file:// locations, got {other:?}"),
+    };
+    std::fs::create_dir_all(path.parent().expect("dir")).expect("mkdir");
+    std::fs::write(&path, snapshot).expect("snapshot");
+    let manifest = test_manifest(location, snapshot, container_id);
+    std::fs::write(
+        format!("{}{}", path.display(), mapsnap::storage::MANIFEST_SUFFIX),
+        manifest.to_json(),
+    )
+    .expect("manifest");
 }
 
 /// A manifest as mapsnap-hook writes it.

@@ -5,6 +5,9 @@ use sha2::{Digest, Sha256};
 
 /// Object name of the map snapshot under an object's prefix.
 pub const SNAPSHOT_NAME: &str = "maps.mapsnap";
+/// Object name of the snapshot of the pins taken when the source stops (Migrate with
+/// `switchover: StopAfterCheckpoint`), beside [`SNAPSHOT_NAME`].
+pub const STOP_SNAPSHOT_NAME: &str = "maps-stop.mapsnap";
 /// Object name of the kubelet checkpoint archive under an object's prefix.
 pub const ARCHIVE_NAME: &str = "checkpoint.tar";
 /// Name of the controller's leader-election lease.
@@ -100,6 +103,11 @@ pub fn object_prefix(base: &str, namespace: &str, name: &str, uid: &str) -> Stri
 /// Where the snapshot of one object goes.
 pub fn snapshot_location(prefix: &str) -> String {
     format!("{prefix}/{SNAPSHOT_NAME}")
+}
+
+/// Where the stop snapshot of one object goes.
+pub fn stop_snapshot_location(prefix: &str) -> String {
+    format!("{prefix}/{STOP_SNAPSHOT_NAME}")
 }
 
 /// Where the archive of one object goes.
@@ -207,6 +215,10 @@ mod tests {
         assert_eq!(p, "s3://b/p/edge/lb/u-1");
         assert_eq!(snapshot_location(&p), "s3://b/p/edge/lb/u-1/maps.mapsnap");
         assert_eq!(archive_location(&p), "s3://b/p/edge/lb/u-1/checkpoint.tar");
+        assert_eq!(
+            stop_snapshot_location(&p),
+            "s3://b/p/edge/lb/u-1/maps-stop.mapsnap"
+        );
         let n = restored_pod_name("lb-0", "uid");
         assert!(n.starts_with("lb-0-") && n.len() == 10, "{n}");
         let long = restored_pod_name(&"a".repeat(100), "uid");

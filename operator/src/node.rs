@@ -27,11 +27,16 @@ use crate::layout;
 /// The hook request file (`/run/mapsnap/requests/<container-id>.json`): tells mapsnap-hook,
 /// run by CRIU at post-dump, where this container's maps go.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct HookRequest {
     /// `<namespace>/<name>` of the `BpfMapCheckpoint`.
     pub checkpoint: String,
     /// Where to write the snapshot (and its manifest beside it).
     pub snapshot: String,
+    /// Where the hook writes the pins when the container stops (`maps-stop.mapsnap` beside
+    /// `snapshot`): asked by a Migrate with `switchover: StopAfterCheckpoint`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_snapshot: Option<String>,
     /// RFC 3339.
     pub created: String,
     /// RFC 3339; the hook ignores the request after this.
@@ -328,6 +333,28 @@ fn write_atomic(dir: &Anchor, leaf: &str, bytes: &[u8]) -> Result<(), NodeError>
     renamed
 }
 
+/// A snapshot's manifest must be of the task's container (ids compare by prefix: the CRI id
+/// may be shortened on one side).
+fn check_manifest_container(
+    manifest: Option<&Manifest>,
+    task: &AgentTask,
+    location: &str,
+) -> Result<(), NodeError> {
+    if let Some(m) = manifest
+        && let (Some(want), Some(got)) = (
+            task.container_id.as_deref(),
+            m.source.container_id.as_deref(),
+        )
+        && !got.starts_with(want)
+        && !want.starts_with(got)
+    {
+        return Err(NodeError::Mismatch(format!(
+            "the snapshot at {location} is of container {got}, not {want}"
+        )));
+    }
+    Ok(())
+}
+
 /// The restore request file's name for a pod (`<namespace>/<name>`).
 fn restore_request_leaf(pod: &str) -> Result<String, NodeError> {
     let (ns, name) = pod
@@ -386,6 +413,8 @@ pub struct NodeAgent {
     /// `<prefix>/<namespace>/<name>/<uid>/<maps.mapsnap|checkpoint.tar>` for its object's
     /// namespace; what it writes or deletes, for its object's own name and UID too.
     pub allowed_locations: Vec<String>,
+    /// AwaitStopSnapshot: how often storage is asked for the stop snapshot's manifest.
+    pub stop_poll: std::time::Duration,
 }
 
 impl NodeAgent {
@@ -395,6 +424,7 @@ impl NodeAgent {
             blobs,
             images: None,
             allowed_locations: Vec::new(),
+            stop_poll: std::time::Duration::from_secs(2),
         }
     }
 
@@ -444,7 +474,9 @@ impl NodeAgent {
                 && (!own || (parts[1] == name && parts[2] == uid))
                 && !parts[1].is_empty()
                 && !parts[2].is_empty()
-                && (parts[3] == layout::SNAPSHOT_NAME || parts[3] == layout::ARCHIVE_NAME)
+                && (parts[3] == layout::SNAPSHOT_NAME
+                    || parts[3] == layout::STOP_SNAPSHOT_NAME
+                    || parts[3] == layout::ARCHIVE_NAME)
         });
         if ok {
             Ok(())
@@ -534,6 +566,9 @@ impl NodeAgent {
                 self.download(checkpoint, uid, task, now, &mut result)
             }
             Some(AgentOperation::Cleanup) => self.cleanup(checkpoint, uid, task),
+            Some(AgentOperation::AwaitStopSnapshot) => {
+                self.await_stop(checkpoint, uid, task, now, &mut result)
+            }
             None => Err(NodeError::Unsupported(
                 "the task names no operation this agent knows (is the agent older than the \
                  controller?)"
@@ -573,11 +608,16 @@ impl NodeAgent {
             .ok_or_else(|| NodeError::Refused("the task names no snapshot location".into()))?;
         Location::parse(&snapshot)?;
         self.check_task_location(&snapshot, checkpoint, uid, true)?;
+        let stop_snapshot = task.stop_snapshot.clone();
+        if let Some(stop) = stop_snapshot.as_deref() {
+            self.check_stop_location(stop, &snapshot, checkpoint, uid)?;
+        }
         let name = self.request_leaf(id)?;
         let path = self.paths.requests.join(&name);
         let req = HookRequest {
             checkpoint: checkpoint.to_string(),
             snapshot,
+            stop_snapshot,
             created: now.to_string(),
             expires: rfc3339(&task.expires),
         };
@@ -620,19 +660,12 @@ impl NodeAgent {
         // No manifest: the hook wrote no snapshot (no bpffs mount, opted out, or not
         // installed). The controller warns and goes on without maps.
         let manifest = self.blobs.manifest(snapshot)?;
-        if let Some(m) = manifest.as_ref()
-            && let (Some(want), Some(got)) = (
-                task.container_id.as_deref(),
-                m.source.container_id.as_deref(),
-            )
-            && !got.starts_with(want)
-            && !want.starts_with(got)
-        {
-            return Err(NodeError::Mismatch(format!(
-                "the snapshot at {snapshot} is of container {got}, not {want}"
-            )));
-        }
-        if let Some(id) = task.container_id.as_deref() {
+        check_manifest_container(manifest.as_ref(), task, snapshot)?;
+        // A stop snapshot is asked of the hook when the container stops, after this: the
+        // request stays until AwaitStopSnapshot (or cleanup) removes it. Without maps at the
+        // checkpoint there are none at the stop either.
+        let keep_request = task.stop_snapshot.is_some() && manifest.is_some();
+        if let Some(id) = task.container_id.as_deref().filter(|_| !keep_request) {
             self.requests_dir()?.unlink(&self.request_leaf(id)?)?;
         }
         result.archive_sha256 = Some(digest.sha256.clone());
@@ -650,6 +683,86 @@ impl NodeAgent {
             local.display(),
             digest.size
         ))
+    }
+
+    /// A stop snapshot location: the object's own, exactly beside its snapshot.
+    fn check_stop_location(
+        &self,
+        stop: &str,
+        snapshot: &str,
+        checkpoint: &str,
+        uid: &str,
+    ) -> Result<(), NodeError> {
+        self.check_task_location(stop, checkpoint, uid, true)?;
+        let beside = snapshot
+            .strip_suffix(layout::SNAPSHOT_NAME)
+            .map(|dir| format!("{dir}{}", layout::STOP_SNAPSHOT_NAME));
+        if beside.as_deref() == Some(stop) {
+            Ok(())
+        } else {
+            Err(NodeError::Refused(format!(
+                "stop snapshot {stop:?} refused: not {} beside {snapshot}",
+                layout::STOP_SNAPSHOT_NAME
+            )))
+        }
+    }
+
+    /// Waits until the task expires for the stop snapshot's manifest (the hook writes it after
+    /// the snapshot, at the source container's poststop), then removes the hook request so a
+    /// later stop writes nothing. The answer carries the manifest, or none if it did not
+    /// appear in time; a storage error that lasts until the deadline is the answer's error.
+    fn await_stop(
+        &self,
+        checkpoint: &str,
+        uid: &str,
+        task: &AgentTask,
+        now: Timestamp,
+        result: &mut AgentResult,
+    ) -> Result<String, NodeError> {
+        let stop = task
+            .stop_snapshot
+            .as_deref()
+            .ok_or_else(|| NodeError::Refused("the task names no stop snapshot".into()))?;
+        let snapshot = task
+            .snapshot
+            .as_deref()
+            .ok_or_else(|| NodeError::Refused("the task names no snapshot".into()))?;
+        self.check_stop_location(stop, snapshot, checkpoint, uid)?;
+        let wait =
+            std::time::Duration::try_from(now.duration_until(task.expires.0)).unwrap_or_default();
+        let deadline = std::time::Instant::now() + wait;
+        let manifest = loop {
+            let last = match self.blobs.manifest(stop) {
+                Ok(Some(m)) => break Some(m),
+                Ok(None) => None,
+                Err(e) => Some(e),
+            };
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                match last {
+                    Some(e) => return Err(e),
+                    None => break None,
+                }
+            }
+            std::thread::sleep(self.stop_poll.min(left));
+        };
+        check_manifest_container(manifest.as_ref(), task, stop)?;
+        if let Some(id) = task.container_id.as_deref() {
+            self.requests_dir()?.unlink(&self.request_leaf(id)?)?;
+        }
+        result.manifest = manifest.as_ref().map(summarize);
+        Ok(match manifest {
+            Some(m) => format!(
+                "the stop snapshot {stop} exists ({} maps, {} bytes)",
+                m.maps.len(),
+                m.size
+            ),
+            None => format!(
+                "no stop snapshot at {stop} within {}s (no manifest {stop}{})",
+                wait.as_secs(),
+                mapsnap::storage::MANIFEST_SUFFIX
+            ),
+        })
     }
 
     /// After the upload's result is recorded: removes the node-local archive (it holds the

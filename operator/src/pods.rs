@@ -299,10 +299,8 @@ pub fn restored_pod(
         .ok_or("the checkpoint recorded no pod template")?;
     let checkpoint = status.checkpoint.as_ref().ok_or("no checkpoint")?;
     // Without a manifest the checkpoint has no maps: no annotation, so the hook restores none.
-    let snapshot = checkpoint
-        .manifest
-        .as_ref()
-        .map(|_| checkpoint.snapshot.clone());
+    // A stop snapshot (newer than the checkpoint's) wins.
+    let snapshot = checkpoint.restore_snapshot().map(str::to_string);
     let uid = cr.metadata.uid.clone().unwrap_or_default();
     let mut spec: PodSpec = template.spec.clone();
     spec.node_name = Some(node.to_string());

@@ -30,6 +30,10 @@ use crate::pods::{self, PodProgress, SourceCheck};
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 pub const FAILED: &str = "Failed";
+/// Migrate with `switchover: StopAfterCheckpoint`: whether the restored pinned maps are those
+/// of the source's stop (`True`), or only those of the checkpoint (`False`: changes the
+/// source made after it are lost).
+pub const MAP_STATE_FRESH: &str = "MapStateFresh";
 
 /// An event to publish about the object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +143,7 @@ pub fn is_agent_step(step: Step, cfg: &Config) -> bool {
         Step::PrepareHook
         | Step::UploadArchive
         | Step::DownloadArchive
+        | Step::AwaitStopSnapshot
         | Step::CleanupSource
         | Step::CleanupTarget => true,
         Step::KubeletCheckpoint => cfg.kubelet_access == KubeletAccess::Agent,
@@ -388,6 +393,47 @@ impl<'a> Machine<'a> {
             && self.cr.spec.switchover.unwrap_or_default() == Switchover::StopAfterCheckpoint
     }
 
+    /// Where the hook writes the pins when the source stops: beside the checkpoint's snapshot
+    /// (None unless the Migrate stops the source after its checkpoint).
+    fn stop_location(&self) -> Option<String> {
+        if !self.stop_after_checkpoint() {
+            return None;
+        }
+        let snapshot = &self.status.checkpoint.as_ref()?.snapshot;
+        let prefix = snapshot.strip_suffix(&format!("/{}", layout::SNAPSHOT_NAME))?;
+        Some(layout::stop_snapshot_location(prefix))
+    }
+
+    /// How long the source node's agent waits for the stop snapshot after the source pod's
+    /// deletion: the pod's termination grace period (the kubelet kills the container then at
+    /// the latest; the runtime runs poststop when it removes the container) plus
+    /// `agentTimeout` for the removal and the upload.
+    fn stop_wait(&self) -> Duration {
+        let grace = self
+            .status
+            .source
+            .as_ref()
+            .and_then(|s| s.pod_template.as_ref())
+            .and_then(|t| t.spec.termination_grace_period_seconds)
+            .and_then(|s| u64::try_from(s).ok())
+            .unwrap_or(30);
+        Duration::from_secs(grace) + self.cfg.agent_timeout
+    }
+
+    /// No stop snapshot (not written in time, or the wait failed): the restore goes on from
+    /// the checkpoint's snapshot, said loudly, since the source is gone and the checkpoint
+    /// is good.
+    fn stop_snapshot_missing(mut self, why: &str) -> Transition {
+        let msg = format!(
+            "no snapshot of the pinned maps from the source's stop ({why}): restoring the \
+             checkpoint's snapshot; changes the source made to its pinned maps after the \
+             checkpoint are lost"
+        );
+        self.note(true, "StopSnapshotMissing", &msg);
+        self.set_condition(MAP_STATE_FRESH, false, "StopSnapshotMissing", &msg);
+        self.enter(Step::PrepareRestore)
+    }
+
     fn note(&mut self, warning: bool, reason: &str, note: &str) {
         self.events.push(EventNote {
             warning,
@@ -613,6 +659,8 @@ impl<'a> Machine<'a> {
             Step::KubeletCheckpoint => self.kubelet_timeout() + crate::kubelet::CLIENT_GRACE,
             Step::Resolve | Step::ResolveCheckpoint => self.cfg.wait_timeout,
             Step::WaitPod => self.cfg.restore_timeout,
+            // The agent's own wait, plus the time to answer.
+            Step::AwaitStopSnapshot => self.stop_wait() + self.cfg.agent_timeout,
             _ => self.cfg.agent_timeout,
         }
     }
@@ -631,6 +679,7 @@ impl<'a> Machine<'a> {
             container: None,
             timeout_seconds: None,
             snapshot: ckpt.map(|c| c.snapshot.clone()),
+            stop_snapshot: None,
             archive: None,
             node_archive: None,
             archive_sha256: None,
@@ -646,6 +695,7 @@ impl<'a> Machine<'a> {
                 node: source?.node.clone(),
                 operation: Some(AgentOperation::PrepareCheckpoint),
                 container_id: Some(source?.container_id.clone()),
+                stop_snapshot: self.stop_location(),
                 expires: Time(after(self.now, self.cfg.hook_request_ttl)),
                 ..base
             }),
@@ -662,6 +712,7 @@ impl<'a> Machine<'a> {
                 node: source?.node.clone(),
                 operation: Some(AgentOperation::UploadArchive),
                 container_id: Some(source?.container_id.clone()),
+                stop_snapshot: self.stop_location(),
                 archive: Some(ckpt?.archive.clone()),
                 node_archive: Some(ckpt?.node_archive.clone()?),
                 ..base
@@ -671,6 +722,13 @@ impl<'a> Machine<'a> {
                 Some(AgentTask {
                     node: restore.node.clone(),
                     operation: Some(AgentOperation::DownloadArchive),
+                    // The restore request names what the restored pod's annotation names.
+                    snapshot: Some(
+                        ckpt?
+                            .stop_snapshot
+                            .clone()
+                            .unwrap_or(ckpt?.snapshot.clone()),
+                    ),
                     archive: Some(ckpt?.archive.clone()),
                     archive_sha256: Some(ckpt?.archive_sha256.clone()?),
                     archive_size: ckpt?.archive_size,
@@ -679,6 +737,14 @@ impl<'a> Machine<'a> {
                     ..base
                 })
             }
+            Step::AwaitStopSnapshot => Some(AgentTask {
+                node: source?.node.clone(),
+                operation: Some(AgentOperation::AwaitStopSnapshot),
+                container_id: Some(source?.container_id.clone()),
+                stop_snapshot: Some(self.stop_location()?),
+                expires: Time(after(self.now, self.stop_wait())),
+                ..base
+            }),
             _ => None,
         }
     }
@@ -784,6 +850,14 @@ impl<'a> Machine<'a> {
         let result = self.status.agent_result.clone().filter(|r| r.id == task.id);
         match result {
             Some(r) if r.succeeded => Decision::Apply(Box::new(self.agent_done(step, &r))),
+            Some(r) if step == Step::AwaitStopSnapshot => {
+                let why = format!(
+                    "agent on node {}: {}",
+                    r.node,
+                    r.message.as_deref().unwrap_or("failed")
+                );
+                Decision::Apply(Box::new(self.stop_snapshot_missing(&why)))
+            }
             // The kubelet's answer, as the agent relayed it: judged like the proxy's.
             Some(r) if step == Step::KubeletCheckpoint && r.http_status.is_some() => {
                 let code = r
@@ -817,6 +891,9 @@ impl<'a> Machine<'a> {
                         task.operation.map_or("its task", |o| o.as_str()),
                         self.step_timeout(step).as_secs()
                     );
+                    if step == Step::AwaitStopSnapshot {
+                        return Decision::Apply(Box::new(self.stop_snapshot_missing(&msg)));
+                    }
                     Decision::Apply(Box::new(self.retry("AgentTimeout", &msg)))
                 } else {
                     Decision::Requeue(until(self.now, deadline).min(self.cfg.poll_interval))
@@ -903,6 +980,31 @@ impl<'a> Machine<'a> {
                 );
                 self.note(false, "ImagePushed", &note);
                 self.enter(Step::CreatePod)
+            }
+            Step::AwaitStopSnapshot => {
+                let Some(m) = r.manifest.clone() else {
+                    let why = r
+                        .message
+                        .clone()
+                        .unwrap_or_else(|| "it did not appear in time".into());
+                    return self.stop_snapshot_missing(&why);
+                };
+                let Some(stop) = self.stop_location() else {
+                    return self.fail("InternalError", "no stop snapshot location");
+                };
+                let msg = format!(
+                    "mapsnap-hook saved {} pinned maps ({}) when the source stopped, at {stop}: \
+                     the restore uses them instead of the checkpoint's",
+                    m.maps.len(),
+                    layout::human_size(m.size.max(0) as u64)
+                );
+                if let Some(c) = self.status.checkpoint.as_mut() {
+                    c.stop_snapshot = Some(stop);
+                    c.stop_manifest = Some(m);
+                }
+                self.note(false, "StopSnapshotFound", &msg);
+                self.set_condition(MAP_STATE_FRESH, true, "StopSnapshot", &msg);
+                self.enter(Step::PrepareRestore)
             }
             other => self.fail(
                 "InternalError",
@@ -1241,6 +1343,15 @@ impl<'a> Machine<'a> {
                 source_pod_deleted: Some(deleted),
                 ..RestoreStatus::default()
             });
+            // Pinned maps at the checkpoint: the hook saves them again when the source stops.
+            let has_maps = self
+                .status
+                .checkpoint
+                .as_ref()
+                .is_some_and(|c| c.manifest.is_some());
+            if has_maps && self.stop_location().is_some() {
+                return self.enter(Step::AwaitStopSnapshot);
+            }
             return self.enter(Step::PrepareRestore);
         }
         if let Some(r) = self.status.restore.as_mut() {
@@ -1302,6 +1413,8 @@ impl<'a> Machine<'a> {
                 if !ckpt.archive.is_empty() {
                     objects.push(ckpt.archive.clone());
                 }
+                // Asked of the hook whether or not it was seen (a late stop may write it).
+                objects.extend(self.stop_location());
                 AgentTask {
                     id: task_id(step, self.attempt()),
                     node,
@@ -1311,6 +1424,7 @@ impl<'a> Machine<'a> {
                     container: None,
                     timeout_seconds: None,
                     snapshot: None,
+                    stop_snapshot: None,
                     archive: None,
                     node_archive: ckpt.node_archive.filter(|_| on_source),
                     archive_sha256: None,
@@ -1340,6 +1454,7 @@ impl<'a> Machine<'a> {
                     container: None,
                     timeout_seconds: None,
                     snapshot: None,
+                    stop_snapshot: None,
                     archive: None,
                     node_archive: Some(archive),
                     archive_sha256: None,
@@ -1440,6 +1555,9 @@ fn describe(step: Step) -> String {
         Step::CreatePod => "creating the restored pod".into(),
         Step::WaitPod => "waiting for the restored pod to run".into(),
         Step::DeleteSource => "deleting the source pod".into(),
+        Step::AwaitStopSnapshot => {
+            "waiting for the snapshot of the pinned maps taken when the source stopped".into()
+        }
         Step::Done => String::new(),
         Step::CleanupSource => "deleting stored data and the source node's files".into(),
         Step::CleanupTarget => "deleting the target node's archive copy".into(),

@@ -213,13 +213,16 @@ async fn drive_kubelet_and_upload(h: &mut Harness) -> String {
         !std::path::Path::new(&path).exists(),
         "node-local archive removed"
     );
-    assert!(
-        !h.node(NODE_A)
+    // Removed, unless the hook must still write the stop snapshot when the source stops.
+    let stop = h.cr().spec.switchover == Some(crate::crd::Switchover::StopAfterCheckpoint);
+    assert_eq!(
+        h.node(NODE_A)
             .paths
             .requests
             .join(format!("{CONTAINER_ID}.json"))
             .exists(),
-        "hook request removed"
+        stop,
+        "hook request kept only for a stop snapshot"
     );
     path
 }
@@ -309,6 +312,7 @@ fn succeeded_checkpoint(h: &Harness) -> BpfMapCheckpoint {
             map_count: Some(2),
             size: Some("26B".into()),
             checkpoint_time: Some(Time(t0())),
+            ..CheckpointStatus::default()
         }),
         steps: vec![done(Step::Resolve), done(Step::UploadArchive)],
         ..BpfMapCheckpointStatus::default()
@@ -1551,16 +1555,30 @@ async fn a_bad_timeout_is_its_own_404() {
     );
 }
 
-/// Migrate with `switchover: StopAfterCheckpoint`: the source pod is deleted right after the
-/// upload (before anything is restored), and not again once the restored pod runs.
-#[tokio::test]
-async fn migrate_stop_after_checkpoint_deletes_the_source_before_restoring() {
-    let mut cr = new_cr("lb-to-node-b", CrAction::Migrate);
-    cr.spec.switchover = Some(crate::crd::Switchover::StopAfterCheckpoint);
-    let mut h = Harness::new(cr);
-    drive_to_kubelet(&mut h).await;
-    drive_kubelet_and_upload(&mut h).await;
-    let lease_b = agent_lease(NODE_B, Duration::from_secs(1));
+/// Migrate with `switchover: StopAfterCheckpoint` up to the wait for the stop snapshot: the
+/// hook request asks for it, the source pod is deleted right after the upload (before
+/// anything is restored), then the source agent waits for it. Returns its location.
+async fn drive_stop_after_checkpoint(h: &mut Harness) -> String {
+    drive_to_kubelet(h).await;
+    drive_kubelet_and_upload(h).await;
+    let snapshot = h.status().checkpoint.expect("checkpoint").snapshot;
+    let stop = snapshot.replace("/maps.mapsnap", "/maps-stop.mapsnap");
+    assert!(
+        stop.ends_with(&format!("/{NS}/lb-to-node-b/{CR_UID}/maps-stop.mapsnap")),
+        "{stop}"
+    );
+    let req: HookRequest = serde_json::from_slice(
+        &std::fs::read(
+            h.node(NODE_A)
+                .paths
+                .requests
+                .join(format!("{CONTAINER_ID}.json")),
+        )
+        .expect("request kept"),
+    )
+    .expect("json");
+    assert_eq!(req.stop_snapshot.as_deref(), Some(stop.as_str()));
+    let s2 = stop.clone();
     let action = h
         .reconcile(move |mut api| async move {
             let s = api.status().await;
@@ -1571,35 +1589,70 @@ async fn migrate_stop_after_checkpoint_deletes_the_source_before_restoring() {
             api.event("Checkpointed", false).await;
             api.delete_pod(POD, POD_UID, 200).await;
             let s = api.status().await;
-            assert_eq!(s.step, Some(Step::PrepareRestore));
+            assert_eq!(s.step, Some(Step::AwaitStopSnapshot));
             assert_eq!(
                 s.restore.as_ref().and_then(|r| r.source_pod_deleted),
                 Some(true)
             );
+            let task = s.agent_task.expect("task");
+            assert_eq!(task.operation, Some(AgentOperation::AwaitStopSnapshot));
+            assert_eq!(task.node, NODE_A);
+            assert_eq!(task.stop_snapshot.as_deref(), Some(s2.as_str()));
+            // The pod's grace period (30 s, the API default) plus agentTimeout (60 s).
+            assert_eq!(task.expires, Time(t0() + Duration::from_secs(90)));
             api.event("SourcePodDeleted", false).await;
-            api.get_lease(NODE_B, Some(&lease_b)).await;
-            let s = api.status().await;
-            assert_eq!(s.step, Some(Step::DownloadArchive));
-            assert_eq!(
-                s.restore.as_ref().and_then(|r| r.source_pod_deleted),
-                Some(true),
-                "kept while the restore is prepared"
-            );
             api
         })
         .await;
     assert_eq!(action, requeue(POLL));
+    stop
+}
+
+/// PrepareRestore (in the reconcile that saw the stop snapshot step end): the target's
+/// lease, then the download task, which names `snapshot` for the restore request.
+async fn prepare_restore(
+    api: &mut MockApi,
+    lease_b: &k8s_openapi::api::coordination::v1::Lease,
+    snapshot: &str,
+) {
+    api.get_lease(NODE_B, Some(lease_b)).await;
+    let s = api.status().await;
+    assert_eq!(s.step, Some(Step::DownloadArchive));
+    let task = s.agent_task.expect("task");
+    assert_eq!(task.snapshot.as_deref(), Some(snapshot));
+}
+
+/// The restore after the stop snapshot step: target agent, restored pod, success. Returns the
+/// snapshot the restored pod and the target's restore request name.
+async fn drive_restore_after_stop(h: &mut Harness) -> String {
     h.agent(NODE_B, |mut api| async move {
         assert!(api.agent_result().await.succeeded);
         api
     })
     .await;
     let expected_name = crate::layout::restored_pod_name(POD, CR_UID);
+    let request: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            h.node(NODE_B)
+                .paths
+                .restores
+                .join(format!("{NS}_{expected_name}.json")),
+        )
+        .expect("restore request"),
+    )
+    .expect("json");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let action = h
         .reconcile(move |mut api| async move {
             api.status().await;
             api.event("ImagePushed", false).await;
             let pod = api.create_pod().await;
+            let from = pod
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("mapsnap.io/restore-from").cloned());
+            tx.send(from).expect("send");
             api.status().await;
             api.event("PodCreated", false).await;
             api.get_pod(&expected_name, Some(&restored_pod_status(pod, true)))
@@ -1614,6 +1667,177 @@ async fn migrate_stop_after_checkpoint_deletes_the_source_before_restoring() {
         })
         .await;
     assert_eq!(action, Action::await_change());
+    let from = rx.recv().await.flatten().expect("restore-from annotation");
+    assert_eq!(
+        request["snapshot"].as_str(),
+        Some(from.as_str()),
+        "the restore request backs the annotation"
+    );
+    from
+}
+
+/// The hook wrote the stop snapshot: the restored pod and the target's restore request name
+/// it (the pinned maps as the source left them, not as they were at the checkpoint).
+#[tokio::test]
+async fn migrate_stop_after_checkpoint_restores_the_pins_saved_at_stop() {
+    let mut cr = new_cr("lb-to-node-b", CrAction::Migrate);
+    cr.spec.switchover = Some(crate::crd::Switchover::StopAfterCheckpoint);
+    let mut h = Harness::new(cr);
+    let stop = drive_stop_after_checkpoint(&mut h).await;
+    // The source container stops: mapsnap-hook's poststop writes the stop snapshot.
+    h.clock.advance(Duration::from_secs(12));
+    h.node(NODE_A)
+        .hook_writes_stop_snapshot(CONTAINER_ID, b"pins at stop");
+    h.agent(NODE_A, |mut api| async move {
+        let r = api.agent_result().await;
+        assert!(r.succeeded, "{r:?}");
+        assert_eq!(r.id, "awaitstopsnapshot-1");
+        assert_eq!(r.manifest.expect("manifest").size, 12);
+        api
+    })
+    .await;
+    assert!(
+        !h.node(NODE_A)
+            .paths
+            .requests
+            .join(format!("{CONTAINER_ID}.json"))
+            .exists(),
+        "the hook request is removed once the stop snapshot exists"
+    );
+    let s2 = stop.clone();
+    h.reconcile(move |mut api| async move {
+        let s = api.status().await;
+        assert_eq!(s.step, Some(Step::PrepareRestore));
+        let c = s.checkpoint.clone().expect("checkpoint");
+        assert_eq!(c.stop_snapshot.as_deref(), Some(s2.as_str()));
+        assert_eq!(c.stop_manifest.map(|m| m.size), Some(12));
+        assert_eq!(condition(&s, "MapStateFresh").0, "True");
+        let note = api.event("StopSnapshotFound", false).await;
+        assert!(note.contains(&s2), "{note}");
+        prepare_restore(&mut api, &agent_lease(NODE_B, Duration::ZERO), &s2).await;
+        api
+    })
+    .await;
+    let from = drive_restore_after_stop(&mut h).await;
+    assert_eq!(from, stop);
+    let s = h.status();
+    assert_eq!(
+        s.restore.as_ref().and_then(|r| r.source_pod_deleted),
+        Some(true)
+    );
+    assert_eq!(condition(&s, "MapStateFresh").0, "True");
+}
+
+/// No stop snapshot before the agent's wait ends (the real agent waits, here the last
+/// second of it): the restore goes on from the checkpoint's snapshot, with a warning and a
+/// `MapStateFresh=False` condition saying the restored maps may be stale.
+#[tokio::test]
+async fn migrate_stop_after_checkpoint_falls_back_to_the_checkpoint_snapshot() {
+    let mut cr = new_cr("lb-to-node-b", CrAction::Migrate);
+    cr.spec.switchover = Some(crate::crd::Switchover::StopAfterCheckpoint);
+    let mut h = Harness::new(cr);
+    let stop = drive_stop_after_checkpoint(&mut h).await;
+    let snapshot = h.status().checkpoint.expect("checkpoint").snapshot;
+    h.clock.advance(Duration::from_secs(89));
+    h.agent(NODE_A, |mut api| async move {
+        let r = api.agent_result().await;
+        assert!(r.succeeded, "{r:?}");
+        assert!(r.manifest.is_none(), "{r:?}");
+        assert!(
+            r.message
+                .as_deref()
+                .is_some_and(|m| m.contains("no stop snapshot")),
+            "{r:?}"
+        );
+        api
+    })
+    .await;
+    assert!(
+        !h.node(NODE_A)
+            .paths
+            .requests
+            .join(format!("{CONTAINER_ID}.json"))
+            .exists(),
+        "the hook request is removed: a late stop writes nothing"
+    );
+    let snap2 = snapshot.clone();
+    h.reconcile(move |mut api| async move {
+        let s = api.status().await;
+        assert_eq!(s.step, Some(Step::PrepareRestore));
+        assert_eq!(
+            s.checkpoint.as_ref().and_then(|c| c.stop_snapshot.clone()),
+            None
+        );
+        let (status, reason, message) = condition(&s, "MapStateFresh");
+        assert_eq!((status, reason), ("False", "StopSnapshotMissing"));
+        assert!(
+            message.contains("after the checkpoint are lost"),
+            "{message}"
+        );
+        let note = api.event("StopSnapshotMissing", true).await;
+        assert!(note.contains(&stop), "{note}");
+        let mut lease_b = agent_lease(NODE_B, Duration::ZERO);
+        if let Some(spec) = lease_b.spec.as_mut() {
+            spec.renew_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                t0() + Duration::from_secs(89),
+            ));
+        }
+        prepare_restore(&mut api, &lease_b, &snap2).await;
+        api
+    })
+    .await;
+    let from = drive_restore_after_stop(&mut h).await;
+    assert_eq!(from, snapshot, "the checkpoint's snapshot");
+}
+
+/// The controller's own bound: an agent that never answers the wait does not hold the
+/// Migrate (whose source is gone) forever.
+#[test]
+fn a_silent_stop_snapshot_wait_falls_back() {
+    let mut cr = with_finalizer(new_cr("lb-to-node-b", CrAction::Migrate));
+    cr.spec.switchover = Some(crate::crd::Switchover::StopAfterCheckpoint);
+    let cfg = crate::config::Config::default();
+    let task: crate::crd::AgentTask = serde_json::from_value(serde_json::json!({
+        "id": "awaitstopsnapshot-1",
+        "node": NODE_A,
+        "operation": "AwaitStopSnapshot",
+        "containerId": CONTAINER_ID,
+        "created": "2025-06-01T12:00:00Z",
+        "expires": "2025-06-01T12:01:30Z",
+    }))
+    .expect("task");
+    cr.status = Some(BpfMapCheckpointStatus {
+        phase: Some(Phase::Restoring),
+        step: Some(Step::AwaitStopSnapshot),
+        attempt: Some(1),
+        checkpoint: Some(CheckpointStatus {
+            snapshot: "s3://b/p/edge/lb-to-node-b/u/maps.mapsnap".into(),
+            archive: "s3://b/p/edge/lb-to-node-b/u/checkpoint.tar".into(),
+            ..CheckpointStatus::default()
+        }),
+        agent_task: Some(task),
+        ..BpfMapCheckpointStatus::default()
+    });
+    // Within the bound: keep waiting.
+    let early = reconcile::decide(&cr, t0() + Duration::from_secs(100), &cfg);
+    assert!(matches!(early, Decision::Requeue(_)), "{early:?}");
+    // 30 s grace + 60 s agent wait + 60 s to answer.
+    let Decision::Apply(t) = reconcile::decide(&cr, t0() + Duration::from_secs(150), &cfg) else {
+        panic!("expected a transition");
+    };
+    assert_eq!(t.status.step, Some(Step::PrepareRestore));
+    assert_eq!(t.status.phase, Some(Phase::Restoring));
+    assert_eq!(
+        condition(&t.status, "MapStateFresh").1,
+        "StopSnapshotMissing"
+    );
+    assert!(
+        t.events
+            .iter()
+            .any(|e| e.warning && e.reason == "StopSnapshotMissing" && e.note.contains("150s")),
+        "{:?}",
+        t.events
+    );
 }
 
 #[test]

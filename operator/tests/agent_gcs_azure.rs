@@ -56,6 +56,7 @@ fn task(op: AgentOperation) -> AgentTask {
         container: None,
         timeout_seconds: None,
         snapshot: None,
+        stop_snapshot: None,
         archive: None,
         node_archive: None,
         archive_sha256: None,

@@ -67,6 +67,7 @@ fn task(op: AgentOperation) -> AgentTask {
         container: None,
         timeout_seconds: None,
         snapshot: None,
+        stop_snapshot: None,
         archive: None,
         node_archive: None,
         archive_sha256: None,
@@ -131,6 +132,7 @@ fn prepare_writes_the_hook_request_atomically_and_private() {
         HookRequest {
             checkpoint: "edge/lb".into(),
             snapshot: "s3://snaps/mapsnap/edge/lb/u/maps.mapsnap".into(),
+            stop_snapshot: None,
             created: "2025-06-01T12:00:00Z".into(),
             expires: "2025-06-01T12:10:00Z".into(),
         }
