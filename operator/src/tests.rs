@@ -1850,3 +1850,54 @@ fn switchover_applies_to_migrate_only() {
     assert_eq!(t.status.phase, Some(Phase::Failed));
     assert!(condition(&t.status, "Failed").2.contains("switchover"));
 }
+
+/// The agent writes a stop snapshot into the hook request only as `maps-stop.mapsnap` beside
+/// the object's own snapshot (anyone who can patch the status can write tasks).
+#[test]
+fn the_agent_asks_for_a_stop_snapshot_only_beside_the_objects_snapshot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dirs = NodeDirs::new(dir.path(), NODE_A);
+    let store = format!("file://{}/store", dir.path().display());
+    let agent = crate::node::NodeAgent::new(
+        dirs.paths.clone(),
+        std::sync::Arc::new(crate::node::StorageBlobs::new(
+            mapsnap::storage::StorageConfig::default(),
+        )),
+    )
+    .with_allowed_locations(vec![store.clone()]);
+    let object = format!("{NS}/mig");
+    let snapshot = format!("{store}/{NS}/mig/u1/maps.mapsnap");
+    let run = |stop: &str| {
+        let task: crate::crd::AgentTask = serde_json::from_value(serde_json::json!({
+            "id": "preparehook-1",
+            "node": NODE_A,
+            "operation": "PrepareCheckpoint",
+            "containerId": CONTAINER_ID,
+            "snapshot": snapshot,
+            "stopSnapshot": stop,
+            "created": "2025-06-01T12:00:00Z",
+            "expires": "2025-06-01T12:30:00Z",
+        }))
+        .expect("task");
+        agent.execute(&object, "u1", &task, NODE_A, t0())
+    };
+    let good = format!("{store}/{NS}/mig/u1/maps-stop.mapsnap");
+    let r = run(&good);
+    assert!(r.succeeded, "{r:?}");
+    let req: HookRequest = serde_json::from_slice(
+        &std::fs::read(dirs.paths.requests.join(format!("{CONTAINER_ID}.json"))).expect("file"),
+    )
+    .expect("json");
+    assert_eq!(req.stop_snapshot.as_deref(), Some(good.as_str()));
+    for bad in [
+        format!("{store}/{NS}/mig/u2/maps-stop.mapsnap"),
+        format!("{store}/{NS}/other/u1/maps-stop.mapsnap"),
+        format!("{store}/{NS}/mig/u1/checkpoint.tar"),
+        format!("{store}/{NS}/mig/u1/maps.mapsnap"),
+        format!("{store}-x/{NS}/mig/u1/maps-stop.mapsnap"),
+    ] {
+        let r = run(&bad);
+        assert!(!r.succeeded && r.permanent, "{bad}: {r:?}");
+        assert_eq!(r.reason.as_deref(), Some("TaskRefused"), "{bad}");
+    }
+}
