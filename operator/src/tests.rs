@@ -1555,6 +1555,14 @@ async fn a_bad_timeout_is_its_own_404() {
     );
 }
 
+fn hook_request_exists(h: &Harness) -> bool {
+    h.node(NODE_A)
+        .paths
+        .requests
+        .join(format!("{CONTAINER_ID}.json"))
+        .exists()
+}
+
 /// Migrate with `switchover: StopAfterCheckpoint` up to the wait for the stop snapshot: the
 /// hook request asks for it, the source pod is deleted right after the upload (before
 /// anything is restored), then the source agent waits for it. Returns its location.
@@ -1697,11 +1705,7 @@ async fn migrate_stop_after_checkpoint_restores_the_pins_saved_at_stop() {
     })
     .await;
     assert!(
-        !h.node(NODE_A)
-            .paths
-            .requests
-            .join(format!("{CONTAINER_ID}.json"))
-            .exists(),
+        !hook_request_exists(&h),
         "the hook request is removed once the stop snapshot exists"
     );
     let s2 = stop.clone();
@@ -1753,11 +1757,7 @@ async fn migrate_stop_after_checkpoint_falls_back_to_the_checkpoint_snapshot() {
     })
     .await;
     assert!(
-        !h.node(NODE_A)
-            .paths
-            .requests
-            .join(format!("{CONTAINER_ID}.json"))
-            .exists(),
+        !hook_request_exists(&h),
         "the hook request is removed: a late stop writes nothing"
     );
     let snap2 = snapshot.clone();
