@@ -41,7 +41,7 @@ clippy:
 lint: fmt-check clippy
 
 # Kernel tests create, pin and load BPF objects: they need root and bpffs (make deps).
-test: deps lint test-only fuzz-smoke
+test: deps lint fuzz-smoke test-only
 
 test-only:
 	CARGO="$(CARGO)" TEST_RUNNER="$(TEST_RUNNER)" bash scripts/run-tests.sh
@@ -70,7 +70,8 @@ fuzz:
 	    done; \
 	done
 
-# A short run of every target: part of `make test`, so CI fuzzes each for a few seconds.
+# A short run of every target: part of `make test` (before the tests, so the test runner's
+# summary closes the output), so CI fuzzes each for a few seconds.
 fuzz-smoke:
 	$(MAKE) fuzz FUZZ_SECONDS=20 FUZZ_BUILD=--dev
 
