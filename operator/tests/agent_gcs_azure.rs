@@ -6,14 +6,11 @@ mod common;
 #[path = "../../mapsnap/tests/storage_common/emulators.rs"]
 mod emulators;
 
-use std::io::Write;
 use std::sync::Arc;
-use std::time::Duration;
 
 use emulators::{Emu, Emulator};
 use jiff::Timestamp;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use mapsnap::storage::{Location, Manifest, ManifestMap, ManifestSource, Storage, StorageConfig};
+use mapsnap::storage::{Location, Storage, StorageConfig};
 use mapsnap_operator::crd::{AgentOperation, AgentTask};
 use mapsnap_operator::node::{NodeAgent, NodePaths, StorageBlobs};
 use sha2::Digest;
@@ -46,67 +43,12 @@ fn agent(root: &std::path::Path, cfg: &StorageConfig, allowed: &str) -> NodeAgen
         .with_allowed_locations(vec![allowed.to_string()])
 }
 
-fn task(op: AgentOperation) -> AgentTask {
-    AgentTask {
-        id: "t-1".into(),
-        node: "n".into(),
-        operation: Some(op),
-        container_id: Some(ID.into()),
-        pod: None,
-        container: None,
-        timeout_seconds: None,
-        snapshot: None,
-        stop_snapshot: None,
-        archive: None,
-        node_archive: None,
-        archive_sha256: None,
-        archive_size: None,
-        restore_pod: None,
-        delete_objects: Vec::new(),
-        delete_images: Vec::new(),
-        created: Time(Timestamp::now()),
-        expires: Time(
-            Timestamp::now()
-                .saturating_add(Duration::from_secs(600))
-                .expect("t"),
-        ),
-    }
-}
-
-/// The snapshot and manifest mapsnap-hook leaves at post-dump.
-fn snapshot_by_the_hook(cfg: &StorageConfig, snapshot: &str) {
-    let s = Storage::open(Location::parse(snapshot).expect("location"), cfg).expect("open");
-    let mut w = s.writer(true).expect("writer");
-    w.write_all(b"snapshot").expect("write");
-    w.commit().expect("commit");
-    s.write_manifest(&Manifest {
-        manifest_version: 1,
-        format_version: 1,
-        snapshot: snapshot.into(),
-        sha256: hex::encode(sha2::Sha256::digest(b"snapshot")),
-        size: 8,
-        created: "2025-06-01T12:00:00Z".into(),
-        created_unix: 0,
-        tool: "t".into(),
-        source: ManifestSource {
-            container_id: Some(ID.into()),
-            ..ManifestSource::default()
-        },
-        maps: vec![ManifestMap {
-            name: "flows".into(),
-            map_type: "hash".into(),
-            entries: 10,
-            bytes: 80,
-            pin_path: None,
-            inner: false,
-        }],
-        skipped: Vec::new(),
-    })
-    .expect("manifest");
-}
-
 /// Upload from node A (a 12 MiB archive: a multipart / resumable upload), download on node B
 /// into a checkpoint image built from exactly those bytes, then cleanup of both objects.
+fn task(op: AgentOperation) -> AgentTask {
+    common::agent_task(op, "n", Some(ID), Timestamp::now())
+}
+
 fn round_trip(kind: Emu) {
     let emu = Emulator::start(kind);
     let scheme = emu.scheme();
@@ -119,7 +61,7 @@ fn round_trip(kind: Emu) {
 
     let snapshot = format!("{scheme}://snap/mapsnap/edge/lb/u1/maps.mapsnap");
     let archive = format!("{scheme}://snap/mapsnap/edge/lb/u1/checkpoint.tar");
-    snapshot_by_the_hook(&cfg, &snapshot);
+    common::hook_writes_snapshot(&cfg, &snapshot, ID);
     let bytes: Vec<u8> = (0..12u32 << 20).map(|i| (i % 253) as u8).collect();
     let local = source
         .paths

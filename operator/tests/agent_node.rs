@@ -5,7 +5,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use jiff::Timestamp;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use mapsnap::storage::{Manifest, ManifestMap, ManifestSource, StorageConfig};
 mod common;
 
@@ -58,29 +57,7 @@ fn node() -> Node {
 }
 
 fn task(op: AgentOperation) -> AgentTask {
-    AgentTask {
-        id: "t-1".into(),
-        node: "node-a".into(),
-        operation: Some(op),
-        container_id: None,
-        pod: None,
-        container: None,
-        timeout_seconds: None,
-        snapshot: None,
-        stop_snapshot: None,
-        archive: None,
-        node_archive: None,
-        archive_sha256: None,
-        archive_size: None,
-        restore_pod: None,
-        delete_objects: Vec::new(),
-        delete_images: Vec::new(),
-        created: Time(t0()),
-        expires: Time(
-            t0().saturating_add(std::time::Duration::from_secs(600))
-                .expect("t"),
-        ),
-    }
+    common::agent_task(op, "node-a", None, t0())
 }
 
 fn loc(p: &Path) -> String {

@@ -3,6 +3,7 @@
 //! it by digest and removes its node copy; the agent's Cleanup deletes that image again.
 //! Needs what `make deps` installs (scripts/install-registry.sh: docker-registry, skopeo).
 
+mod common;
 mod podman;
 
 use std::io::Write as _;
@@ -10,7 +11,6 @@ use std::process::Command;
 use std::sync::Arc;
 
 use jiff::Timestamp;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use mapsnap::storage::StorageConfig;
 use mapsnap_operator::ckptimage::{Registry, RegistryAuth, annotations};
 use mapsnap_operator::crd::{AgentOperation, AgentTask};
@@ -22,30 +22,7 @@ use sha2::Digest as _;
 const UID: &str = "c0ffee00-0000-4000-8000-000000000001";
 
 fn task(op: AgentOperation) -> AgentTask {
-    let now = Timestamp::now();
-    AgentTask {
-        id: "t-1".into(),
-        node: "node-b".into(),
-        operation: Some(op),
-        container_id: None,
-        pod: None,
-        container: None,
-        timeout_seconds: None,
-        snapshot: None,
-        stop_snapshot: None,
-        archive: None,
-        node_archive: None,
-        archive_sha256: None,
-        archive_size: None,
-        restore_pod: None,
-        delete_objects: Vec::new(),
-        delete_images: Vec::new(),
-        created: Time(now),
-        expires: Time(
-            now.saturating_add(std::time::Duration::from_secs(600))
-                .expect("t"),
-        ),
-    }
+    common::agent_task(op, "node-b", None, Timestamp::now())
 }
 
 /// A checkpoint archive with the files a runtime writes (the image build checks for them).

@@ -9,8 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use mapsnap::storage::{Location, Manifest, ManifestMap, ManifestSource, Storage, StorageConfig};
+use mapsnap::storage::{Location, Storage, StorageConfig};
 mod common;
 
 use mapsnap_operator::crd::{AgentOperation, AgentTask};
@@ -117,62 +116,7 @@ fn paths(root: &std::path::Path) -> NodePaths {
 }
 
 fn task(op: AgentOperation) -> AgentTask {
-    AgentTask {
-        id: "t-1".into(),
-        node: "n".into(),
-        operation: Some(op),
-        container_id: Some(ID.into()),
-        pod: None,
-        container: None,
-        timeout_seconds: None,
-        snapshot: None,
-        stop_snapshot: None,
-        archive: None,
-        node_archive: None,
-        archive_sha256: None,
-        archive_size: None,
-        restore_pod: None,
-        delete_objects: Vec::new(),
-        delete_images: Vec::new(),
-        created: Time(Timestamp::now()),
-        expires: Time(
-            Timestamp::now()
-                .saturating_add(Duration::from_secs(600))
-                .expect("t"),
-        ),
-    }
-}
-
-/// What mapsnap-hook does at post-dump, with the same storage settings.
-fn hook_writes_snapshot(cfg: &StorageConfig, snapshot: &str) {
-    let s = Storage::open(Location::parse(snapshot).expect("location"), cfg).expect("open");
-    let mut w = s.writer(true).expect("writer");
-    w.write_all(b"snapshot").expect("write");
-    w.commit().expect("commit");
-    let m = Manifest {
-        manifest_version: 1,
-        format_version: 1,
-        snapshot: snapshot.into(),
-        sha256: hex::encode(sha2::Sha256::digest(b"snapshot")),
-        size: 8,
-        created: "2025-06-01T12:00:00Z".into(),
-        created_unix: 0,
-        tool: "t".into(),
-        source: ManifestSource {
-            container_id: Some(ID.into()),
-            ..ManifestSource::default()
-        },
-        maps: vec![ManifestMap {
-            name: "flows".into(),
-            map_type: "hash".into(),
-            entries: 10,
-            bytes: 80,
-            pin_path: None,
-            inner: false,
-        }],
-        skipped: Vec::new(),
-    };
-    s.write_manifest(&m).expect("manifest");
+    common::agent_task(op, "n", Some(ID), Timestamp::now())
 }
 
 #[test]
@@ -191,7 +135,7 @@ fn archive_round_trip_through_s3() {
 
     let snapshot = format!("s3://{BUCKET}/mapsnap/edge/lb/u1/maps.mapsnap");
     let archive = format!("s3://{BUCKET}/mapsnap/edge/lb/u1/checkpoint.tar");
-    hook_writes_snapshot(&cfg, &snapshot);
+    common::hook_writes_snapshot(&cfg, &snapshot, ID);
     // 12 MiB: more than one multipart part (8 MiB).
     let bytes: Vec<u8> = (0..12u32 << 20).map(|i| (i % 251) as u8).collect();
     let local = source
