@@ -18,24 +18,15 @@ LINK=${MAPSNAP_CRIU_LINK:-/usr/local/sbin/criu}
 say() { printf 'install-podman: %s\n' "$*"; }
 die() { printf 'install-podman: error: %s\n' "$*" >&2; exit 1; }
 
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 [[ "$(id -u)" -eq 0 ]] || die "must run as root (apt-get, /usr/local/sbin); try: sudo $0"
 
 # podman pulls in conmon, runc (or crun), containers-common, netavark/cni; uidmap and
 # fuse-overlayfs are for rootless use only, so no recommends.
 PKGS=(podman skopeo runc conmon)
-missing=()
-for p in "${PKGS[@]}"; do
-    status=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
-    [[ "$status" == installed ]] || missing+=("$p")
-done
-if ((${#missing[@]})); then
-    export DEBIAN_FRONTEND=noninteractive
-    say "apt-get install ${missing[*]}"
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
-        apt-get update -qq
-        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    }
-fi
+apt_install "${PKGS[@]}"
 
 # `criu` on PATH -> the CRIU 4.1 wrapper. Bookworm's own criu 3.17 does not run on current
 # kernels; if it is installed as /usr/sbin/criu, /usr/local/sbin comes first on PATH.

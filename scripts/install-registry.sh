@@ -12,21 +12,14 @@ set -euo pipefail
 say() { printf 'install-registry: %s\n' "$*"; }
 die() { printf 'install-registry: error: %s\n' "$*" >&2; exit 1; }
 
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 [[ "$(id -u)" -eq 0 ]] || die "must run as root (apt-get); try: sudo $0"
 
 PKGS=(docker-registry skopeo apache2-utils openssl)
-missing=()
-for p in "${PKGS[@]}"; do
-    status=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
-    [[ "$status" == installed ]] || missing+=("$p")
-done
-if ((${#missing[@]})); then
-    export DEBIAN_FRONTEND=noninteractive
-    say "apt-get install ${missing[*]}"
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
-        apt-get update -qq
-        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    }
+apt_install "${PKGS[@]}"
+if ((APT_INSTALLED)); then
     # The package starts a system registry on :5000; the tests run their own, so stop and
     # disable the packaged one (it would only hold a port and a directory).
     if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet docker-registry 2>/dev/null; then
