@@ -391,18 +391,20 @@ impl Anchor {
     /// relative to the one before: a component that is or becomes a link is refused.
     pub fn create_dir_all(&self, path: &RelPath, mode: u32) -> Result<Anchor> {
         let mut cur = self.try_clone()?;
-        let mut done = RelPath::root();
-        for part in path.components() {
-            done = done
-                .join(part)
-                .map_err(|e| self.err("create directory", path, io::Error::other(e)))?;
+        // The components of a RelPath are already checked: prefixes and single components
+        // of it need no second parse.
+        for (i, part) in path.components().iter().enumerate() {
+            let done = RelPath {
+                parts: path.components()[..=i].to_vec(),
+            };
             match rfs::mkdirat(&cur.fd, part.as_str(), Mode::from_raw_mode(mode)) {
                 Ok(()) => {}
                 Err(rustix::io::Errno::EXIST) => {}
                 Err(e) => return Err(self.err("create directory", &done, e.into())),
             }
-            let one = RelPath::parse(part)
-                .map_err(|e| self.err("create directory", path, io::Error::other(e)))?;
+            let one = RelPath {
+                parts: vec![part.clone()],
+            };
             cur = cur
                 .open_dir(&one)
                 .map_err(|e| self.err("open directory", &done, e.source))?;
