@@ -295,6 +295,11 @@ pub fn summarize(m: &Manifest) -> ManifestSummary {
     }
 }
 
+/// A field the task must name, or a refusal saying which.
+fn required<'a>(field: Option<&'a str>, what: &str) -> Result<&'a str, NodeError> {
+    field.ok_or_else(|| NodeError::Refused(format!("the task names no {what}")))
+}
+
 /// Checks a container ID before it becomes a file name.
 pub fn check_container_id(id: &str) -> Result<(), NodeError> {
     let ok = !id.is_empty()
@@ -598,14 +603,8 @@ impl NodeAgent {
         task: &AgentTask,
         now: Timestamp,
     ) -> Result<String, NodeError> {
-        let id = task
-            .container_id
-            .as_deref()
-            .ok_or_else(|| NodeError::Refused("the task names no container".into()))?;
-        let snapshot = task
-            .snapshot
-            .clone()
-            .ok_or_else(|| NodeError::Refused("the task names no snapshot location".into()))?;
+        let id = required(task.container_id.as_deref(), "container")?;
+        let snapshot = required(task.snapshot.as_deref(), "snapshot location")?.to_owned();
         Location::parse(&snapshot)?;
         self.check_task_location(&snapshot, checkpoint, uid, true)?;
         let stop_snapshot = task.stop_snapshot.clone();
@@ -634,20 +633,11 @@ impl NodeAgent {
         task: &AgentTask,
         result: &mut AgentResult,
     ) -> Result<String, NodeError> {
-        let local = task
-            .node_archive
-            .as_deref()
-            .ok_or_else(|| NodeError::Refused("the task names no archive on the node".into()))?;
+        let local = required(task.node_archive.as_deref(), "archive on the node")?;
         let local_name = self.archive_leaf(local)?;
         let local = self.paths.checkpoints.join(&local_name);
-        let archive = task
-            .archive
-            .as_deref()
-            .ok_or_else(|| NodeError::Refused("the task names no archive location".into()))?;
-        let snapshot = task
-            .snapshot
-            .as_deref()
-            .ok_or_else(|| NodeError::Refused("the task names no snapshot".into()))?;
+        let archive = required(task.archive.as_deref(), "archive location")?;
+        let snapshot = required(task.snapshot.as_deref(), "snapshot")?;
         self.check_task_location(archive, checkpoint, uid, true)?;
         self.check_task_location(snapshot, checkpoint, uid, true)?;
         // Opened through the directory's fd: a link planted there is refused, not followed.
@@ -719,14 +709,8 @@ impl NodeAgent {
         now: Timestamp,
         result: &mut AgentResult,
     ) -> Result<String, NodeError> {
-        let stop = task
-            .stop_snapshot
-            .as_deref()
-            .ok_or_else(|| NodeError::Refused("the task names no stop snapshot".into()))?;
-        let snapshot = task
-            .snapshot
-            .as_deref()
-            .ok_or_else(|| NodeError::Refused("the task names no snapshot".into()))?;
+        let stop = required(task.stop_snapshot.as_deref(), "stop snapshot")?;
+        let snapshot = required(task.snapshot.as_deref(), "snapshot")?;
         self.check_stop_location(stop, snapshot, checkpoint, uid)?;
         let wait =
             std::time::Duration::try_from(now.duration_until(task.expires.0)).unwrap_or_default();
@@ -782,28 +766,16 @@ impl NodeAgent {
         now: Timestamp,
         result: &mut AgentResult,
     ) -> Result<String, NodeError> {
-        let archive = task
-            .archive
-            .as_deref()
-            .ok_or_else(|| NodeError::Refused("the task names no archive location".into()))?;
-        let want_sha = task
-            .archive_sha256
-            .as_deref()
-            .ok_or_else(|| NodeError::Refused("the task names no archive digest".into()))?;
-        let pod = task
-            .restore_pod
-            .as_deref()
-            .ok_or_else(|| NodeError::Refused("the task names no restored pod".into()))?;
+        let archive = required(task.archive.as_deref(), "archive location")?;
+        let want_sha = required(task.archive_sha256.as_deref(), "archive digest")?;
+        let pod = required(task.restore_pod.as_deref(), "restored pod")?;
         let request_name = restore_request_leaf(pod)?;
         check_name("uid", uid)?;
         self.check_task_location(archive, checkpoint, uid, false)?;
         if let Some(s) = task.snapshot.as_deref() {
             self.check_task_location(s, checkpoint, uid, false)?;
         }
-        let container = task
-            .container
-            .as_deref()
-            .ok_or_else(|| NodeError::Refused("the task names no container".into()))?;
+        let container = required(task.container.as_deref(), "container")?;
         check_name("container name", container)?;
         let images = self.images.clone().ok_or_else(|| {
             NodeError::Unsupported(
