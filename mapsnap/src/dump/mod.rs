@@ -11,6 +11,7 @@ pub use parallel::{can_split, read_entries_parallel};
 use std::collections::HashMap;
 use std::io::Write;
 
+use crate::clocks::ClockSample;
 use crate::discover::Found;
 use crate::error::{Error, Result};
 use crate::format::{SnapshotWriter, StreamDigest, WriterOptions};
@@ -393,8 +394,16 @@ pub fn dump<W: Write>(
     opts: &DumpOptions,
     progress: &dyn Progress,
 ) -> Result<(W, DumpReport)> {
+    let mut w = SnapshotWriter::new(out, info, opts.writer)?;
+    // The clocks are read as the dump starts, before the first entry: timestamps in the
+    // entries are then rebased against the instant the state was read (a frozen container
+    // does not move them meanwhile). Every caller of dump records them this way.
+    match ClockSample::now() {
+        Ok(sample) => w.add_clocks(&sample)?,
+        Err(e) => tracing::warn!("not recording clocks (timestamps cannot be rebased): {e}"),
+    }
     let mut d = Dumper {
-        w: SnapshotWriter::new(out, info, opts.writer)?,
+        w,
         btf_index: HashMap::new(),
         report: Vec::new(),
         chunk_bytes: opts.writer.chunk_bytes,

@@ -6,6 +6,7 @@
 //! ```text
 //! file header (16 B)
 //! INFO
+//! [CLOCKS]                       (optional; before the first MAP_BEGIN)
 //! { BTF | MAP_BEGIN ENTRIES* MAP_END | unknown kinds }*
 //! TRAILER (SHA-256 of everything before it)
 //! ```
@@ -61,6 +62,10 @@ pub mod kind {
     pub const ENTRIES: u16 = 4;
     /// u64 total entries of the open map; closes it.
     pub const MAP_END: u16 = 5;
+    /// JSON [`crate::clocks::ClockSample`]: the dumping host's clocks, read together at dump
+    /// time. Optional, at most once, before the first MAP_BEGIN (so a restore knows it
+    /// before any entry). Older readers skip it.
+    pub const CLOCKS: u16 = 6;
     /// SHA-256 of every byte before this section's header; last thing in the file.
     pub const TRAILER: u16 = 0xFFFF;
 }
@@ -73,6 +78,7 @@ pub fn kind_name(k: u16) -> &'static str {
         kind::MAP_BEGIN => "MAP_BEGIN",
         kind::ENTRIES => "ENTRIES",
         kind::MAP_END => "MAP_END",
+        kind::CLOCKS => "CLOCKS",
         kind::TRAILER => "TRAILER",
         _ => "unknown-kind",
     }

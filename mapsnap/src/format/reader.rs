@@ -11,6 +11,7 @@ use super::{
     EntryChunk, Event, FILE_HEADER_LEN, FLAG_ZSTD, FormatError, MAGIC, MAX_SECTION_LEN,
     SECTION_HEADER_LEN, StreamDigest, VERSION, entry_layout, kind, kind_name,
 };
+use crate::clocks::ClockSample;
 use crate::limits::Limits;
 use crate::model::{Access, MapMeta, SnapshotInfo, access_of};
 
@@ -76,6 +77,8 @@ pub struct SnapshotReader<R: Read> {
     btf_total: u64,
     /// Map-of-maps nesting depth of every map so far, by index (bounded by `max_maps`).
     depths: Vec<u32>,
+    /// The CLOCKS section, once read.
+    clocks: Option<ClockSample>,
 }
 
 impl<R: Read> fmt::Debug for SnapshotReader<R> {
@@ -142,6 +145,7 @@ impl<R: Read> SnapshotReader<R> {
             limits,
             btf_total: 0,
             depths: Vec::new(),
+            clocks: None,
         })
     }
 
@@ -159,6 +163,13 @@ impl<R: Read> SnapshotReader<R> {
     /// Bytes consumed from the input so far.
     pub fn bytes_read(&self) -> u64 {
         self.input.count()
+    }
+
+    /// The dumping host's clocks at dump time (the CLOCKS section), once the reader has
+    /// passed it: always before the first [`Event::MapBegin`]. `None` for snapshots written
+    /// before clocks were recorded (or by writers that do not record them).
+    pub fn clocks(&self) -> Option<&ClockSample> {
+        self.clocks.as_ref()
     }
 
     /// Hands a chunk's buffers back so the next [`Event::Entries`] reuses them instead of
@@ -266,6 +277,7 @@ impl<R: Read> SnapshotReader<R> {
                 | kind::MAP_BEGIN
                 | kind::ENTRIES
                 | kind::MAP_END
+                | kind::CLOCKS
                 | kind::TRAILER
         );
         // Payloads we do not need in memory are streamed through the CRC: unknown kinds, and
@@ -501,6 +513,26 @@ impl<R: Read> SnapshotReader<R> {
                     entries: total,
                 }))
             }
+            kind::CLOCKS => {
+                if self.clocks.is_some() {
+                    return Err(malformed(
+                        "a second CLOCKS section (there may be at most one)".into(),
+                    ));
+                }
+                if self.map_count > 0 {
+                    return Err(malformed(
+                        "a CLOCKS section after a MAP_BEGIN (it must precede every map)".into(),
+                    ));
+                }
+                let sample: ClockSample =
+                    serde_json::from_slice(payload).map_err(|source| FormatError::Json {
+                        offset: off,
+                        source,
+                    })?;
+                self.clocks = Some(sample);
+                // Not an event: readers that predate it see nothing new ([`Self::clocks`]).
+                Ok(Step::Skipped)
+            }
             kind::TRAILER => self.trailer(off, compressed, hash_before),
             _ => Ok(Step::Skipped),
         }
@@ -628,6 +660,11 @@ pub struct VerifySummary {
     pub maps: Vec<(MapMeta, u64)>,
     pub btf_count: u32,
     pub info: SnapshotInfo,
+    /// The dumping host's clocks (the CLOCKS section), if recorded.
+    pub clocks: Option<ClockSample>,
+    /// The BTF blobs, by index (bounded by the limits' `max_btf_total`): a restore that
+    /// converts plans every map from them before its first write.
+    pub btf: Vec<Vec<u8>>,
 }
 
 /// Checks a whole snapshot: every CRC, the trailer SHA-256, and all structural rules, without
@@ -641,10 +678,12 @@ pub fn verify_with_limits<R: Read>(r: R, limits: &Limits) -> Result<VerifySummar
     let mut rd = SnapshotReader::with_mode(r, Mode::Verify, *limits)?;
     let mut info = None;
     let mut maps: Vec<(MapMeta, u64)> = Vec::new();
+    let mut btf = Vec::new();
     loop {
         let step = rd.advance()?;
         match step {
             Some(Step::Event(Event::Info(i))) => info = Some(i),
+            Some(Step::Event(Event::Btf { blob, .. })) => btf.push(blob),
             Some(Step::Event(Event::MapBegin { meta, .. })) => maps.push((meta, 0)),
             Some(Step::Counted(n)) => {
                 if let Some(last) = maps.last_mut() {
@@ -660,12 +699,11 @@ pub fn verify_with_limits<R: Read>(r: R, limits: &Limits) -> Result<VerifySummar
                     maps,
                     btf_count: rd.btf_count,
                     info,
+                    clocks: rd.clocks,
+                    btf,
                 });
             }
-            Some(
-                Step::Skipped
-                | Step::Event(Event::Btf { .. } | Event::MapEnd { .. } | Event::Entries(_)),
-            ) => {}
+            Some(Step::Skipped | Step::Event(Event::MapEnd { .. } | Event::Entries(_))) => {}
             None => {
                 return Err(FormatError::malformed(
                     rd.bytes_read(),

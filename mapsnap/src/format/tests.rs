@@ -659,3 +659,74 @@ fn entry_wider_than_chunk_still_written_one_per_section() {
         .collect();
     assert_eq!(counts, [1, 1, 1]);
 }
+
+fn clocks() -> crate::clocks::ClockSample {
+    crate::clocks::ClockSample {
+        monotonic_ns: 5_000_000_000,
+        boottime_ns: 6_000_000_000,
+        realtime_ns: 1_700_000_000_000_000_000,
+        tai_ns: 1_700_000_037_000_000_000,
+        jiffies: Some(4_295_000_000),
+        hz: Some(250),
+        uncertainty_ns: 120,
+    }
+}
+
+#[test]
+fn clocks_round_trip_and_verify() {
+    let mut w = SnapshotWriter::new(Vec::new(), &info(), WriterOptions::default()).expect("new");
+    w.add_clocks(&clocks()).expect("clocks");
+    w.begin_map(&meta("m", map_type::HASH, 4, 4))
+        .expect("begin");
+    w.write_entries(1, &[1, 0, 0, 0], &[2, 0, 0, 0])
+        .expect("entries");
+    w.end_map().expect("end");
+    let (bytes, _) = w.finish().expect("finish");
+
+    let mut r = SnapshotReader::new(bytes.as_slice()).expect("reader");
+    assert_eq!(r.clocks(), None);
+    let mut seen_before_map = None;
+    while let Some(e) = r.next_event().expect("event") {
+        if let Event::MapBegin { .. } = e {
+            seen_before_map = Some(r.clocks().copied());
+        }
+    }
+    assert_eq!(seen_before_map, Some(Some(clocks())));
+    // The events are those of a snapshot without clocks: older consumers see no change.
+    assert_eq!(read_all(&bytes).expect("events").len(), 5);
+    assert_eq!(
+        verify(bytes.as_slice()).expect("verify").clocks,
+        Some(clocks())
+    );
+}
+
+#[test]
+fn snapshot_without_clocks_reads() {
+    let m = meta("m", map_type::HASH, 4, 4);
+    let bytes = craft(&[
+        info_section(),
+        map_begin(&m),
+        plain(kind::MAP_END, &0u64.to_le_bytes()),
+    ]);
+    assert_eq!(verify(bytes.as_slice()).expect("verify").clocks, None);
+    assert_eq!(read_all(&bytes).expect("events").len(), 4);
+}
+
+#[test]
+fn clocks_must_come_once_before_maps() {
+    let m = meta("m", map_type::HASH, 4, 4);
+    let c = plain(kind::CLOCKS, &serde_json::to_vec(&clocks()).expect("json"));
+    let end = plain(kind::MAP_END, &0u64.to_le_bytes());
+    let late = craft(&[info_section(), map_begin(&m), end.clone(), c.clone()]);
+    assert!(read_err(&late).to_string().contains("after a MAP_BEGIN"));
+    let twice = craft(&[info_section(), c.clone(), c.clone()]);
+    assert!(read_err(&twice).to_string().contains("second CLOCKS"));
+
+    let mut w = SnapshotWriter::new(Vec::new(), &info(), WriterOptions::default()).expect("new");
+    w.begin_map(&m).expect("begin");
+    w.end_map().expect("end");
+    assert!(matches!(
+        w.add_clocks(&clocks()),
+        Err(FormatError::Usage(_))
+    ));
+}

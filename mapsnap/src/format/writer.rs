@@ -11,6 +11,7 @@ use super::{
     FILE_HEADER_LEN, FLAG_ZSTD, FormatError, MAGIC, MAX_SECTION_LEN, SECTION_HEADER_LEN,
     StreamDigest, VERSION, check_columns, entry_layout, kind, kind_name,
 };
+use crate::clocks::ClockSample;
 use crate::model::{MapMeta, SnapshotInfo};
 
 /// Tuning knobs of [`SnapshotWriter`]; they change the bytes written but never what a reader
@@ -61,6 +62,7 @@ pub struct SnapshotWriter<W: Write> {
     map_count: u32,
     open: Option<OpenMap>,
     failed: bool,
+    clocks_written: bool,
 }
 
 impl<W: Write> fmt::Debug for SnapshotWriter<W> {
@@ -90,6 +92,7 @@ impl<W: Write> SnapshotWriter<W> {
             map_count: 0,
             open: None,
             failed: false,
+            clocks_written: false,
         };
         let mut header = [0u8; FILE_HEADER_LEN];
         header[..8].copy_from_slice(&MAGIC);
@@ -102,6 +105,25 @@ impl<W: Write> SnapshotWriter<W> {
         })?;
         this.section(kind::INFO, Payload::Given(&json), false)?;
         Ok(this)
+    }
+
+    /// Records the dumping host's clocks (the CLOCKS section). At most once, and before the
+    /// first [`begin_map`](Self::begin_map), so a restore knows them before any entry.
+    /// [`crate::dump::dump`] calls it with a sample taken as the dump starts.
+    pub fn add_clocks(&mut self, sample: &ClockSample) -> Result<(), FormatError> {
+        self.usable()?;
+        if self.clocks_written || self.map_count > 0 {
+            return Err(FormatError::Usage(
+                "add_clocks must be called once, before the first begin_map".into(),
+            ));
+        }
+        let json = serde_json::to_vec(sample).map_err(|source| FormatError::Json {
+            offset: self.out.count(),
+            source,
+        })?;
+        self.section(kind::CLOCKS, Payload::Given(&json), false)?;
+        self.clocks_written = true;
+        Ok(())
     }
 
     /// Stores one BTF blob and returns its index, for [`crate::model::BtfRef::index`].
