@@ -12,6 +12,8 @@ use std::path::{Component, Path, PathBuf};
 use std::time::Instant;
 
 use crate::anchor::{Anchor, EntryKind, RelPath};
+use crate::clocks::ClockSample;
+use crate::convert::{MapConversion, MapTypes, RebaseClocks, RestoreConversion};
 use crate::limits::{KernelBudget, Limits};
 
 use crate::error::{Error, Result};
@@ -125,6 +127,10 @@ pub struct RestoreOptions {
     pub deadline: Option<Instant>,
     /// Bounds on what the snapshot may make this restore allocate or create.
     pub limits: Limits,
+    /// Convert entries into maps of another layout and rebase timestamps (see
+    /// [`RestoreConversion`] for the settings and their use); `None` copies entries as
+    /// they are.
+    pub convert: Option<RestoreConversion>,
 }
 
 /// One restored map.
@@ -207,7 +213,8 @@ pub fn check_compatible(
             meta.type_name()
         )));
     }
-    if info.key_size != meta.key_size || info.value_size != meta.value_size {
+    let converting = opts.convert.as_ref().is_some_and(|c| c.convert);
+    if !converting && (info.key_size != meta.key_size || info.value_size != meta.value_size) {
         return Err(bad(format!(
             "key/value sizes are {}/{}, the snapshot's are {}/{}",
             info.key_size, info.value_size, meta.key_size, meta.value_size
@@ -343,6 +350,11 @@ struct Restorer<'a> {
     /// The bpffs directory of [`Destination::PinRoot`], opened once.
     root: Option<(Anchor, PathBuf)>,
     budget: KernelBudget,
+    /// Conversions by snapshot map index (only with [`RestoreOptions::convert`]).
+    conversions: HashMap<u32, MapConversion>,
+    /// This host's clocks for rebasing, and the snapshot's once the stream gave them.
+    now: Option<ClockSample>,
+    snap_clocks: Option<ClockSample>,
 }
 
 /// Fails once the restore's deadline has passed.
@@ -392,6 +404,39 @@ fn place_of_path(path: &Path) -> Result<PinPlace> {
 }
 
 impl Restorer<'_> {
+    /// Plans rebasing for a map this restore creates (same types on both sides), and for
+    /// an existing target returns the metadata in the target's layout (its plan was made up
+    /// front by [`plan_targets`]).
+    fn plan_created(&mut self, index: u32, meta: MapMeta) -> Result<MapMeta> {
+        let Some(conv) = &self.opts.convert else {
+            return Ok(meta);
+        };
+        if let Some(c) = self.conversions.get(&index) {
+            return Ok(c.target_meta(&meta));
+        }
+        if !meta.inner && matches!(self.dest, Destination::Into(_) | Destination::IntoRoot(_)) {
+            return Ok(meta);
+        }
+        let from = meta.btf.as_ref().and_then(|b| {
+            Some(MapTypes {
+                btf: self.btf_blobs.get(b.index as usize)?,
+                key_type_id: b.key_type_id,
+                value_type_id: b.value_type_id,
+            })
+        });
+        let clocks = rebase_clocks(conv, self.snap_clocks, self.now);
+        let planned = MapConversion::plan(&meta, from, None, conv, clocks, false).map_err(|e| {
+            Error::Restore {
+                map: format!("snapshot map {index} {:?}", meta.name),
+                reason: e.to_string(),
+            }
+        })?;
+        if let Some(p) = planned {
+            self.conversions.insert(index, p);
+        }
+        Ok(meta)
+    }
+
     fn btf(&mut self, index: u32) -> Result<&Btf> {
         if !self.btf_loaded.contains_key(&index) {
             let blob = self
@@ -484,6 +529,7 @@ impl Restorer<'_> {
             self.budget.map(|| label.clone(), &meta, known)?;
         }
         self.progress.map_started(&meta.name, None);
+        let meta = self.plan_created(index, meta)?;
         let (map, slot) = if meta.inner {
             (self.create(index, &meta)?, Slot::New { final_path: None })
         } else {
@@ -577,6 +623,18 @@ impl Restorer<'_> {
     fn entries(&mut self, chunk: &EntryChunk) -> Result<()> {
         let Some(cur) = self.current.as_mut() else {
             return Ok(());
+        };
+        // Conversion is a per-chunk step: what follows sees the target's layout.
+        let converted;
+        let chunk = match self.conversions.get_mut(&cur.index) {
+            Some(conv) => {
+                converted = conv.convert_chunk(chunk).map_err(|e| Error::Restore {
+                    map: cur.map.label().to_string(),
+                    reason: format!("converting an entry failed: {e}"),
+                })?;
+                &converted
+            }
+            None => chunk,
         };
         check_deadline(self.opts, || cur.map.label().to_string())?;
         if !matches!(cur.slot, Slot::Existing { .. })
@@ -1157,6 +1215,91 @@ fn resolve_targets(
     Ok(out)
 }
 
+/// The clocks a plan rebases with: the snapshot's (if recorded) and this host's.
+fn rebase_clocks(
+    conv: &RestoreConversion,
+    from: Option<ClockSample>,
+    to: Option<ClockSample>,
+) -> Option<RebaseClocks> {
+    Some(RebaseClocks {
+        from: from?,
+        to: to?,
+        mode: conv.mode,
+    })
+}
+
+/// Plans the conversion of every existing target from the snapshot's BTF to the target's
+/// own (read from the kernel), before anything is written: a conversion that cannot be
+/// done, a map without BTF or an option that matches nothing refuses here.
+fn plan_targets(
+    targets: &HashMap<u32, (Map, String)>,
+    summary: &VerifySummary,
+    conv: &RestoreConversion,
+    now: Option<ClockSample>,
+) -> Result<HashMap<u32, MapConversion>> {
+    let clocks = rebase_clocks(conv, summary.clocks, now);
+    let mut out = HashMap::new();
+    let mut order: Vec<&u32> = targets.keys().collect();
+    order.sort();
+    for index in order {
+        let (map, shown) = &targets[index];
+        let Some((meta, _)) = summary.maps.get(*index as usize) else {
+            continue;
+        };
+        let fail = |reason: String| Error::Restore {
+            map: shown.clone(),
+            reason,
+        };
+        let from = meta.btf.as_ref().and_then(|b| {
+            Some(MapTypes {
+                btf: summary.btf.get(b.index as usize)?,
+                key_type_id: b.key_type_id,
+                value_type_id: b.value_type_id,
+            })
+        });
+        let info = map.info()?;
+        let target_btf = if info.btf_id != 0 {
+            Some(sys::btf_raw_by_id(info.btf_id)?)
+        } else if conv.convert {
+            return Err(fail(
+                "the map has no BTF, so its entries cannot be converted: create it from a                  program compiled with clang -g (BTF-defined maps)"
+                    .into(),
+            ));
+        } else {
+            None
+        };
+        // Without `convert` the target must have the snapshot's layout: plan against the
+        // snapshot's own types, which only rebases.
+        let to = target_btf
+            .as_deref()
+            .filter(|_| conv.convert)
+            .map(|btf| MapTypes {
+                btf,
+                key_type_id: info.btf_key_type_id,
+                value_type_id: info.btf_value_type_id,
+            });
+        let planned = MapConversion::plan(meta, from, to, conv, clocks, false)
+            .map_err(|e| fail(e.to_string()))?;
+        let target_meta = planned
+            .as_ref()
+            .map_or(meta.clone(), |p| p.target_meta(meta));
+        if info.key_size != target_meta.key_size || info.value_size != target_meta.value_size {
+            return Err(fail(format!(
+                "key/value sizes are {}/{}, the converted snapshot's are {}/{}",
+                info.key_size, info.value_size, target_meta.key_size, target_meta.value_size
+            )));
+        }
+        if let Some(p) = planned {
+            out.insert(*index, p);
+        }
+    }
+    conv.check_used(out.values()).map_err(|e| Error::Restore {
+        map: "restore".into(),
+        reason: e.to_string(),
+    })?;
+    Ok(out)
+}
+
 /// Restores the snapshot read from `source` into `dest`.
 ///
 /// `verified` is the result of [`crate::format::verify`] over the same bytes. It is required
@@ -1184,6 +1327,22 @@ pub fn restore<R: Read>(
                 reason: "filling existing maps needs a verified snapshot (internal error)".into(),
             });
         }
+    };
+    let now = match &opts.convert {
+        Some(c) => Some(match c.now {
+            Some(n) => n,
+            None => ClockSample::now().map_err(|e| Error::Restore {
+                map: "restore".into(),
+                reason: format!("reading this host's clocks for rebasing failed: {e}"),
+            })?,
+        }),
+        None => None,
+    };
+    let conversions = match (&opts.convert, verified) {
+        (Some(conv), Some(summary)) if !targets.is_empty() => {
+            plan_targets(&targets, summary, conv, now)?
+        }
+        _ => HashMap::new(),
     };
     // Everything the verified snapshot says is checked before the first map is created.
     let cpus = sys::possible_cpus()?;
@@ -1231,13 +1390,19 @@ pub fn restore<R: Read>(
         to_publish: Vec::new(),
         detached: Vec::new(),
         report: Vec::new(),
+        conversions,
+        now,
+        snap_clocks: verified.and_then(|v| v.clocks),
     };
     let mut reader = SnapshotReader::with_limits(source, &opts.limits)?;
     let digest = loop {
         match reader.next_event()? {
             Some(Event::Info(_)) => {}
             Some(Event::Btf { blob, .. }) => r.btf_blobs.push(blob),
-            Some(Event::MapBegin { index, meta }) => r.begin(index, meta)?,
+            Some(Event::MapBegin { index, meta }) => {
+                r.snap_clocks = r.snap_clocks.or(reader.clocks().copied());
+                r.begin(index, meta)?
+            }
             Some(Event::Entries(chunk)) => r.entries(&chunk)?,
             Some(Event::MapEnd { .. }) => r.end()?,
             Some(Event::End(digest)) => break digest,
@@ -1256,6 +1421,13 @@ pub fn restore<R: Read>(
             map: "snapshot".into(),
             reason: "the snapshot changed between verification and restore".into(),
         });
+    }
+    if let Some(conv) = &opts.convert {
+        conv.check_used(r.conversions.values())
+            .map_err(|e| Error::Restore {
+                map: "restore".into(),
+                reason: e.to_string(),
+            })?;
     }
     r.publish()?;
     Ok(RestoreReport {

@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod convert_common;
+
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -1054,6 +1056,22 @@ proptest! {
 
 /// The `conns` map of a fixture object, created in the kernel by aya (with its BTF), as a
 /// mapsnap map. The `Ebpf` keeps the object alive.
+/// Key of flow `n` in v1 (`version` 0) or v2 (1, with ifindex 3): 10.0.0.n, port 443.
+fn flow_key(version: usize, n: u64) -> Vec<u8> {
+    let g = graph(version);
+    let mut key = vec![0u8; g.size_of(g.find_type("struct conn_key").unwrap()).unwrap()];
+    if version == 1 {
+        put(&mut key, member(1, "struct conn_key", "ifindex"), 3);
+    }
+    put(
+        &mut key,
+        member(version, "struct conn_key", "saddr"),
+        0x0a00_0000 + n,
+    );
+    put(&mut key, member(version, "struct conn_key", "dport"), 443);
+    key
+}
+
 fn kernel_map(name: &str) -> (aya::Ebpf, mapsnap::sys::Map) {
     use std::os::fd::AsFd;
     let mut ebpf = aya::EbpfLoader::new()
@@ -1115,13 +1133,7 @@ fn kernel_maps_v1_to_v2_with_rebase() {
 
     // v1 entries: expires 30 s after the source's "now", last seen 5 s before it.
     for n in 1..=3u64 {
-        let mut key = vec![0u8; i1.key_size as usize];
-        put(
-            &mut key,
-            member(0, "struct conn_key", "saddr"),
-            0x0a00_0000 + n,
-        );
-        put(&mut key, member(0, "struct conn_key", "dport"), 443);
+        let key = flow_key(0, n);
         let value = v1_entry(&|set| {
             typical(set);
             set("packets", n * 1000);
@@ -1159,14 +1171,7 @@ fn kernel_maps_v1_to_v2_with_rebase() {
     // Read v2 back from the kernel, by the new keys.
     let tb = TypedBtf::parse(&b2).unwrap();
     for n in 1..=3u64 {
-        let mut k2 = vec![0u8; i2.key_size as usize];
-        put(&mut k2, member(1, "struct conn_key", "ifindex"), 3);
-        put(
-            &mut k2,
-            member(1, "struct conn_key", "saddr"),
-            0x0a00_0000 + n,
-        );
-        put(&mut k2, member(1, "struct conn_key", "dport"), 443);
+        let k2 = flow_key(1, n);
         let mut got = vec![0u8; i2.value_size as usize];
         assert!(
             v2.lookup(Some(&k2), &mut got, 0).unwrap(),
@@ -1189,4 +1194,129 @@ fn kernel_maps_v1_to_v2_with_rebase() {
         );
         assert_eq!(v["last_seen"], now.boottime_ns / S - 5);
     }
+}
+
+/// The library restore path: v1's map dumped (clocks recorded by the dump), the recorded
+/// clocks moved 1000 s ahead with the entries' timestamps (another host, up for longer),
+/// restored into v2's map with conversion and rebasing; entries are found under their new
+/// keys with their remaining lifetimes.
+#[test]
+fn kernel_restore_into_v2_converts_and_rebases() {
+    use mapsnap::{
+        convert::RestoreConversion,
+        format::verify,
+        progress::NoProgress,
+        restore::{Destination, IntoTarget, RestoreOptions, restore},
+    };
+    const S: u64 = 1_000_000_000;
+    let (_keep1, v1) = kernel_map("conn_v1");
+    let (_keep2, v2) = kernel_map("conn_v2");
+    let i2 = v2.info().unwrap();
+    let real = ClockSample::now().unwrap();
+    for n in 1..=3u64 {
+        let key = flow_key(0, n);
+        let value = v1_entry(&|set| {
+            typical(set);
+            set("packets", n * 1000);
+            // Flow 3 never set a lifetime: zero stays zero.
+            set(
+                "expires",
+                if n == 3 {
+                    0
+                } else {
+                    real.monotonic_ns + n * 30 * S
+                },
+            );
+        });
+        v1.update(Some(&key), &value, 0).unwrap();
+    }
+    let snap = convert_common::dump_maps(&[&v1]);
+    let dumped = convert_common::recorded_clocks(&snap).expect("dump records clocks");
+    assert!(dumped.monotonic_ns >= real.monotonic_ns && dumped.uncertainty_ns < 10_000_000);
+    let expires = member(0, "struct conn", "expires");
+    let shifted = convert_common::rewrite(&snap, &|c| c.monotonic_ns += 1000 * S, &|_, v| {
+        let off = (expires.0 / 8) as usize;
+        let old = u64::from_le_bytes(v[off..off + 8].try_into().unwrap());
+        if old != 0 {
+            v[off..off + 8].copy_from_slice(&(old + 1000 * S).to_le_bytes());
+        }
+    });
+    let summary = verify(shifted.as_slice()).unwrap();
+    let mut conv = RestoreConversion {
+        convert: true,
+        ..RestoreConversion::default()
+    };
+    conv.add_rename("rx_port=local_port").unwrap();
+    conv.add_default("value.zone=7").unwrap();
+    conv.add_default("key.ifindex=3").unwrap();
+    let now = ClockSample::now().unwrap();
+    conv.now = Some(now);
+    let opts = RestoreOptions {
+        convert: Some(conv),
+        ..RestoreOptions::default()
+    };
+    let report = restore(
+        shifted.as_slice(),
+        Some(&summary),
+        &Destination::Into(vec![IntoTarget {
+            select: None,
+            map: v2.try_clone().unwrap(),
+        }]),
+        &opts,
+        &NoProgress,
+    )
+    .unwrap();
+    assert_eq!(report.maps[0].entries, 3);
+
+    let b2 = mapsnap::sys::btf_raw_by_id(i2.btf_id).unwrap();
+    let tb = TypedBtf::parse(&b2).unwrap();
+    for n in 1..=3u64 {
+        let k2 = flow_key(1, n);
+        let mut got = vec![0u8; i2.value_size as usize];
+        assert!(v2.lookup(Some(&k2), &mut got, 0).unwrap(), "flow {n}");
+        let v = tb.render(i2.btf_value_type_id, &got).unwrap();
+        assert_eq!(v["packets"], n * 1000);
+        assert_eq!(v["local_port"], 8080);
+        assert_eq!(v["zone"], 7);
+        let remaining_at_dump =
+            (real.monotonic_ns + n * 30 * S) as i128 - dumped.monotonic_ns as i128;
+        let want = if n == 3 {
+            0
+        } else {
+            (now.monotonic_ns as i128 + remaining_at_dump) as u64
+        };
+        assert_eq!(
+            v["expires"], want,
+            "flow {n}: the lifetime left at dump time, on our clock"
+        );
+    }
+
+    // A restore that refuses plans before writing: a default that matches nothing.
+    let mut bad = RestoreConversion {
+        convert: true,
+        ..RestoreConversion::default()
+    };
+    bad.add_default("value.no_such=1").unwrap();
+    let err = restore(
+        shifted.as_slice(),
+        Some(&summary),
+        &Destination::Into(vec![IntoTarget {
+            select: None,
+            map: v2.try_clone().unwrap(),
+        }]),
+        &RestoreOptions {
+            convert: Some(bad),
+            ..RestoreOptions::default()
+        },
+        &NoProgress,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("no_such"), "{err}");
+    let mut still = vec![0u8; i2.value_size as usize];
+    let k2 = flow_key(1, 1);
+    assert!(
+        v2.lookup(Some(&k2), &mut still, 0).unwrap(),
+        "a refused plan writes nothing"
+    );
 }

@@ -629,6 +629,7 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
                 },
                 deadline: deadline.map(|d| std::time::Instant::now() + d),
                 limits,
+                convert: None,
             };
             let src = locations.open(&snapshot)?;
             check_size(&src, &limits)?;

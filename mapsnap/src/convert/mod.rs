@@ -18,12 +18,14 @@
 
 mod apply;
 mod graph;
+mod maps;
 mod plan;
 
 use std::collections::HashMap;
 
 pub use apply::percpu_stride;
 pub use graph::BtfGraph;
+pub use maps::{MapConversion, MapTypes, RestoreConversion};
 pub use plan::{Plan, Row};
 
 use crate::{
@@ -136,6 +138,10 @@ pub struct Options {
     pub rebase: HashMap<String, RebaseSpec>,
     /// Clock samples; without them tagged members are copied unchanged (the plan says so).
     pub clocks: Option<RebaseClocks>,
+    /// Do not refuse defaults, renames and rebase paths that match no member: the caller
+    /// plans several maps with the same options and checks them across all
+    /// ([`RestoreConversion::check_used`] with [`Plan::used_options`]).
+    pub unused_ok: bool,
 }
 
 impl Options {
@@ -198,7 +204,7 @@ impl Outcome {
 }
 
 /// Finds two old keys that convert to the same new key. Feed every (old, new) pair.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct KeyCollisions {
     seen: HashMap<Vec<u8>, Vec<u8>>,
 }

@@ -102,6 +102,8 @@ pub struct Plan {
     /// Members added, removed or left to the kernel: not a plain copy even when every
     /// step copies in place.
     pub(crate) changed: bool,
+    /// Option paths (default: new path, rename: old path, rebase: path) that matched.
+    pub(crate) used: Vec<String>,
 }
 
 impl Plan {
@@ -144,7 +146,18 @@ impl Plan {
             tag: None,
         };
         p.node(&root(from_id), &root(to_id), 0)?;
-        p.check_unused()?;
+        if !opts.unused_ok {
+            p.check_unused()?;
+        }
+        let mut used: Vec<String> = p
+            .used_defaults
+            .iter()
+            .chain(&p.used_renames)
+            .chain(&p.used_rebase)
+            .cloned()
+            .collect();
+        used.sort();
+        used.dedup();
         let src_be = from.big_endian();
         let dst_be = to.big_endian();
         let ops = merge(p.ops, src_be == dst_be);
@@ -164,6 +177,7 @@ impl Plan {
             clocks: opts.clocks,
             rebase_members: p.rebase_members,
             changed: p.changed,
+            used,
         })
     }
 
@@ -203,6 +217,12 @@ impl Plan {
                 .iter()
                 .all(|op| matches!(op, Op::Copy { src, dst, .. } if src == dst))
             && (self.clocks.is_none() || self.rebase_members.is_empty())
+    }
+
+    /// Paths of the options that matched a member (a default's new path, a rename's old
+    /// path, a rebase path).
+    pub fn used_options(&self) -> Vec<String> {
+        self.used.clone()
     }
 
     /// Set (or replace) the clock samples used for rebasing.
