@@ -20,6 +20,8 @@ pub enum Error {
     Anchor(#[from] AnchorError),
     #[error(transparent)]
     Limit(#[from] LimitError),
+    #[error(transparent)]
+    Trust(#[from] crate::trust::TrustError),
     #[error(
         "{what}: the deadline passed; everything this restore created or pinned was removed, \
          so it can be retried"

@@ -25,6 +25,7 @@ use mapsnap::storage::{
     StorageError,
 };
 use mapsnap::sys::Map;
+use mapsnap::trust::TrustError;
 
 /// Exit codes (also in the README).
 pub mod code {
@@ -45,6 +46,12 @@ pub mod code {
     /// Object storage or the snapshot location failed: no such object, access denied,
     /// endpoint unreachable, timeout.
     pub const STORAGE: u8 = 7;
+    /// Refused by the trust set or the encryption: unsigned, signed by an untrusted key,
+    /// altered (signature, manifest, data or ciphertext), no matching identity.
+    pub const UNTRUSTED: u8 = 8;
+    /// A key, identity, recipient or password could not be used (missing, malformed,
+    /// wrong password, encrypted snapshot without --identity).
+    pub const KEYS: u8 = 9;
     /// Anything else.
     pub const OTHER: u8 = 10;
 }
@@ -300,6 +307,17 @@ pub fn init_logging(verbose: u8) {
 /// Maps an error to the documented exit code.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     use mapsnap::Error as E;
+    // Trust refusals first: an altered download also fails the manifest's digest check, but
+    // the signature's verdict is the one to report.
+    if let Some(t) = e.chain().find_map(TrustError::find) {
+        return if t.is_refusal() {
+            code::UNTRUSTED
+        } else if matches!(t, TrustError::Io { .. }) {
+            code::SYSTEM
+        } else {
+            code::KEYS
+        };
+    }
     // Storage errors first: they may travel inside the codec's I/O errors.
     if let Some(se) = e.chain().find_map(StorageError::find) {
         return match se.kind {
@@ -331,6 +349,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
                     code::REFUSED
                 }
                 E::Sys(_) | E::Discover(_) | E::Io { .. } | E::Anchor(_) => code::SYSTEM,
+                E::Trust(_) => code::KEYS,
             };
         }
         if cause.downcast_ref::<mapsnap::sys::SysError>().is_some()

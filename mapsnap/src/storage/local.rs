@@ -139,10 +139,6 @@ pub(crate) fn read_limited(path: &Path, max_size: u64) -> Result<Option<Vec<u8>>
     }
 }
 
-pub(crate) fn read_all(path: &Path) -> Result<Option<Vec<u8>>> {
-    read_limited(path, Limits::default().max_manifest)
-}
-
 /// A file being written under a temporary name in its destination's (open) directory.
 #[derive(Debug)]
 pub(crate) struct LocalWriter {

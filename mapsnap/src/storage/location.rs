@@ -129,11 +129,21 @@ impl Location {
 
     /// Where the manifest of a snapshot at this location lives (none for stdio).
     pub fn manifest(&self) -> Option<Location> {
+        self.sibling(MANIFEST_SUFFIX)
+    }
+
+    /// Where the detached minisign signature beside the snapshot lives (`None` for `-`).
+    pub fn signature(&self) -> Option<Location> {
+        self.sibling(crate::trust::SIGNATURE_SUFFIX)
+    }
+
+    /// This location with `suffix` appended to its file name or key.
+    fn sibling(&self, suffix: &str) -> Option<Location> {
         match self {
             Location::Stdio => None,
             Location::Local(p) => {
                 let mut s = p.clone().into_os_string();
-                s.push(MANIFEST_SUFFIX);
+                s.push(suffix);
                 Some(Location::Local(PathBuf::from(s)))
             }
             Location::Remote {
@@ -143,7 +153,7 @@ impl Location {
             } => Some(Location::Remote {
                 provider: *provider,
                 bucket: bucket.clone(),
-                key: format!("{key}{MANIFEST_SUFFIX}"),
+                key: format!("{key}{suffix}"),
             }),
         }
     }

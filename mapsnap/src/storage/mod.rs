@@ -173,23 +173,29 @@ impl Storage {
         })
     }
 
-    /// Deletes the snapshot and the manifest beside it. Returns whether a snapshot was there;
-    /// a missing one (or manifest) is not an error, so cleanups can be retried.
+    /// Deletes the snapshot and the manifest and signature beside it. Returns whether a
+    /// snapshot was there; a missing one (or manifest) is not an error, so cleanups can be
+    /// retried.
     pub fn delete(&self) -> Result<bool> {
         let existed = self.head()?.is_some();
-        match (&self.backend, self.location.manifest()) {
-            (Backend::Stdio, _) => {}
-            (Backend::Local(p), manifest) => {
+        let siblings = [self.location.manifest(), self.location.signature()];
+        match &self.backend {
+            Backend::Stdio => {}
+            Backend::Local(p) => {
                 local::remove(p)?;
-                if let Some(Location::Local(m)) = manifest {
-                    local::remove(&m)?;
+                for s in siblings {
+                    if let Some(Location::Local(m)) = s {
+                        local::remove(&m)?;
+                    }
                 }
             }
             #[cfg(feature = "remote")]
-            (Backend::Remote(r), manifest) => {
+            Backend::Remote(r) => {
                 r.delete()?;
-                if let Some(Location::Remote { key, .. }) = manifest {
-                    r.sibling(&key)?.delete()?;
+                for s in siblings {
+                    if let Some(Location::Remote { key, .. }) = s {
+                        r.sibling(&key)?.delete()?;
+                    }
                 }
             }
         }
@@ -201,51 +207,97 @@ impl Storage {
         self.location.manifest().map(|l| l.to_string())
     }
 
+    /// Where the detached signature lives, as text (`None` for `-`).
+    pub fn signature_name(&self) -> Option<String> {
+        self.location.signature().map(|l| l.to_string())
+    }
+
+    /// Reads a small object beside the snapshot, at most `max` bytes; `None` when absent.
+    fn read_sibling(&self, sibling: Option<Location>, max: u64) -> Result<Option<Vec<u8>>> {
+        let Some(loc) = sibling else { return Ok(None) };
+        #[cfg(feature = "remote")]
+        let name = loc.to_string();
+        match (&self.backend, loc) {
+            (Backend::Local(_), Location::Local(p)) => local::read_limited(&p, max),
+            #[cfg(feature = "remote")]
+            (Backend::Remote(r), Location::Remote { key, .. }) => r
+                .sibling(&key)?
+                .get_small(&format!("cannot read {name}"), max),
+            _ => Ok(None),
+        }
+    }
+
+    /// Stores a small object beside the snapshot, replacing an older one.
+    #[cfg_attr(not(feature = "remote"), allow(unused_variables))]
+    fn write_sibling(&self, sibling: Option<Location>, bytes: &[u8]) -> Result<()> {
+        let Some(loc) = sibling else { return Ok(()) };
+        #[cfg(feature = "remote")]
+        let name = loc.to_string();
+        match (&self.backend, loc) {
+            (Backend::Local(_), Location::Local(p)) => local::put_small(&p, bytes),
+            #[cfg(feature = "remote")]
+            (Backend::Remote(r), Location::Remote { key, .. }) => r
+                .sibling(&key)?
+                .put_small(bytes.to_vec(), &format!("cannot write {name}")),
+            _ => Ok(()),
+        }
+    }
+
+    /// The manifest's exact bytes (a signature names their digest), `None` when there is
+    /// none. At most the default manifest size limit is read.
+    pub fn read_manifest_bytes(&self) -> Result<Option<Vec<u8>>> {
+        self.read_sibling(
+            self.location.manifest(),
+            crate::limits::Limits::default().max_manifest,
+        )
+    }
+
     /// The manifest beside the snapshot, `None` when there is none.
     pub fn read_manifest(&self) -> Result<Option<Manifest>> {
-        let Some(name) = self.manifest_name() else {
-            return Ok(None);
-        };
-        let bytes = match (&self.backend, self.location.manifest()) {
-            (Backend::Local(_), Some(Location::Local(p))) => local::read_all(&p)?,
-            #[cfg(feature = "remote")]
-            (Backend::Remote(r), Some(Location::Remote { key, .. })) => r
-                .sibling(&key)?
-                .get_small(&format!("cannot read its manifest {name}"))?,
-            _ => None,
-        };
-        match bytes {
+        match self.read_manifest_bytes()? {
             None => Ok(None),
-            Some(b) => Manifest::from_json(&b).map(Some).map_err(|e| {
-                StorageError::new(
-                    ErrorKind::Corrupt,
-                    &name,
-                    format!("the manifest is not valid JSON for this mapsnap: {e}"),
-                )
-            }),
+            Some(b) => self.parse_manifest(&b).map(Some),
         }
+    }
+
+    /// Parses manifest bytes read with [`Self::read_manifest_bytes`].
+    pub fn parse_manifest(&self, bytes: &[u8]) -> Result<Manifest> {
+        Manifest::from_json(bytes).map_err(|e| {
+            StorageError::new(
+                ErrorKind::Corrupt,
+                self.manifest_name().as_deref().unwrap_or(&self.display),
+                format!("the manifest is not valid JSON for this mapsnap: {e}"),
+            )
+        })
     }
 
     /// Stores `manifest` beside the snapshot, replacing an older one (call it after the
     /// snapshot itself was committed).
-    #[cfg_attr(not(feature = "remote"), allow(unused_variables))]
     pub fn write_manifest(&self, manifest: &Manifest) -> Result<()> {
-        let Some(name) = self.manifest_name() else {
-            return Ok(());
-        };
-        match (&self.backend, self.location.manifest()) {
-            (Backend::Local(_), Some(Location::Local(p))) => {
-                local::put_small(&p, &manifest.to_json())
-            }
-            #[cfg(feature = "remote")]
-            (Backend::Remote(r), Some(Location::Remote { key, .. })) => r.sibling(&key)?.put_small(
-                manifest.to_json(),
-                &format!("cannot write its manifest {name}"),
-            ),
-            _ => Ok(()),
-        }
+        self.write_manifest_bytes(&manifest.to_json())
+    }
+
+    /// Stores these exact manifest bytes (those a signature names) beside the snapshot.
+    pub fn write_manifest_bytes(&self, bytes: &[u8]) -> Result<()> {
+        self.write_sibling(self.location.manifest(), bytes)
+    }
+
+    /// The detached signature beside the snapshot (`<location>.minisig`), `None` when there
+    /// is none. Signatures are a few hundred bytes; more than 64 KiB is refused unread.
+    pub fn read_signature(&self) -> Result<Option<Vec<u8>>> {
+        self.read_sibling(self.location.signature(), MAX_SIGNATURE)
+    }
+
+    /// Stores the detached signature beside the snapshot, replacing an older one. Write it
+    /// after the snapshot and before the manifest: readers take a manifest as the sign that
+    /// the snapshot is complete.
+    pub fn write_signature(&self, signature: &[u8]) -> Result<()> {
+        self.write_sibling(self.location.signature(), signature)
     }
 }
+
+/// The largest signature file read (minisign signatures are about 300 bytes).
+pub const MAX_SIGNATURE: u64 = 64 * 1024;
 
 enum WriterInner {
     Stdout(std::io::BufWriter<std::io::Stdout>),

@@ -286,16 +286,26 @@ impl Remote {
     }
 
     /// Reads a small object whole (a manifest); `None` when it does not exist.
-    pub(crate) fn get_small(&self, what: &str) -> Result<Option<Vec<u8>>> {
+    pub(crate) fn get_small(&self, what: &str, max: u64) -> Result<Option<Vec<u8>>> {
         let fut = async {
             let r = self
                 .store
                 .get_opts(&self.path, GetOptions::default())
                 .await?;
-            r.bytes().await
+            // Refused before the body is read: a small object that is not small is not
+            // what it claims to be.
+            if r.meta.size > max {
+                return Ok(Err(r.meta.size));
+            }
+            r.bytes().await.map(Ok)
         };
         match self.block(what, fut)? {
-            Ok(b) => Ok(Some(b.to_vec())),
+            Ok(Ok(b)) => Ok(Some(b.to_vec())),
+            Ok(Err(size)) => Err(StorageError::new(
+                ErrorKind::Corrupt,
+                self.location.as_str(),
+                format!("{what}: it has {size} bytes, more than the {max} allowed"),
+            )),
             Err(e) => {
                 let se = self.err(what, &e);
                 // No object is "none"; no bucket is an error worth reporting now.

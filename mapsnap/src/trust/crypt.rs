@@ -81,6 +81,20 @@ impl Recipient {
         Ok(recipients)
     }
 
+    /// Recipients as given on a command line or in a config: each an `age1...` recipient, an
+    /// `ssh-...` public key, or `@FILE`, a recipients file (see [`Recipient::from_file`]).
+    pub fn parse_args<S: AsRef<str>>(args: &[S]) -> Result<Vec<Self>> {
+        let mut out = Vec::new();
+        for a in args {
+            let a = a.as_ref();
+            match a.strip_prefix('@') {
+                Some(path) => out.extend(Self::from_file(Path::new(path))?),
+                None => out.push(Self::parse(a)?),
+            }
+        }
+        Ok(out)
+    }
+
     fn as_age(&self) -> &dyn age::Recipient {
         match &self.kind {
             RecipientKind::X25519(r) => r,
@@ -269,6 +283,8 @@ impl<R: Read> Read for DecryptingReader<R> {
                 self.plaintext += n as u64;
                 Ok(n)
             }
+            // A refusal from below (the signature check) is reported as it is.
+            Err(e) if e.get_ref().is_some_and(|x| x.is::<TrustError>()) => Err(e),
             Err(e) => {
                 let at = self.plaintext;
                 Err(match e.kind() {

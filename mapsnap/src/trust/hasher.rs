@@ -16,22 +16,61 @@ const BATCH: usize = 256 * 1024;
 /// wait when hashing falls behind.
 const IN_FLIGHT: usize = 4;
 
+/// Which digests a [`StreamHasher`] computes: each costs a pass over the data, so callers
+/// ask only for those nobody else computes already.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Want {
+    pub blake2b: bool,
+    pub sha256: bool,
+}
+
+impl Want {
+    pub(crate) const BOTH: Want = Want {
+        blake2b: true,
+        sha256: true,
+    };
+}
+
 struct Digests {
-    blake2b: blake2::Blake2b512,
-    sha256: sha2::Sha256,
+    blake2b: Option<blake2::Blake2b512>,
+    sha256: Option<sha2::Sha256>,
 }
 
 impl Digests {
-    fn new() -> Self {
+    fn new(want: Want) -> Self {
         Self {
-            blake2b: blake2::Blake2b512::new(),
-            sha256: sha2::Sha256::new(),
+            blake2b: want.blake2b.then(blake2::Blake2b512::new),
+            sha256: want.sha256.then(sha2::Sha256::new),
         }
     }
 
     fn update(&mut self, buf: &[u8]) {
-        self.blake2b.update(buf);
-        self.sha256.update(buf);
+        if let Some(h) = &mut self.blake2b {
+            h.update(buf);
+        }
+        if let Some(h) = &mut self.sha256 {
+            h.update(buf);
+        }
+    }
+}
+
+/// What [`StreamHasher::finish`] returns; a digest not asked for is `None`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StreamDigests {
+    pub blake2b: Option<[u8; 64]>,
+    pub sha256: Option<[u8; 32]>,
+    pub size: u64,
+}
+
+impl StreamDigests {
+    /// (BLAKE2b-512, SHA-256, size) of a hasher made with [`Want::BOTH`].
+    pub(crate) fn both(self) -> Result<([u8; 64], [u8; 32], u64)> {
+        match (self.blake2b, self.sha256) {
+            (Some(b), Some(s)) => Ok((b, s, self.size)),
+            _ => Err(TrustError::Crypto(
+                "internal: a digest was not computed".to_string(),
+            )),
+        }
     }
 }
 
@@ -42,7 +81,8 @@ struct Worker {
     handle: thread::JoinHandle<Digests>,
 }
 
-/// BLAKE2b-512 (what a minisign signature covers), SHA-256 and size of a stream, in one pass.
+/// BLAKE2b-512 (what a minisign signature covers) and/or SHA-256, and the size of a stream,
+/// in one pass.
 pub(crate) struct StreamHasher {
     size: u64,
     pending: Vec<u8>,
@@ -54,13 +94,13 @@ pub(crate) struct StreamHasher {
 }
 
 impl StreamHasher {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(want: Want) -> Self {
         let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(IN_FLIGHT);
         let (back_tx, back) = mpsc::channel::<Vec<u8>>();
         let worker = thread::Builder::new()
             .name("mapsnap-hash".into())
             .spawn(move || {
-                let mut d = Digests::new();
+                let mut d = Digests::new(want);
                 for mut buf in rx {
                     d.update(&buf);
                     buf.clear();
@@ -75,7 +115,7 @@ impl StreamHasher {
             size: 0,
             pending: Vec::new(),
             worker,
-            inline: Digests::new(),
+            inline: Digests::new(want),
             broken: false,
         }
     }
@@ -108,8 +148,7 @@ impl StreamHasher {
         }
     }
 
-    /// (BLAKE2b-512 prehash, SHA-256, size)
-    pub(crate) fn finish(mut self) -> Result<([u8; 64], [u8; 32], u64)> {
+    pub(crate) fn finish(mut self) -> Result<StreamDigests> {
         let digests = match self.worker.take() {
             None => self.inline,
             Some(w) => {
@@ -128,10 +167,10 @@ impl StreamHasher {
                 }
             }
         };
-        Ok((
-            digests.blake2b.finalize().into(),
-            digests.sha256.finalize().into(),
-            self.size,
-        ))
+        Ok(StreamDigests {
+            blake2b: digests.blake2b.map(|h| h.finalize().into()),
+            sha256: digests.sha256.map(|h| h.finalize().into()),
+            size: self.size,
+        })
     }
 }

@@ -7,7 +7,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use ed25519_dalek::Signer as _;
 
-use super::hasher::StreamHasher;
+use super::hasher::{StreamHasher, Want};
 use super::keys::{KeyId, SecretKey};
 use super::{Result, TrustError};
 
@@ -128,7 +128,7 @@ impl<W: Write> SigningWriter<W> {
         Self {
             inner,
             key: key.clone(),
-            hasher: StreamHasher::new(),
+            hasher: StreamHasher::new(Want::BOTH),
         }
     }
 
@@ -159,7 +159,7 @@ impl<W: Write> SigningWriter<W> {
         self.inner
             .flush()
             .map_err(|e| TrustError::io("flushing the signed stream", e))?;
-        let (prehash, sha256, size) = self.hasher.finish()?;
+        let (prehash, sha256, size) = self.hasher.finish()?.both()?;
         let facts = SignedFacts {
             sha256,
             size,

@@ -350,3 +350,249 @@ fn missing_signature_file_is_unsigned() {
         .verify_stream(std::fs::File::open(&snap).expect("open"), &sig)
         .expect("verifies");
 }
+
+fn age_identity() -> (Recipient, Identities) {
+    let id = age::x25519::Identity::generate();
+    let recipient = Recipient::parse(&id.to_public().to_string()).expect("recipient");
+    let mut ids = Identities::new();
+    ids.add_bytes(
+        age::secrecy::ExposeSecret::expose_secret(&id.to_string()).as_bytes(),
+        "test identity",
+    )
+    .expect("identity");
+    (recipient, ids)
+}
+
+/// Seals `data` as a dump would (the plaintext digest comes from the "snapshot writer").
+fn seal(policy: &SealPolicy, data: &[u8], manifest: &[u8]) -> (Vec<u8>, Option<Signed>, Sealed) {
+    let mut w = policy.seal(Vec::new()).expect("seal");
+    for c in data.chunks(9_999) {
+        w.write_all(c).expect("write");
+    }
+    let written = crate::format::StreamDigest {
+        sha256: sha2::Sha256::digest(data).into(),
+        bytes: data.len() as u64,
+    };
+    let (stored, sealed) = w.finish(&written).expect("finish");
+    assert_eq!(sealed.stored().bytes, stored.len() as u64);
+    assert_eq!(
+        sealed.stored().sha256,
+        <[u8; 32]>::from(sha2::Sha256::digest(&stored))
+    );
+    let signed = sealed.sign(Some(manifest)).expect("sign");
+    (stored, signed, sealed)
+}
+
+/// Reads through an admitted reader in small pieces; returns what was handed on and the
+/// error that stopped it, if any.
+fn read_admitted(a: &Admitted, stored: &[u8]) -> (Vec<u8>, Option<std::io::Error>) {
+    let mut r = match a.reader(Cursor::new(stored.to_vec())) {
+        Ok(r) => r,
+        Err(e) => return (Vec::new(), Some(std::io::Error::other(e))),
+    };
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => return (out, None),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) => return (out, Some(e)),
+        }
+    }
+}
+
+#[test]
+fn seal_and_open_sign_and_encrypt() {
+    let kp = keygen(None).expect("keygen");
+    let (recipient, ids) = age_identity();
+    let policy = SealPolicy::new(Some(kp.secret.clone()), vec![recipient]);
+    let data = payload(700_000);
+    let manifest = b"{\"manifest\": 1}\n";
+    let (stored, signed, sealed) = seal(&policy, &data, manifest);
+    assert!(sealed.encrypted());
+    assert!(stored.starts_with(AGE_MAGIC_FOR_TESTS));
+    let signed = signed.expect("signed");
+    assert_eq!(signed.key_id, kp.public.key_id());
+    // The signature alone (no identity) verifies the stored bytes.
+    set_of(&[&kp.public])
+        .verify_stream(Cursor::new(&stored), &signed.signature)
+        .expect("signature covers the ciphertext");
+
+    let open = OpenPolicy::new(Some(set_of(&[&kp.public])), ids);
+    let a = open
+        .admit(
+            "snap",
+            Some(&signed.signature),
+            Some(manifest),
+            Some(stored.len() as u64),
+        )
+        .expect("admit");
+    assert_eq!(a.signer(), Some(kp.public.key_id()));
+    assert!(a.manifest_authenticated());
+    let mut r = a.reader(Cursor::new(stored.clone())).expect("reader");
+    assert!(r.encrypted());
+    let mut out = Vec::new();
+    r.read_to_end(&mut out).expect("read");
+    assert_eq!(out, data);
+    let v = r.finish().expect("finish").expect("verified");
+    assert_eq!(v.key_id, kp.public.key_id());
+
+    // A second read is held to the bytes the first verified: a change is refused before
+    // the end of the stream.
+    let (again, err) = read_admitted(&a, &stored);
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(again, data);
+    let mut changed = stored.clone();
+    let last = changed.len() - 1;
+    changed[last] ^= 1;
+    let (_, err) = read_admitted(&a, &changed);
+    let err = err.expect("changed bytes refused");
+    assert!(
+        matches!(
+            TrustError::find(&err),
+            Some(TrustError::Changed { .. } | TrustError::BadAgeHeader { .. })
+        ) || err.to_string().contains("changed since it was verified"),
+        "{err}"
+    );
+
+    // Without an identity: a clear error before anything is read.
+    let no_id = OpenPolicy::new(Some(set_of(&[&kp.public])), Identities::new());
+    let a = no_id
+        .admit("snap", Some(&signed.signature), Some(manifest), None)
+        .expect("admit");
+    let e = a
+        .reader(Cursor::new(stored.clone()))
+        .expect_err("no identity");
+    assert!(matches!(e, TrustError::NeedIdentity { .. }), "{e}");
+    // With another identity: no matching identity.
+    let (_, other_ids) = age_identity();
+    let other = OpenPolicy::new(None, other_ids);
+    let a = other.admit("snap", None, None, None).expect("no trust set");
+    let e = a.reader(Cursor::new(stored)).expect_err("wrong identity");
+    assert!(matches!(e, TrustError::NoMatchingIdentity { .. }), "{e}");
+}
+
+const AGE_MAGIC_FOR_TESTS: &[u8] = b"age-encryption.org/v1\n";
+
+#[test]
+fn seal_and_open_refusals_before_and_while_reading() {
+    let kp = keygen(None).expect("keygen");
+    let stranger = keygen(None).expect("keygen");
+    let policy = SealPolicy::new(Some(kp.secret.clone()), vec![]);
+    let data = payload(300_000);
+    let manifest = b"{\"manifest\": 1}\n";
+    let (stored, signed, sealed) = seal(&policy, &data, manifest);
+    assert!(!sealed.encrypted());
+    assert_eq!(stored, data, "signing alone leaves the stream as it is");
+    let sig = signed.expect("signed").signature;
+    let open = OpenPolicy::new(Some(set_of(&[&kp.public])), Identities::new());
+    let size = Some(stored.len() as u64);
+
+    // Refused at admission, naming the key id.
+    let e = open
+        .admit("snap", None, Some(manifest), size)
+        .expect_err("unsigned");
+    assert!(
+        matches!(e, TrustError::Unsigned { .. }) && e.is_refusal(),
+        "{e}"
+    );
+    let strange = seal(
+        &SealPolicy::new(Some(stranger.secret.clone()), vec![]),
+        &data,
+        manifest,
+    )
+    .1
+    .expect("signed");
+    let e = open
+        .admit("snap", Some(&strange.signature), Some(manifest), size)
+        .expect_err("untrusted");
+    assert!(
+        e.to_string()
+            .contains(&stranger.public.key_id().to_string()),
+        "{e}"
+    );
+    let e = open
+        .admit("snap", Some(&sig), Some(b"{\"manifest\": 2}\n"), size)
+        .expect_err("other manifest");
+    assert!(e.to_string().contains("do not belong together"), "{e}");
+    let e = open
+        .admit("snap", Some(&sig), None, size)
+        .expect_err("no manifest");
+    assert!(matches!(e, TrustError::FactsMismatch { .. }), "{e}");
+    let e = open
+        .admit("snap", Some(&sig), Some(manifest), Some(1))
+        .expect_err("size");
+    assert!(e.to_string().contains("names size 300000"), "{e}");
+    let mut bad_sig = sig.clone();
+    let i = bad_sig.len() - 10;
+    bad_sig[i] = if bad_sig[i] == b'A' { b'B' } else { b'A' };
+    let e = open
+        .admit("snap", Some(&bad_sig), Some(manifest), size)
+        .expect_err("altered signature");
+    assert!(e.is_refusal(), "{e}");
+
+    // Refused while reading: a flipped byte, a truncation, an extension. The error takes
+    // the place of the last bytes: what was handed on is short of the stream.
+    let a = open
+        .admit("snap", Some(&sig), Some(manifest), size)
+        .expect("admit");
+    let mut flipped = stored.clone();
+    flipped[1234] ^= 0x40;
+    let (out, err) = read_admitted(&a, &flipped);
+    let err = err.expect("flipped byte refused");
+    assert!(
+        matches!(
+            TrustError::find(&err),
+            Some(TrustError::DataMismatch { .. })
+        ),
+        "{err}"
+    );
+    assert!(out.len() < stored.len());
+    let (_, err) = read_admitted(&a, &stored[..stored.len() - 1]);
+    assert!(
+        matches!(
+            TrustError::find(&err.expect("truncated")),
+            Some(TrustError::Truncated { .. })
+        ),
+        "truncated"
+    );
+    let mut longer = stored.clone();
+    longer.push(0);
+    let (_, err) = read_admitted(&a, &longer);
+    let err = err.expect("extended");
+    assert!(
+        matches!(TrustError::find(&err), Some(TrustError::Extended { .. })),
+        "{err}"
+    );
+    assert!(a.verified().is_none(), "no read verified");
+    // The intact stream still verifies.
+    let (out, err) = read_admitted(&a, &stored);
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(out, data);
+    assert_eq!(a.verified().map(|v| v.key_id), Some(kp.public.key_id()));
+
+    // Without a trust set nothing is required and plaintext passes unchanged.
+    let a = OpenPolicy::default()
+        .admit("snap", None, None, None)
+        .expect("admit");
+    assert_eq!(a.signer(), None);
+    let r = a.reader(Cursor::new(stored.clone())).expect("reader");
+    assert!(r.finish().expect("finish").is_none());
+}
+
+#[test]
+fn recipients_from_args_and_files() {
+    let (r1, _) = age_identity();
+    let (r2, _) = age_identity();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = dir.path().join("recipients.txt");
+    std::fs::write(&f, format!("# team\n{r2}\n\n")).expect("write");
+    let list =
+        Recipient::parse_args(&[r1.to_string(), format!("@{}", f.display())]).expect("parse");
+    assert_eq!(
+        list.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+        vec![r1.to_string(), r2.to_string()]
+    );
+    let e = Recipient::parse_args(&["@/nonexistent/recipients"]).expect_err("missing file");
+    assert!(e.to_string().contains("/nonexistent/recipients"), "{e}");
+}

@@ -7,7 +7,7 @@ use std::path::Path;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 
-use super::hasher::StreamHasher;
+use super::hasher::{StreamHasher, Want};
 use super::keys::{KeyId, PublicKey};
 use super::sign::{SIGALG_LEGACY, SIGALG_PREHASHED, SignedFacts, TRUSTED_PREFIX, UNTRUSTED_PREFIX};
 use super::{Result, TrustError};
@@ -159,7 +159,7 @@ impl TrustSet {
             sig: sig.sig,
             trusted_comment: sig.trusted_comment,
             facts,
-            hasher: StreamHasher::new(),
+            hasher: StreamHasher::new(Want::BOTH),
         })
     }
 
@@ -314,7 +314,7 @@ impl StreamVerifier {
 
     pub fn finish(self) -> Result<Verified> {
         let key_id = self.key.key_id;
-        let (prehash, sha256, size) = self.hasher.finish()?;
+        let (prehash, sha256, size) = self.hasher.finish()?.both()?;
         self.key
             .key
             .verify_strict(&prehash, &self.sig)
