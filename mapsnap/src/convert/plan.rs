@@ -574,7 +574,20 @@ impl Planner<'_> {
         let sname = bit_name(self.from.type_name(s.id), s.bitfield);
         let dname = bit_name(self.to.type_name(d.id), d.bitfield);
         let path = self.path_index(&d.path);
-        if let (Some(sn), Some(dn)) = (&a.names, &b.names) {
+        // The same enumerators with the same numbers: a plain integer copy (which also
+        // keeps values that name no enumerator).
+        let same_enum = match (&a.names, &b.names) {
+            (Some(sn), Some(dn)) => {
+                let sorted = |v: &Vec<(String, u128)>| {
+                    let mut v = v.clone();
+                    v.sort();
+                    v
+                };
+                a.bits == b.bits && a.signed == b.signed && sorted(sn) == sorted(dn)
+            }
+            _ => false,
+        };
+        if let (Some(sn), Some(dn), false) = (&a.names, &b.names, same_enum) {
             let start = u32::try_from(self.enum_pairs.len()).unwrap_or(u32::MAX);
             let mut missing = Vec::new();
             for (name, val) in sn {
@@ -583,7 +596,13 @@ impl Planner<'_> {
                     None => missing.push(name.clone()),
                 }
             }
+            // A zeroed member (never set) stays zero when 0 names no old enumerator.
+            let zero_unnamed = !sn.iter().any(|(_, v)| *v == 0);
+            if zero_unnamed {
+                self.enum_pairs.push((0, 0));
+            }
             let len = u32::try_from(self.enum_pairs.len()).unwrap_or(u32::MAX) - start;
+            let names = len - u32::from(zero_unnamed);
             self.push(
                 Op::Enum {
                     src,
@@ -594,7 +613,10 @@ impl Planner<'_> {
                 },
                 &d.path,
             )?;
-            let mut action = format!("enum by name {sname} -> {dname} ({len} names)");
+            let mut action = format!("enum by name {sname} -> {dname} ({names} names)");
+            if zero_unnamed {
+                action.push_str("; 0 stays 0");
+            }
             if !missing.is_empty() {
                 action.push_str(&format!(
                     "; no counterpart for {} ({})",
@@ -651,7 +673,9 @@ impl Planner<'_> {
             },
             &d.path,
         )?;
-        let kind = if a.names.is_some() || b.names.is_some() {
+        let kind = if same_enum {
+            " (same enum)"
+        } else if a.names.is_some() || b.names.is_some() {
             " (enum as number)"
         } else {
             ""
