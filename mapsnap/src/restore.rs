@@ -1300,6 +1300,125 @@ fn plan_targets(
     Ok(out)
 }
 
+/// One map of a conversion checked by [`check_conversion`].
+#[derive(Debug)]
+pub struct CheckedMap {
+    /// Snapshot map index and name.
+    pub index: u32,
+    pub name: String,
+    /// Where it goes (an existing target, or the snapshot's pin path for new maps).
+    pub target: String,
+    /// The key and value plans; `None` when entries are copied as they are.
+    pub conversion: Option<MapConversion>,
+    /// Entries converted without error.
+    pub entries: u64,
+}
+
+/// Plans the conversion of every map `restore` would fill with these options and runs it
+/// over every entry of `source` (the same bytes as `summary`), writing nothing: plans that
+/// cannot be made, values that do not fit, enum values without counterpart and colliding
+/// keys are all found here. Call it before [`restore`] when the target maps are live (as
+/// `mapsnap restore --convert` does), and show the plans (`--dry-run` stops here).
+pub fn check_conversion<R: Read>(
+    source: R,
+    summary: &VerifySummary,
+    dest: &Destination,
+    opts: &RestoreOptions,
+) -> Result<Vec<CheckedMap>> {
+    let conv = opts.convert.as_ref().ok_or_else(|| Error::Restore {
+        map: "restore".into(),
+        reason: "check_conversion needs RestoreOptions::convert".into(),
+    })?;
+    let now = match conv.now {
+        Some(n) => n,
+        None => ClockSample::now().map_err(|e| Error::Restore {
+            map: "restore".into(),
+            reason: format!("reading this host's clocks failed: {e}"),
+        })?,
+    };
+    let into = matches!(dest, Destination::Into(_) | Destination::IntoRoot(_));
+    let (mut plans, shown): (HashMap<u32, MapConversion>, HashMap<u32, String>) = if into {
+        let targets = resolve_targets(dest, summary, opts)?;
+        let shown = targets.iter().map(|(i, (_, s))| (*i, s.clone())).collect();
+        (plan_targets(&targets, summary, conv, Some(now))?, shown)
+    } else {
+        let clocks = rebase_clocks(conv, summary.clocks, Some(now));
+        let mut plans = HashMap::new();
+        let mut shown = HashMap::new();
+        for (i, (meta, _)) in summary.maps.iter().enumerate() {
+            let from = meta.btf.as_ref().and_then(|b| {
+                Some(MapTypes {
+                    btf: summary.btf.get(b.index as usize)?,
+                    key_type_id: b.key_type_id,
+                    value_type_id: b.value_type_id,
+                })
+            });
+            let planned =
+                MapConversion::plan(meta, from, None, conv, clocks, false).map_err(|e| {
+                    Error::Restore {
+                        map: format!("snapshot map {i} {:?}", meta.name),
+                        reason: e.to_string(),
+                    }
+                })?;
+            if let Some(p) = planned {
+                plans.insert(i as u32, p);
+            }
+            if !meta.inner {
+                shown.insert(i as u32, rel_pin(meta, i as u32));
+            }
+        }
+        conv.check_used(plans.values())
+            .map_err(|e| Error::Restore {
+                map: "restore".into(),
+                reason: e.to_string(),
+            })?;
+        (plans, shown)
+    };
+    let mut entries: HashMap<u32, u64> = HashMap::new();
+    let mut reader = SnapshotReader::with_limits(source, &opts.limits)?;
+    let mut current = None;
+    while let Some(event) = reader.next_event()? {
+        match event {
+            Event::MapBegin { index, .. } => current = Some(index),
+            Event::Entries(chunk) => {
+                let Some(index) = current else { continue };
+                if let Some(p) = plans.get_mut(&index) {
+                    p.convert_chunk(&chunk).map_err(|e| Error::Restore {
+                        map: shown.get(&index).cloned().unwrap_or_default(),
+                        reason: format!("converting an entry failed: {e}"),
+                    })?;
+                }
+                *entries.entry(index).or_default() += chunk.count as u64;
+                reader.recycle(chunk);
+            }
+            Event::End(digest) if digest.sha256 != summary.digest.sha256 => {
+                return Err(Error::Restore {
+                    map: "snapshot".into(),
+                    reason: "the snapshot changed between verification and the conversion check"
+                        .into(),
+                });
+            }
+            _ => {}
+        }
+    }
+    let mut out: Vec<CheckedMap> = shown
+        .into_iter()
+        .map(|(index, target)| CheckedMap {
+            index,
+            name: summary
+                .maps
+                .get(index as usize)
+                .map(|(m, _)| m.name.clone())
+                .unwrap_or_default(),
+            target,
+            conversion: plans.remove(&index),
+            entries: entries.get(&index).copied().unwrap_or(0),
+        })
+        .collect();
+    out.sort_by_key(|m| m.index);
+    Ok(out)
+}
+
 /// Restores the snapshot read from `source` into `dest`.
 ///
 /// `verified` is the result of [`crate::format::verify`] over the same bytes. It is required

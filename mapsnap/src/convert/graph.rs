@@ -119,6 +119,43 @@ impl BtfGraph {
             })
     }
 
+    /// Key and value type ids of the BTF-defined map `name` in an object's `.maps`
+    /// section (`struct { __type(key, K); __type(value, V); ... } name SEC(".maps")`).
+    /// A map declared with `key_size` instead of a key type has key id 0.
+    pub fn map_types(&self, name: &str) -> Result<(u32, u32)> {
+        let none = || ConvertError::NoSuchType {
+            name: format!("map {name} (a BTF-defined map in the object's .maps section)"),
+        };
+        let ids = self.btf.resolve_ids_by_name(name).unwrap_or_default();
+        let var = ids
+            .iter()
+            .find(|id| matches!(self.btf.resolve_type_by_id(**id), Ok(Type::Var(_))))
+            .ok_or_else(none)?;
+        let def = self.resolve(chained(&self.ty(*var)?))?;
+        let Type::Struct(s) = &def.ty else {
+            return Err(none());
+        };
+        let mut out = (0, 0);
+        for m in &s.members {
+            let slot = match self.name(m).as_str() {
+                "key" => &mut out.0,
+                "value" => &mut out.1,
+                _ => continue,
+            };
+            // `__type(key, K)` is `typeof(K) *key`: the pointee is the type.
+            let t = self.ty(m.get_type_id().unwrap_or(0))?;
+            if let Type::Ptr(_) = t {
+                *slot = chained(&t);
+            }
+        }
+        if out.1 == 0 {
+            return Err(ConvertError::NoBtf {
+                what: format!("map {name} in the object (it has no value type)"),
+            });
+        }
+        Ok(out)
+    }
+
     /// C-like name of a type, for the plan and errors.
     pub fn type_name(&self, id: u32) -> String {
         self.typed

@@ -20,6 +20,7 @@ mod apply;
 mod graph;
 mod maps;
 mod plan;
+mod snapshot;
 
 use std::collections::HashMap;
 
@@ -27,6 +28,7 @@ pub use apply::percpu_stride;
 pub use graph::BtfGraph;
 pub use maps::{MapConversion, MapTypes, RestoreConversion};
 pub use plan::{Plan, Row};
+pub use snapshot::{ConvertedMap, TargetBtf, convert_snapshot};
 
 use crate::{
     btf_fmt::BtfFmtError,
