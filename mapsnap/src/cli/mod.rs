@@ -2,6 +2,7 @@
 //! README and returned by [`exit_code`].
 
 mod bar;
+mod convert;
 mod inspect;
 mod ls;
 
@@ -242,8 +243,31 @@ pub enum Cmd {
         deadline: Option<Duration>,
         #[command(flatten)]
         limits: LimitArgs,
+        #[command(flatten)]
+        conv: convert::ConvertArgs,
         #[arg(long)]
         json: bool,
+    },
+    /// Write a snapshot converted to the key/value types of a newer program (docs/CONVERT.md).
+    Convert {
+        /// The snapshot (path or URL, as for restore).
+        snapshot: String,
+        /// The new types: a clang-compiled object (its .BTF), or a pinned map (or map id).
+        #[arg(long, value_name = "OBJECT_OR_PIN")]
+        to_btf: PathBuf,
+        /// The converted snapshot (a new local file).
+        #[arg(short, long, value_name = "NEW", required_unless_present = "dry_run")]
+        output: Option<PathBuf>,
+        /// With a pinned map as target and several maps in the snapshot: which one.
+        #[arg(long, value_name = "NAME")]
+        map: Option<String>,
+        /// Print only the plans; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        members: convert::MemberArgs,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Show a snapshot's metadata, and with --entries its entries typed by BTF.
     Inspect {
@@ -622,6 +646,7 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
             overwrite,
             deadline,
             limits,
+            conv,
             json,
         } => {
             let limits = limits.limits();
@@ -648,7 +673,7 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
                 },
                 deadline: deadline.map(|d| std::time::Instant::now() + d),
                 limits,
-                convert: None,
+                convert: conv.conversion()?,
             };
             let src = locations.open(&snapshot)?;
             check_size(&src, &limits)?;
@@ -670,6 +695,7 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
             // read, pinned to the same object version), so existing maps are only changed by
             // a snapshot known to be whole.
             let one_pass = src.is_remote()
+                && opts.convert.is_none()
                 && matches!(dest, Destination::PinRoot { .. } | Destination::Detached);
             let summary = if one_pass {
                 None
@@ -680,6 +706,10 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
                         .map_err(|e| anyhow::Error::new(e).context(src.name().to_string()))?,
                 )
             };
+            let read = || checked_reader(&src, version.as_ref(), manifest.as_ref());
+            if convert::preflight(&conv, &opts, &dest, summary.as_ref(), read)? {
+                return Ok(ExitCode::SUCCESS);
+            }
             let report = located(
                 restore::restore(
                     checked_reader(&src, version.as_ref(), manifest.as_ref())?,
@@ -701,6 +731,31 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
+        }
+        Cmd::Convert {
+            snapshot,
+            to_btf,
+            output,
+            map,
+            dry_run,
+            members,
+            limits,
+        } => {
+            let limits = limits.limits();
+            let src = locations.open(&snapshot)?;
+            check_size(&src, &limits)?;
+            let manifest = manifest_of(&src)?;
+            let read = || checked_reader(&src, None, manifest.as_ref());
+            let out = output.unwrap_or_default();
+            convert::run_convert(
+                &read,
+                &to_btf,
+                &out,
+                map.as_deref(),
+                &members,
+                dry_run,
+                &limits,
+            )?;
         }
         Cmd::Inspect {
             snapshot,
