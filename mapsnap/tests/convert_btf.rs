@@ -9,11 +9,7 @@
 
 mod convert_common;
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    sync::OnceLock,
-};
+use std::sync::OnceLock;
 
 use btf_rs::{Btf, BtfType, Type};
 use mapsnap::{
@@ -27,41 +23,7 @@ use mapsnap::{
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
-const SRC_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/bpf/convert");
-
-/// Compile `tests/bpf/convert/<name>.bpf.c` (with `-g` unless `debug` is false) into
-/// CARGO_TARGET_TMPDIR and return the object's bytes.
-fn object(name: &str, debug: bool) -> Vec<u8> {
-    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    std::fs::create_dir_all(out_dir).unwrap();
-    let suffix = if debug { "" } else { ".nodebug" };
-    let out: PathBuf = out_dir.join(format!("convert-{name}{suffix}.{}.o", std::process::id()));
-    let clang = std::env::var_os("CLANG").unwrap_or_else(|| "clang".into());
-    let mut cmd = Command::new(&clang);
-    cmd.args(["-O2", "-Wall", "-Werror", "-target", "bpf"]);
-    if debug {
-        cmd.arg("-g");
-    }
-    let output = cmd
-        .arg(format!(
-            "-I/usr/include/{}-linux-gnu",
-            std::env::consts::ARCH
-        ))
-        .arg("-c")
-        .arg(format!("{SRC_DIR}/{name}.bpf.c"))
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {clang:?} (run `make deps`): {e}"));
-    assert!(
-        output.status.success(),
-        "clang failed on {name}.bpf.c:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let bytes = std::fs::read(&out).unwrap();
-    let _ = std::fs::remove_file(&out);
-    bytes
-}
+use convert_common::object;
 
 /// The `.BTF` blobs of v1, v2 and bad, compiled once per test process.
 fn blobs() -> &'static [Vec<u8>; 3] {
