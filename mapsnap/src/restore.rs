@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::anchor::{Anchor, EntryKind, RelPath};
@@ -20,7 +21,10 @@ use crate::error::{Error, Result};
 use crate::format::{EntryChunk, Event, SnapshotReader, StreamDigest, VerifySummary};
 use crate::model::{Access, MapMeta, access_of, map_flags, map_type, round_up8};
 use crate::progress::Progress;
-use crate::sys::{self, Btf, CreateAttrs, ENOTSUPP, Map, MapInfo};
+use crate::sys::{self, Btf, CreateAttrs, Map, MapInfo};
+
+mod fill;
+pub use fill::default_threads;
 
 /// How to treat the existing contents of a map being filled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -131,6 +135,8 @@ pub struct RestoreOptions {
     /// [`RestoreConversion`] for the settings and their use); `None` copies entries as
     /// they are.
     pub convert: Option<RestoreConversion>,
+    /// Threads filling maps whose entries may go in in any order (0: [`default_threads`]).
+    pub fill_threads: usize,
 }
 
 /// One restored map.
@@ -329,6 +335,8 @@ struct Current {
     fit: Option<(u32, u32)>,
     batch_ok: bool,
     written: u64,
+    /// Set when the filler threads write this map (see [`fill::can_split`]).
+    par: Option<Arc<fill::Target>>,
 }
 
 struct Restorer<'a> {
@@ -355,6 +363,8 @@ struct Restorer<'a> {
     /// This host's clocks for rebasing, and the snapshot's once the stream gave them.
     now: Option<ClockSample>,
     snap_clocks: Option<ClockSample>,
+    /// Started at the first map they can fill.
+    fillers: Option<fill::Fillers>,
 }
 
 /// Fails once the restore's deadline has passed.
@@ -608,6 +618,20 @@ impl Restorer<'_> {
                 }
             }
         };
+        let known = self.counts.get(index as usize).copied();
+        let merge = matches!(slot, Slot::Existing { .. }) && self.opts.mode == FillMode::Merge;
+        let par = if fill::can_split(&meta, known, merge) {
+            if self.fillers.is_none() {
+                let n = match self.opts.fill_threads {
+                    0 => default_threads(),
+                    n => n,
+                };
+                self.fillers = Some(fill::Fillers::start(n, self.opts.deadline)?);
+            }
+            Some(fill::Target::new(&map)?)
+        } else {
+            None
+        };
         self.current = Some(Current {
             index,
             meta,
@@ -616,27 +640,27 @@ impl Restorer<'_> {
             fit,
             batch_ok: true,
             written: 0,
+            par,
         });
         Ok(())
     }
 
-    fn entries(&mut self, chunk: &EntryChunk) -> Result<()> {
+    fn entries(&mut self, chunk: EntryChunk) -> Result<()> {
         let Some(cur) = self.current.as_mut() else {
             return Ok(());
         };
         // Conversion is a per-chunk step: what follows sees the target's layout.
-        let converted;
         let chunk = match self.conversions.get_mut(&cur.index) {
-            Some(conv) => {
-                converted = conv.convert_chunk(chunk).map_err(|e| Error::Restore {
-                    map: cur.map.label().to_string(),
-                    reason: format!("converting an entry failed: {e}"),
-                })?;
-                &converted
-            }
+            Some(conv) => conv.convert_chunk(&chunk).map_err(|e| Error::Restore {
+                map: cur.map.label().to_string(),
+                reason: format!("converting an entry failed: {e}"),
+            })?,
             None => chunk,
         };
         check_deadline(self.opts, || cur.map.label().to_string())?;
+        if let Some(f) = &self.fillers {
+            f.check()?;
+        }
         if !matches!(cur.slot, Slot::Existing { .. })
             && self.counts.get(cur.index as usize).is_none()
         {
@@ -689,8 +713,25 @@ impl Restorer<'_> {
             for v in values.chunks_exact(vl.max(1)) {
                 cur.map.update(None, v, 0)?;
             }
+        } else if let (Some(target), Some(fillers)) = (&cur.par, &self.fillers) {
+            // Moved, not copied, unless re-laid above.
+            let values = match values {
+                std::borrow::Cow::Owned(v) => v,
+                std::borrow::Cow::Borrowed(_) => chunk.values,
+            };
+            let job = fill::Job::new(chunk.keys, values, (kl, vl), chunk.count, cur.written);
+            fillers.submit(target, job)?;
         } else {
-            fill(cur, &chunk.keys, &values, kl, vl, chunk.count)?;
+            fill::fill_chunk(
+                &cur.map,
+                &mut cur.batch_ok,
+                cur.written == 0,
+                cur.written,
+                &chunk.keys,
+                &values,
+                (kl, vl),
+                chunk.count,
+            )?;
         }
         cur.written += chunk.count as u64;
         self.progress.entries(chunk.count as u64);
@@ -707,6 +748,10 @@ impl Restorer<'_> {
         // instead, since we had to write them); existing maps are left as they were.
         let created = !matches!(cur.slot, Slot::Existing { .. });
         if created && (cur.meta.frozen || cur.meta.flags & map_flags::RDONLY != 0) {
+            // Frozen maps take no more writes: their chunks must all be in first.
+            if let (Some(target), Some(fillers)) = (&cur.par, &self.fillers) {
+                fillers.wait(target)?;
+            }
             cur.map.freeze()?;
         }
         let target = match &cur.slot {
@@ -1099,62 +1144,6 @@ fn publish_at(items: &[(Map, PinPlace)], replace: bool, opts: &RestoreOptions) -
     Ok(())
 }
 
-/// Writes one chunk into a keyed map: batch update, or element by element where the map
-/// type has no batch update.
-fn fill(
-    cur: &mut Current,
-    keys: &[u8],
-    values: &[u8],
-    kl: usize,
-    vl: usize,
-    count: usize,
-) -> Result<()> {
-    let mut done = 0usize;
-    while cur.batch_ok && done < count {
-        let n = (count - done) as u32;
-        match cur
-            .map
-            .update_batch(&keys[done * kl..], &values[done * vl..], n, 0)
-        {
-            Ok(w) => done += w as usize,
-            // The kernel leaves `count` as given when the type has no batch update, and
-            // element-wise updates are idempotent, so starting over element by element is safe.
-            Err((_, e))
-                if done == 0
-                    && cur.written == 0
-                    && matches!(
-                        e.errno(),
-                        Some(libc::EINVAL) | Some(ENOTSUPP) | Some(libc::EOPNOTSUPP)
-                    ) =>
-            {
-                cur.batch_ok = false;
-            }
-            Err((w, e)) => {
-                return Err(Error::Restore {
-                    map: cur.map.label().to_string(),
-                    reason: format!(
-                        "writing entry {} failed: {e}",
-                        cur.written + done as u64 + w as u64
-                    ),
-                });
-            }
-        }
-    }
-    for i in done..count {
-        cur.map
-            .update(
-                Some(&keys[i * kl..(i + 1) * kl]),
-                &values[i * vl..(i + 1) * vl],
-                0,
-            )
-            .map_err(|e| Error::Restore {
-                map: cur.map.label().to_string(),
-                reason: format!("writing entry {} failed: {e}", cur.written + i as u64),
-            })?;
-    }
-    Ok(())
-}
-
 /// Resolves and checks every existing target before anything is written.
 fn resolve_targets(
     dest: &Destination,
@@ -1512,6 +1501,7 @@ pub fn restore<R: Read>(
         conversions,
         now,
         snap_clocks: verified.and_then(|v| v.clocks),
+        fillers: None,
     };
     let mut reader = SnapshotReader::with_limits(source, &opts.limits)?;
     let digest = loop {
@@ -1522,7 +1512,7 @@ pub fn restore<R: Read>(
                 r.snap_clocks = r.snap_clocks.or(reader.clocks().copied());
                 r.begin(index, meta)?
             }
-            Some(Event::Entries(chunk)) => r.entries(&chunk)?,
+            Some(Event::Entries(chunk)) => r.entries(chunk)?,
             Some(Event::MapEnd { .. }) => r.end()?,
             Some(Event::End(digest)) => break digest,
             None => {
@@ -1533,6 +1523,10 @@ pub fn restore<R: Read>(
             }
         }
     };
+    // Every queued chunk is written before anything is checked or published.
+    if let Some(f) = r.fillers.take() {
+        f.finish()?;
+    }
     if let Some(v) = verified
         && v.digest.sha256 != digest.sha256
     {

@@ -798,3 +798,122 @@ fn discovery_by_process_and_container() {
     let err = discover::find(&[Source::Pid(u32::MAX - 1)]).expect_err("no such process");
     assert!(err.to_string().contains("does not exist"), "{err}");
 }
+
+/// Restores `snap` under a fresh pin dir with `threads` fillers.
+fn restore_threads(
+    snap: &[u8],
+    dir: &Path,
+    threads: usize,
+) -> mapsnap::Result<restore::RestoreReport> {
+    let summary = format::verify(snap)?;
+    restore::restore(
+        snap,
+        Some(&summary),
+        &Destination::PinRoot {
+            dir: dir.to_path_buf(),
+            overwrite: false,
+        },
+        &RestoreOptions {
+            fill_threads: threads,
+            ..RestoreOptions::default()
+        },
+        &NoProgress,
+    )
+}
+
+/// Hash, per-CPU hash, arrays (one frozen), an LRU hash half full (filled by the filler
+/// threads) and one full (filled in order), and a queue beside them: every entry comes back
+/// whatever the number of filler threads, the frozen array is frozen after its last chunk,
+/// and the queue keeps its order.
+#[test]
+fn parallel_fill_restores_every_entry_and_keeps_order_where_needed() {
+    let cpus = possible_cpus().expect("cpus") as usize;
+    let dir = common::fresh_pin_dir("par-fill-src");
+    let mut expect: Vec<(&str, Expect)> = Vec::new();
+    let h = create("h", mt::HASH, 4, 64, 40_000, 0, None);
+    expect.push(("h", Expect::Keyed(fill_keyed(&h, 30_000, 4, 64, 5))));
+    pin(&h, &dir, "h");
+    let ph = create("ph", mt::PERCPU_HASH, 8, 8, 5_000, 0, None);
+    expect.push(("ph", Expect::Keyed(fill_keyed(&ph, 3_000, 8, 8 * cpus, 6))));
+    pin(&ph, &dir, "ph");
+    let a = create("a", mt::ARRAY, 4, 16, 20_000, 0, None);
+    let filled = fill_keyed(&a, 20_000, 4, 16, 7);
+    expect.push(("a", Expect::Keyed(array_expect(20_000, 16, &filled))));
+    a.freeze().expect("freeze");
+    pin(&a, &dir, "a");
+    let half = create("lru_half", mt::LRU_HASH, 4, 8, 8_192, 0, None);
+    expect.push(("lru_half", Expect::Keyed(fill_keyed(&half, 2_000, 4, 8, 8))));
+    pin(&half, &dir, "lru_half");
+    let full = create("lru_full", mt::LRU_HASH, 4, 8, 512, 0, None);
+    expect.push(("lru_full", Expect::Keyed(read_keyed_after(&full, 500))));
+    pin(&full, &dir, "lru_full");
+    let q = create("q", mt::QUEUE, 0, 8, 3_000, 0, None);
+    let mut popped = Vec::new();
+    for i in 0..3_000u32 {
+        let v = bytes(8, 9, i);
+        q.update(None, &v, 0).expect("push");
+        popped.push(v);
+    }
+    expect.push(("q", Expect::Popped(popped)));
+    pin(&q, &dir, "q");
+    let snap = dump_dir(&dir);
+    for threads in [1, 2, 3] {
+        let target = common::fresh_pin_dir("par-fill-dst");
+        let report = restore_threads(&snap, &target, threads).expect("restore");
+        assert_eq!(report.maps.len(), expect.len());
+        for (name, e) in &expect {
+            let m = Map::from_pin(&target.join(name)).expect("restored pin");
+            if *name == "a" {
+                assert!(
+                    m.frozen().expect("frozen"),
+                    "{threads} threads: a is frozen"
+                );
+            }
+            check_contents(&m, e, &format!("{name} with {threads} threads"));
+        }
+    }
+}
+
+/// Fills `n` keys into an LRU map and returns what the kernel kept (it may evict).
+fn read_keyed_after(map: &Map, n: u32) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    fill_keyed(map, n, 4, 8, 10);
+    read_keyed(map)
+}
+
+/// A chunk the kernel refuses on a filler thread (more entries than the map holds) fails the
+/// restore with the kernel's reason, and nothing is published.
+#[test]
+fn filler_thread_errors_fail_the_restore_and_publish_nothing() {
+    let small = create("small", mt::HASH, 4, 8, 100, 0, None);
+    let mut meta = dump::meta_of(&small.info().expect("info"), false, None).expect("meta");
+    meta.pin_path = Some("small".into());
+    let mut w = format::SnapshotWriter::new(
+        Vec::new(),
+        &snapshot_info(),
+        WriterOptions {
+            chunk_bytes: 4096,
+            ..WriterOptions::default()
+        },
+    )
+    .expect("writer");
+    w.begin_map(&meta).expect("begin");
+    let n = 5_000usize;
+    let keys: Vec<u8> = (0..n as u32).flat_map(u32::to_ne_bytes).collect();
+    w.write_entries(n, &keys, &vec![1u8; n * 8])
+        .expect("entries");
+    w.end_map().expect("end");
+    let (snap, _) = w.finish().expect("finish");
+    for threads in [1, 2] {
+        let target = common::fresh_pin_dir("par-fill-err");
+        let err = restore_threads(&snap, &target, threads).expect_err("too many entries");
+        assert!(
+            err.to_string().contains("writing entry"),
+            "{threads} threads: {err}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&*target)
+            .expect("read dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert!(left.is_empty(), "{threads} threads: left behind {left:?}");
+    }
+}

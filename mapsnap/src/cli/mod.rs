@@ -245,6 +245,10 @@ pub enum Cmd {
         limits: LimitArgs,
         #[command(flatten)]
         conv: convert::ConvertArgs,
+        /// Threads writing hash and array maps (default: one per CPU). Queues, stacks,
+        /// merges and nearly full LRU maps are always written in snapshot order.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+        threads: Option<u16>,
         #[arg(long)]
         json: bool,
     },
@@ -647,6 +651,7 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
             deadline,
             limits,
             conv,
+            threads,
             json,
         } => {
             let limits = limits.limits();
@@ -674,6 +679,7 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
                 deadline: deadline.map(|d| std::time::Instant::now() + d),
                 limits,
                 convert: conv.conversion()?,
+                fill_threads: threads.map_or(0, usize::from),
             };
             let src = locations.open(&snapshot)?;
             check_size(&src, &limits)?;
