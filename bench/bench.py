@@ -3,12 +3,19 @@
 
 In one run and on maps of the same shape it times
   - `mapsnap dump` to a local file (one reader thread, and the default parallel dump),
-  - `mapsnap restore` from that file (new pinned maps),
+  - `mapsnap restore` from that file (new pinned maps), with one filler thread and the default
+    (one per CPU; the snapshot is decoded on the calling thread meanwhile),
   - the same through an S3 server when --s3-endpoint is given,
   - the C anchor's `lookup_batch` and `update_batch` loops (bench/anchors/batch_anchor.c),
   - `bpftool -j map dump`,
 and prints each figure as the median of --runs runs, as a ratio to the anchor, with the
-peak RSS of the process. Run as root from the repository root:
+peak RSS of the process. Two shapes users compare with come after the main table:
+  - a 1000-entry per-CPU hash with 8-byte keys and values (the batch benchmark of other BPF
+    libraries): time of one full dump and ns per entry, mapsnap in process
+    (mapsnap/benches/shapes.rs) next to the C `lookup_batch` loop;
+  - a conntrack-sized LRU hash (8M slots, 40-byte keys, 56-byte values), nearly empty and
+    half full: dump and restore next to the C loops.
+Run as root from the repository root:
 
     python3 bench/bench.py                       # the full table (several minutes)
     python3 bench/bench.py --quick               # a small smoke run (CI)
@@ -74,13 +81,15 @@ def reset_dir(d):
     d.mkdir(parents=True)
 
 
-def fill(path, n, vs, t):
-    sh(str(OUT / "fill_map"), str(path), str(n), str(vs), t)
+def fill(path, n, vs, t, ks=4, max_entries=None):
+    sh(str(OUT / "fill_map"), str(path), str(n), str(vs), t, str(ks), str(max_entries or n))
 
 
-def anchor(n, vs, t):
-    out = subprocess.run([str(OUT / "batch_anchor"), str(n), str(vs), t],
-                         check=True, capture_output=True, text=True).stdout
+def anchor(n, vs, t, ks=4, max_entries=None, dumps=1):
+    cmd = [str(OUT / "batch_anchor"), str(n), str(vs), t, "4096"]
+    if t != "lpm_trie":
+        cmd += [str(ks), str(max_entries or n), str(dumps)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     ops = {}
     for line in out.splitlines():
         rec = json.loads(line)
@@ -101,36 +110,41 @@ def median(xs):
     return statistics.median(xs)
 
 
-def bench_shape(args, t, vs, n, rows, s3):
+def bench_shape(args, t, vs, n, rows, s3, ks=None, max_entries=None, shape=None, runs=None):
+    ks = ks or (8 if t == "lpm_trie" else 4)
+    runs = runs or args.runs
     src = PIN / f"{t}_{n}"
     reset_dir(src)
-    fill(src / "m", n, vs, t)
+    fill(src / "m", n, vs, t, ks, max_entries)
     snap = OUT / f"{t}_{n}.mapsnap"
-    anchors = [anchor(n, vs, t) for _ in range(args.runs)]
+    anchors = [anchor(n, vs, t, ks, max_entries) for _ in range(runs)]
     look = median([a["lookup_batch"] for a in anchors])
     upd = median([a["update_batch"] for a in anchors])
     create = median([a["create"] for a in anchors])
-    shape = f"{t} ({'8' if t == 'lpm_trie' else '4'}-byte key, {vs}-byte value)"
+    shape = shape or f"{t} ({ks}-byte key, {vs}-byte value)"
     rows.append(Row(shape, n, "anchor lookup_batch", look, None))
     rows.append(Row(shape, n, "anchor update_batch", upd, None))
     rows.append(Row(shape, n, "anchor create + update_batch", create + upd, None))
     for label, threads in (("dump, 1 thread", 1), ("dump, parallel", os.cpu_count() or 2)):
         res = [timed([args.mapsnap, "dump", "--pin", str(src / "m"), "-o", str(snap),
-                      "--overwrite", "--threads", str(threads)]) for _ in range(args.runs)]
+                      "--overwrite", "--threads", str(threads)]) for _ in range(runs)]
         rows.append(Row(shape, n, label, median([r[0] for r in res]),
                         max(r[1] for r in res), look))
     size = snap.stat().st_size
-    raw = n * (4 + vs) if t != "lpm_trie" else n * (8 + vs)
+    raw = n * (ks + vs)
     if t == "percpu_hash":
-        raw = n * (4 + ((vs + 7) // 8 * 8) * possible_cpus())
+        raw = n * (ks + ((vs + 7) // 8 * 8) * possible_cpus())
     dst = PIN / f"{t}_{n}_restored"
-    res = []
-    for _ in range(args.runs):
-        reset_dir(dst)
-        res.append(timed([args.mapsnap, "restore", str(snap), "--pin-root", str(dst)]))
-    restore_secs = median([r[0] for r in res])
-    rows.append(Row(shape, n, "restore", restore_secs, max(r[1] for r in res), upd,
-                    f"{restore_secs / (create + upd):.2f} x anchor create + update_batch; snapshot {size / 2**20:.1f} MiB = {100 * size / raw:.1f}% of raw {raw / 2**20:.1f} MiB"))
+    for label, threads in (("restore, 1 filler", ["--threads", "1"]), ("restore", [])):
+        res = []
+        for _ in range(runs):
+            reset_dir(dst)
+            res.append(timed([args.mapsnap, "restore", str(snap), "--pin-root", str(dst), *threads]))
+        restore_secs = median([r[0] for r in res])
+        extra = f"{restore_secs / (create + upd):.2f} x anchor create + update_batch"
+        if not threads:
+            extra += f"; snapshot {size / 2**20:.1f} MiB = {100 * size / raw:.1f}% of raw {raw / 2**20:.1f} MiB"
+        rows.append(Row(shape, n, label, restore_secs, max(r[1] for r in res), upd, extra))
     if s3:
         key = f"{s3}/{t}_{n}.mapsnap"
         res = [timed([args.mapsnap, "dump", "--pin", str(src / "m"), "-o", key, "--overwrite"])
@@ -167,14 +181,43 @@ def bench_multi(args, count, n, rows):
            for _ in range(args.runs)]
     rows.append(Row(shape, count * n, "dump, parallel", median([r[0] for r in res]), max(r[1] for r in res), look))
     dst = PIN / "multi_restored"
-    res = []
-    for _ in range(args.runs):
-        reset_dir(dst)
-        res.append(timed([args.mapsnap, "restore", str(snap), "--pin-root", str(dst)]))
-    rows.append(Row(shape, count * n, "restore", median([r[0] for r in res]), max(r[1] for r in res), upd))
+    for label, threads in (("restore, 1 filler", ["--threads", "1"]), ("restore", [])):
+        res = []
+        for _ in range(args.runs):
+            reset_dir(dst)
+            res.append(timed([args.mapsnap, "restore", str(snap), "--pin-root", str(dst), *threads]))
+        rows.append(Row(shape, count * n, label, median([r[0] for r in res]), max(r[1] for r in res), upd))
     shutil.rmtree(src)
     shutil.rmtree(dst, ignore_errors=True)
     snap.unlink()
+
+
+def bench_small_percpu(args):
+    """One full dump of a 1000-entry per-CPU hash (8-byte keys and values), in process."""
+    n, dumps = 1000, 2000
+    c = anchor(n, 8, "percpu_hash", 8, n, dumps)
+    lines = [("C libbpf lookup_batch loop", c["lookup_batch"])]
+    out = subprocess.run(["cargo", "bench", "-q", "-p", "mapsnap", "--bench", "shapes", "--",
+                          str(n), str(dumps)], cwd=ROOT, check=True, capture_output=True,
+                         text=True).stdout
+    for line in out.splitlines():
+        if line.startswith("{"):
+            rec = json.loads(line)
+            lines.append((rec["op"], rec["seconds_per_dump"]))
+    src = PIN / "small_percpu"
+    reset_dir(src)
+    fill(src / "m", n, 8, "percpu_hash", 8)
+    snap = OUT / "small_percpu.mapsnap"
+    res = [timed([args.mapsnap, "dump", "--pin", str(src / "m"), "-o", str(snap), "--overwrite"])
+           for _ in range(args.runs)]
+    lines.append(("mapsnap dump (CLI process, to a file)", median([r[0] for r in res])))
+    shutil.rmtree(src)
+    snap.unlink()
+    head = ["| per-CPU hash, 1000 entries, 8-byte keys and values | one full dump | ns per entry | x C loop |",
+            "| --- | ---: | ---: | ---: |"]
+    for op, secs in lines:
+        head.append(f"| {op} | {secs * 1e6:.1f} us | {secs * 1e9 / n:.0f} | {secs / lines[0][1]:.2f} |")
+    return "\n".join(head)
 
 
 def possible_cpus():
@@ -202,24 +245,41 @@ def main():
     ap.add_argument("--mapsnap", default="", help="mapsnap binary (default: build target/release/mapsnap)")
     ap.add_argument("--quick", action="store_true", help="10K entries, 1 run, hash and array only")
     ap.add_argument("--markdown", default="", help="also write the table to this file")
+    ap.add_argument("--only", default="", help="comma-separated parts to run: main,multi,small,conntrack (default: all)")
+    ap.add_argument("--conntrack", default="10000,4194304", help="entries in the 8M-slot LRU ('' to skip)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: run as root (it creates and pins BPF maps)")
     shapes = SHAPES
+    parts = set((args.only or "main,multi,small,conntrack").split(","))
     if args.quick:
         args.sizes, args.runs, args.multi = "10000", 1, "2x10000"
         shapes = [("hash", 64), ("array", 64)]
+        # The in-process shape needs a cargo build of its own: not in the smoke run.
+        parts.discard("small")
+        args.conntrack = "1000"
     build(args)
     PIN.mkdir(parents=True, exist_ok=True)
     rows = []
-    for t, vs in shapes:
-        for n in [int(s) for s in args.sizes.split(",") if s]:
-            bench_shape(args, t, vs, n, rows, args.s3)
-            print(f"bench: {t} {n} done", file=sys.stderr)
-    if args.multi:
+    if "main" in parts:
+        for t, vs in shapes:
+            for n in [int(s) for s in args.sizes.split(",") if s]:
+                bench_shape(args, t, vs, n, rows, args.s3)
+                print(f"bench: {t} {n} done", file=sys.stderr)
+    if args.multi and "multi" in parts:
         count, n = (int(x) for x in args.multi.split("x"))
         bench_multi(args, count, n, rows)
+    if "conntrack" in parts:
+        slots = 4096 if args.quick else 8 << 20
+        for n in [int(s) for s in args.conntrack.split(",") if s]:
+            # Sized like a conntrack table: a few runs only, each map takes about 1 GiB.
+            bench_shape(args, "lru_hash", 56, n, rows, "", ks=40, max_entries=slots,
+                        shape=f"conntrack lru_hash ({slots:,} slots, 40-byte key, 56-byte value)",
+                        runs=min(args.runs, 3))
+            print(f"bench: conntrack {n} done", file=sys.stderr)
     out = table(rows)
+    if "small" in parts:
+        out += "\n\n" + bench_small_percpu(args)
     print(out)
     if args.markdown:
         Path(args.markdown).write_text(out + "\n")
