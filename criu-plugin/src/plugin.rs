@@ -421,6 +421,7 @@ impl Restorer {
             new_ids.insert(p.old_id, id);
             out.keep.push(map);
         }
+        let mut todo = Vec::new();
         for p in plain {
             if let Some(&id) = inner_new.get(&p.old_id) {
                 ffi::log(
@@ -434,8 +435,18 @@ impl Restorer {
                 new_ids.insert(p.old_id, id);
                 continue;
             }
+            todo.push(p);
+        }
+        if let [p] = todo.as_slice() {
             deadline.set(format!("restoring {} from {}", p.label, p.snapshot));
-            let map = restore_one(dir, p, cfg, &opts, deadline).map_err(|e| p.fail(e))?;
+        } else {
+            deadline.set(format!("restoring {} maps", todo.len()));
+        }
+        let restored = restore_concurrently(dir, &todo, cfg, &opts, deadline);
+        // In index order: the first map that failed names the error; every map made is
+        // closed again with `out`.
+        for (p, r) in todo.iter().zip(restored) {
+            let map = r.map_err(|e| p.fail(e))?;
             let id = map.info().map_err(|e| p.fail(e))?.id;
             log_restored(p, id, 0);
             new_ids.insert(p.old_id, id);
@@ -503,6 +514,53 @@ fn restore_one(
             file: p.snapshot.clone(),
             reason: "the restore created no top-level map".into(),
         })
+}
+
+/// Restores independent maps a few at once (one per CPU at most), so one map is created
+/// while another is filled; each restore also fills its map from threads of its own, with
+/// bounded queues, so memory stays bounded by the number running at once. Results come back in
+/// the order of `todo`; after a failure no further map is started.
+fn restore_concurrently(
+    dir: &Anchor,
+    todo: &[&Pending],
+    cfg: &PluginConfig,
+    opts: &mapsnap::restore::RestoreOptions,
+    deadline: &Deadline,
+) -> Vec<Result<Map, PluginError>> {
+    let workers = mapsnap::restore::default_threads().min(todo.len());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: Vec<Mutex<Option<Result<Map, PluginError>>>> =
+        todo.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let Some(p) = todo.get(i) else { break };
+                    let r = restore_one(dir, p, cfg, opts, deadline);
+                    if r.is_err() {
+                        next.store(todo.len(), std::sync::atomic::Ordering::SeqCst);
+                    }
+                    *lock(&slots[i]) = Some(r);
+                }
+            });
+        }
+    });
+    slots
+        .into_iter()
+        .zip(todo)
+        .map(|(s, p)| {
+            s.into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .unwrap_or_else(|| {
+                    Err(mapsnap::Error::Restore {
+                        map: p.label.clone(),
+                        reason: "not restored: another map of this restore failed first".into(),
+                    }
+                    .into())
+                })
+        })
+        .collect()
 }
 
 /// For a restored map of maps: dump-time id of each inner map -> id of the inner map now in
