@@ -47,7 +47,7 @@ def sh(*cmd, **kw):
     return subprocess.run(cmd, check=True, **kw)
 
 
-def timed(cmd, stdout=subprocess.DEVNULL):
+def timed(cmd, stdout=subprocess.DEVNULL, stdin=None):
     """Runs cmd under GNU time; returns (seconds, peak RSS in MiB) of that process.
 
     Peak RSS comes from /usr/bin/time, not from wait4() here: a child forked from Python
@@ -55,7 +55,7 @@ def timed(cmd, stdout=subprocess.DEVNULL):
     """
     t0 = time.perf_counter()
     p = subprocess.run(["/usr/bin/time", "-f", "mapsnap-bench-rss %M", *map(str, cmd)],
-                       stdout=stdout, stderr=subprocess.PIPE, text=True)
+                       stdout=stdout, stdin=stdin, stderr=subprocess.PIPE, text=True)
     secs = time.perf_counter() - t0
     if p.returncode != 0:
         sys.exit(f"bench: {' '.join(map(str, cmd))} failed:\n{p.stderr}")
@@ -70,9 +70,13 @@ def build(args):
         exe = OUT / name
         if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
             sh("cc", "-O2", "-o", str(exe), str(src), "-lbpf")
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
     if not args.mapsnap:
         sh("cargo", "build", "--release", "-q", "-p", "mapsnap", cwd=ROOT)
-        args.mapsnap = str(ROOT / "target" / "release" / "mapsnap")
+        args.mapsnap = str(target / "release" / "mapsnap")
+    if not args.hook and "hook" in args.parts:
+        sh("cargo", "build", "--release", "-q", "-p", "mapsnap-hook", cwd=ROOT)
+        args.hook = str(target / "release" / "mapsnap-hook")
 
 
 def reset_dir(d):
@@ -192,6 +196,63 @@ def bench_multi(args, count, n, rows):
     snap.unlink()
 
 
+def bench_hook(args, rows, count, n):
+    """The OCI hook's createRuntime restore next to `mapsnap restore` of the same snapshot.
+
+    The hook runs as a runtime would run it (state on stdin, a bundle whose config.json
+    bind-mounts a bpffs directory at /sys/fs/bpf and the snapshot's directory at /data), so
+    the figure includes its config, annotation and mount checks and its own publish step.
+    """
+    work = OUT / "hook"
+    src = PIN / "hook_src"
+    reset_dir(src)
+    (src / "sys" / "fs" / "bpf").mkdir(parents=True)
+    for i in range(count):
+        fill(src / "sys" / "fs" / "bpf" / f"m{i}", n, 64, "hash")
+    if work.exists():
+        shutil.rmtree(work)
+    (work / "data").mkdir(parents=True)
+    (work / "bundle" / "rootfs").mkdir(parents=True)
+    snap = work / "data" / "app.mapsnap"
+    sh(args.mapsnap, "dump", "--pin", str(src), "-o", str(snap), "--overwrite", stdout=subprocess.DEVNULL)
+    shutil.rmtree(src)
+    dst = PIN / "hook_dst"
+    (work / "hook.toml").write_text(
+        "[hook]\n"
+        f'log_file = "{work / "hook.log"}"\ndeadline = "5m"\nwait_timeout = "3s"\n'
+        f'state_dir = "{work / "state"}"\nrequest_dir = "{work / "requests"}"\n'
+        f'restore_request_dir = "{work / "restores"}"\n')
+    (work / "bundle" / "config.json").write_text(json.dumps({
+        "ociVersion": "1.0.2", "root": {"path": "rootfs"},
+        "mounts": [
+            {"destination": "/sys/fs/bpf", "type": "bind", "source": str(dst), "options": ["rbind"]},
+            {"destination": "/data", "type": "bind", "source": str(work / "data"), "options": ["rbind"]},
+        ],
+        "annotations": {"mapsnap.io/restore-from": "/data/app.mapsnap"},
+    }))
+    state = json.dumps({"ociVersion": "1.0.2", "id": "bench", "status": "created",
+                        "bundle": str(work / "bundle")})
+    shape = f"{count} hash map{'s' if count > 1 else ''} of {n:,} (64-byte values)"
+    cli, hook = [], []
+    for _ in range(args.runs):
+        reset_dir(dst)
+        cli.append(timed([args.mapsnap, "restore", str(snap), "--pin-root", str(dst)]))
+        reset_dir(dst)
+        state_file = work / "state.json"
+        state_file.write_text(state)
+        with open(state_file) as stdin:
+            hook.append(timed([args.hook, "--config", str(work / "hook.toml"), "oci", "createRuntime"],
+                              stdin=stdin))
+        if not (dst / "m0").exists():
+            sys.exit(f"bench: the hook restored nothing; see {work / 'hook.log'}")
+    c = median([r[0] for r in cli])
+    rows.append(Row(shape, count * n, "restore (CLI)", c, max(r[1] for r in cli), None))
+    h = median([r[0] for r in hook])
+    rows.append(Row(shape, count * n, "createRuntime hook restore", h, max(r[1] for r in hook), None,
+                    f"{h / c:.2f} x the CLI's restore"))
+    shutil.rmtree(dst, ignore_errors=True)
+
+
 def bench_small_percpu(args):
     """One full dump of a 1000-entry per-CPU hash (8-byte keys and values), in process."""
     n, dumps = 1000, 2000
@@ -245,18 +306,23 @@ def main():
     ap.add_argument("--mapsnap", default="", help="mapsnap binary (default: build target/release/mapsnap)")
     ap.add_argument("--quick", action="store_true", help="10K entries, 1 run, hash and array only")
     ap.add_argument("--markdown", default="", help="also write the table to this file")
-    ap.add_argument("--only", default="", help="comma-separated parts to run: main,multi,small,conntrack (default: all)")
+    ap.add_argument("--hook", default="", help="mapsnap-hook binary (default: build target/release/mapsnap-hook)")
+    ap.add_argument("--only", default="", help="comma-separated parts to run: main,multi,hook,small,conntrack (default: all)")
     ap.add_argument("--conntrack", default="10000,4194304", help="entries in the 8M-slot LRU ('' to skip)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: run as root (it creates and pins BPF maps)")
     shapes = SHAPES
-    parts = set((args.only or "main,multi,small,conntrack").split(","))
+    parts = set((args.only or "main,multi,hook,small,conntrack").split(","))
+    args.parts = parts
     if args.quick:
         args.sizes, args.runs, args.multi = "10000", 1, "2x10000"
         shapes = [("hash", 64), ("array", 64)]
-        # The in-process shape needs a cargo build of its own: not in the smoke run.
+        # The in-process shape and the hook need cargo builds of their own: not in the
+        # smoke run unless the hook binary is given.
         parts.discard("small")
+        if not args.hook:
+            parts.discard("hook")
         args.conntrack = "1000"
     build(args)
     PIN.mkdir(parents=True, exist_ok=True)
@@ -269,6 +335,10 @@ def main():
     if args.multi and "multi" in parts:
         count, n = (int(x) for x in args.multi.split("x"))
         bench_multi(args, count, n, rows)
+    if "hook" in parts:
+        for count, n in ((1, 10000),) if args.quick else ((1, 1000000), (8, 100000)):
+            bench_hook(args, rows, count, n)
+        print("bench: hook done", file=sys.stderr)
     if "conntrack" in parts:
         slots = 4096 if args.quick else 8 << 20
         for n in [int(s) for s in args.conntrack.split(",") if s]:

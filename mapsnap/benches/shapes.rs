@@ -83,7 +83,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for _ in 0..dumps {
             std::hint::black_box(dump::dump(&found, Vec::new(), &info, &opts, &NoProgress)?);
         }
-        report("mapsnap dump (in memory)", n, dumps, t.elapsed().as_secs_f64());
+        report(
+            "mapsnap dump (in memory)",
+            n,
+            dumps,
+            t.elapsed().as_secs_f64(),
+        );
         Ok(())
     };
     let r = run();
