@@ -494,6 +494,15 @@ fn restore_into_root(
     dir: &Path,
     overwrite: bool,
 ) -> mapsnap::Result<restore::RestoreReport> {
+    restore_into_root_with(snap, dir, overwrite, &RestoreOptions::default())
+}
+
+fn restore_into_root_with(
+    snap: &[u8],
+    dir: &Path,
+    overwrite: bool,
+    opts: &RestoreOptions,
+) -> mapsnap::Result<restore::RestoreReport> {
     let summary = format::verify(snap)?;
     restore::restore(
         snap,
@@ -502,7 +511,7 @@ fn restore_into_root(
             dir: dir.to_path_buf(),
             overwrite,
         },
-        &RestoreOptions::default(),
+        opts,
         &NoProgress,
     )
 }
@@ -799,25 +808,20 @@ fn discovery_by_process_and_container() {
     assert!(err.to_string().contains("does not exist"), "{err}");
 }
 
-/// Restores `snap` under a fresh pin dir with `threads` fillers.
+/// Restores `snap` under `dir` with `threads` fillers.
 fn restore_threads(
     snap: &[u8],
     dir: &Path,
     threads: usize,
 ) -> mapsnap::Result<restore::RestoreReport> {
-    let summary = format::verify(snap)?;
-    restore::restore(
+    restore_into_root_with(
         snap,
-        Some(&summary),
-        &Destination::PinRoot {
-            dir: dir.to_path_buf(),
-            overwrite: false,
-        },
+        dir,
+        false,
         &RestoreOptions {
             fill_threads: threads,
             ..RestoreOptions::default()
         },
-        &NoProgress,
     )
 }
 
