@@ -333,6 +333,30 @@ fn xdp_v1_to_v2_upgrade_keeps_flows() {
         assert_eq!(v["created"], 0);
     }
 
+    // --into-root: the target is found by the snapshot's pin path (here its name) under a
+    // directory where version 2's map is pinned.
+    let root = common::fresh_pin_dir("convert-root");
+    let pin = root.join("ct");
+    let out = Command::new("bpftool")
+        .args(["map", "pin", "id", &v2.id(), pin.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut by_root = vec!["restore", snap, "--into-root", root.to_str().unwrap()];
+    by_root.extend_from_slice(&restore_args[4..]);
+    mapsnap(&by_root);
+    let rooted = entries(&v2.map);
+    assert_eq!(rooted.len(), 3);
+    for ((k, v), (kc, vc)) in rooted.iter().zip(&converted) {
+        assert_eq!(k, kc);
+        assert_eq!((&v["packets"], &v["bytes"]), (&vc["packets"], &vc["bytes"]));
+        assert_eq!((&v["zone"], &v["state"]), (&vc["zone"], &vc["state"]));
+    }
+
     // The same conversion as a converted snapshot, restored without --convert.
     let new = dir.path().join("ct-v2.mapsnap");
     let object = dir.path().join("xdp_ct_v2.o");
@@ -406,6 +430,14 @@ fn rebasing_keeps_the_lifetimes_the_program_set() {
         })
         .collect();
     drop(v1);
+    let shown = String::from_utf8(mapsnap(&["inspect", snap.to_str().unwrap()]).stdout).unwrap();
+    assert!(
+        shown.contains(&format!(
+            "clocks at dump: monotonic {} ns",
+            dumped.monotonic_ns
+        )),
+        "{shown}"
+    );
     for (sport, left) in &remaining {
         if *sport < 50000 {
             assert!(

@@ -125,11 +125,14 @@ pub fn run(
             Event::End(d) => sha = d.sha256_hex(),
         }
     }
+    // The source's clocks at dump time (absent in snapshots older than the record).
+    let clocks = reader.clocks().copied();
     if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&json!({
                 "info": info_v,
+                "clocks": clocks,
                 "sha256": sha,
                 "maps": maps,
                 "manifest": manifest,
@@ -145,6 +148,20 @@ pub fn run(
         for (k, v) in o {
             println!("  {k}: {v}");
         }
+    }
+    match clocks {
+        Some(c) => println!(
+            "  clocks at dump: monotonic {} ns, boottime {} ns, realtime {} ns, tai {} ns, \
+             jiffies {}, HZ {} (read within {} ns)",
+            c.monotonic_ns,
+            c.boottime_ns,
+            c.realtime_ns,
+            c.tai_ns,
+            c.jiffies.map_or("unknown".into(), |j| j.to_string()),
+            c.hz.map_or("unknown".into(), |h| h.to_string()),
+            c.uncertainty_ns
+        ),
+        None => println!("  clocks at dump: not recorded (timestamps cannot be rebased)"),
     }
     for m in &maps {
         let meta = &m["meta"];
