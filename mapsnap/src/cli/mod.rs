@@ -5,6 +5,7 @@ mod bar;
 mod convert;
 mod inspect;
 mod ls;
+mod trust;
 
 use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
@@ -26,7 +27,7 @@ use mapsnap::storage::{
     StorageError,
 };
 use mapsnap::sys::Map;
-use mapsnap::trust::TrustError;
+use mapsnap::trust::{Admitted, KeyId, OpenPolicy, OpenReader, Sealed, TrustError, Verified};
 
 /// Exit codes (also in the README).
 pub mod code {
@@ -214,6 +215,8 @@ pub enum Cmd {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        seal: trust::SealArgs,
     },
     /// Restore a snapshot: create and pin new maps, or fill existing ones.
     Restore {
@@ -249,6 +252,8 @@ pub enum Cmd {
         /// merges and nearly full LRU maps are always written in snapshot order.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
         threads: Option<u16>,
+        #[command(flatten)]
+        open: trust::OpenArgs,
         #[arg(long)]
         json: bool,
     },
@@ -287,6 +292,8 @@ pub enum Cmd {
         limit: usize,
         #[command(flatten)]
         limits: LimitArgs,
+        #[command(flatten)]
+        open: trust::OpenArgs,
         #[arg(long)]
         json: bool,
     },
@@ -303,6 +310,8 @@ pub enum Cmd {
         examples: usize,
         #[command(flatten)]
         limits: LimitArgs,
+        #[command(flatten)]
+        open: trust::OpenArgs,
         #[arg(long)]
         json: bool,
     },
@@ -312,9 +321,13 @@ pub enum Cmd {
         snapshot: String,
         #[command(flatten)]
         limits: LimitArgs,
+        #[command(flatten)]
+        open: trust::OpenArgs,
         #[arg(long)]
         json: bool,
     },
+    /// Make a minisign key pair for `dump --sign` and `--trust`.
+    Keygen(trust::KeygenArgs),
 }
 
 pub fn init_logging(verbose: u8) {
@@ -478,24 +491,35 @@ fn check_size(st: &Storage, limits: &Limits) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The manifest beside a snapshot, when there is one; a broken manifest is reported and
-/// ignored (the snapshot's own checksums still protect it).
-fn manifest_of(st: &Storage) -> anyhow::Result<Option<Manifest>> {
-    match st.read_manifest() {
-        Ok(m) => {
-            if m.is_none() && st.manifest_name().is_some() {
-                tracing::info!(
-                    "{}: no manifest beside the snapshot; relying on its own checksums",
-                    st.name()
-                );
-            }
-            Ok(m)
-        }
+/// The manifest beside a snapshot, when there is one, and its exact bytes (a signature names
+/// their digest); a broken manifest is reported and ignored (the snapshot's own checksums
+/// still protect it).
+type ManifestRead = (Option<Manifest>, Option<Vec<u8>>);
+
+fn manifest_of(st: &Storage) -> anyhow::Result<ManifestRead> {
+    let bytes = match st.read_manifest_bytes() {
+        Ok(b) => b,
         Err(e) if e.kind == ErrorKind::Corrupt => {
             tracing::warn!("{e}; ignoring it");
-            Ok(None)
+            return Ok((None, None));
         }
-        Err(e) => Err(e.into()),
+        Err(e) => return Err(e.into()),
+    };
+    let Some(bytes) = bytes else {
+        if st.manifest_name().is_some() {
+            tracing::info!(
+                "{}: no manifest beside the snapshot; relying on its own checksums",
+                st.name()
+            );
+        }
+        return Ok((None, None));
+    };
+    match st.parse_manifest(&bytes) {
+        Ok(m) => Ok((Some(m), Some(bytes))),
+        Err(e) => {
+            tracing::warn!("{e}; ignoring it");
+            Ok((None, Some(bytes)))
+        }
     }
 }
 
@@ -538,6 +562,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
     match cmd {
+        Cmd::Keygen(a) => trust::keygen(&a)?,
         Cmd::Ls { sources, json } => {
             let mut s = sources.to_sources();
             if s.is_empty() {
@@ -556,13 +581,18 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
             json,
             container_id,
             pod,
+            seal,
         } => {
             let s = sources.to_sources();
             if s.is_empty() {
                 bail!("say which maps to dump: --id, --pin, --pid or --container-pid");
             }
-            // A bad location fails before any map is read.
+            // A bad location or key fails before any map is read.
             let target = locations.open(&output)?;
+            let seal = seal.policy()?;
+            if seal.signs() && target.signature_name().is_none() {
+                bail!("--sign needs a file or object location: the signature is stored beside it");
+            }
             let found = discover::find(&s)?;
             if found.is_empty() {
                 bail!("no maps found in {}", sources.describe());
@@ -587,13 +617,16 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
                 threads: threads.map_or_else(|| DumpOptions::default().threads, usize::from),
             };
             // Refuses an existing snapshot now, before the maps are read (and again at commit).
-            let writer = target.writer(overwrite)?;
+            let writer = seal.seal(target.writer(overwrite)?)?;
             let bar = bar::Bar::new();
             // On error the writer is dropped: the temporary file or multipart upload goes away.
             let (writer, report) = dump::dump(&found, writer, &info, &opts, &bar)?;
+            let (writer, sealed) = writer.finish(&report.digest)?;
             writer.commit()?;
             bar.finish();
+            let stored = *sealed.stored();
             let mut manifest_written = None;
+            let signature_written;
             if let Some(name) = target.manifest_name() {
                 let (detected_id, pod_uid) = sources
                     .container_pids
@@ -606,9 +639,15 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
                     pod_uid,
                     ..ManifestSource::default()
                 };
-                let manifest = Manifest::new(target.name(), &info, &report, source);
-                target.write_manifest(&manifest)?;
+                let mut manifest = Manifest::new(target.name(), &info, &report, source);
+                sealed.apply(&mut manifest);
+                let json = manifest.to_json();
+                // Signature before manifest: readers take the manifest as "complete".
+                signature_written = sign_beside(&target, &sealed, Some(&json), overwrite)?;
+                target.write_manifest_bytes(&json)?;
                 manifest_written = Some(name);
+            } else {
+                signature_written = sign_beside(&target, &sealed, None, overwrite)?;
             }
             if json {
                 println!(
@@ -616,8 +655,11 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
                     serde_json::to_string_pretty(&serde_json::json!({
                         "output": output,
                         "manifest": manifest_written,
-                        "sha256": report.digest.sha256_hex(),
-                        "bytes": report.digest.bytes,
+                        "sha256": stored.sha256_hex(),
+                        "bytes": stored.bytes,
+                        "signature": signature_written.as_ref().map(|s| &s.0),
+                        "signed_by": signature_written.as_ref().map(|s| s.1.to_string()),
+                        "encrypted": sealed.encrypted(),
                         "maps": report.maps,
                         "skipped": report.skipped,
                     }))?
@@ -630,11 +672,19 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
                     );
                 }
                 eprintln!(
-                    "wrote {} ({} bytes, sha256 {})",
+                    "wrote {} ({} bytes, sha256 {}{})",
                     target.name(),
-                    report.digest.bytes,
-                    report.digest.sha256_hex()
+                    stored.bytes,
+                    stored.sha256_hex(),
+                    if sealed.encrypted() {
+                        ", age-encrypted"
+                    } else {
+                        ""
+                    }
                 );
+                if let Some((name, key_id)) = &signature_written {
+                    eprintln!("wrote {name} (signed by key {key_id})");
+                }
                 if let Some(m) = &manifest_written {
                     eprintln!("wrote {m}");
                 }
@@ -652,9 +702,11 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
             limits,
             conv,
             threads,
+            open,
             json,
         } => {
             let limits = limits.limits();
+            let policy = open.policy()?;
             let dest = match (pin_root, into.is_empty(), into_root) {
                 (Some(dir), true, None) => Destination::PinRoot { dir, overwrite },
                 (None, false, None) => Destination::Into(
@@ -686,7 +738,9 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
             if *src.location() == Location::Stdio {
                 bail!("restore reads the snapshot twice (verify, then apply): give a file, not -");
             }
-            let manifest = manifest_of(&src)?;
+            let (manifest, manifest_bytes) = manifest_of(&src)?;
+            // Signature, manifest and size are checked before the snapshot is read.
+            let admitted = trust::admit(&src, &policy, manifest_bytes.as_deref())?;
             let version = if src.is_remote() {
                 Some(src.head()?.ok_or_else(|| {
                     StorageError::new(ErrorKind::NotFound, src.name(), "no such object")
@@ -703,22 +757,33 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
             let one_pass = src.is_remote()
                 && opts.convert.is_none()
                 && matches!(dest, Destination::PinRoot { .. } | Destination::Detached);
+            // With a signature or encryption the same holds: the first read verifies the
+            // signature before its last byte, the second is held to the bytes it verified; in
+            // one pass, the signature is checked before the last byte reaches restore(), so a
+            // refusal publishes nothing.
             let summary = if one_pass {
                 None
             } else {
-                let r = checked_reader(&src, version.as_ref(), manifest.as_ref())?;
-                Some(
-                    format::verify_with_limits(r, &limits)
-                        .map_err(|e| anyhow::Error::new(e).context(src.name().to_string()))?,
-                )
+                let mut r = open_snapshot(&src, version.as_ref(), manifest.as_ref(), &admitted)?;
+                let s = format::verify_with_limits(&mut r, &limits)
+                    .map_err(|e| anyhow::Error::new(e).context(src.name().to_string()))?;
+                report_signer(r.finish()?.as_ref(), manifest.as_ref(), &src)?;
+                Some(s)
             };
-            let read = || checked_reader(&src, version.as_ref(), manifest.as_ref());
+            let read = || -> anyhow::Result<Box<dyn Read>> {
+                Ok(Box::new(open_snapshot(
+                    &src,
+                    version.as_ref(),
+                    manifest.as_ref(),
+                    &admitted,
+                )?))
+            };
             if convert::preflight(&conv, &opts, &dest, summary.as_ref(), read)? {
                 return Ok(ExitCode::SUCCESS);
             }
             let report = located(
                 restore::restore(
-                    checked_reader(&src, version.as_ref(), manifest.as_ref())?,
+                    open_snapshot(&src, version.as_ref(), manifest.as_ref(), &admitted)?,
                     summary.as_ref(),
                     &dest,
                     &opts,
@@ -727,6 +792,9 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
                 &src,
             )?;
             bar.finish();
+            if one_pass {
+                report_signer(admitted.verified().as_ref(), manifest.as_ref(), &src)?;
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&report.maps)?);
             } else {
@@ -750,7 +818,7 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
             let limits = limits.limits();
             let src = locations.open(&snapshot)?;
             check_size(&src, &limits)?;
-            let manifest = manifest_of(&src)?;
+            let (manifest, _) = manifest_of(&src)?;
             let read = || checked_reader(&src, None, manifest.as_ref());
             let out = output.unwrap_or_default();
             convert::run_convert(
@@ -769,12 +837,23 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
             manifest: manifest_only,
             limit,
             limits,
+            open,
             json,
         } => {
             let limits = limits.limits();
+            let policy = open.policy()?;
             let src = locations.open(&snapshot)?;
             check_size(&src, &limits)?;
-            let manifest = manifest_of(&src)?;
+            let (manifest, manifest_bytes) = manifest_of(&src)?;
+            let admitted = trust::admit(&src, &policy, manifest_bytes.as_deref())?;
+            if manifest_only && policy.requires_signature() && !admitted.manifest_authenticated() {
+                bail!(
+                    "{}: the signature (key {}) does not name the manifest, so the manifest is \
+                     not vouched for; inspect the snapshot itself",
+                    src.name(),
+                    admitted.signer().map(|k| k.to_string()).unwrap_or_default()
+                );
+            }
             if manifest_only {
                 let Some(m) = manifest else {
                     bail!(
@@ -789,9 +868,9 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
                     inspect::print_manifest(&m, src.manifest_name().as_deref());
                 }
             } else {
-                let r = checked_reader(&src, None, manifest.as_ref())?;
+                let r = open_snapshot(&src, None, manifest.as_ref(), &admitted)?;
                 inspect::run(
-                    r,
+                    Box::new(r),
                     entries,
                     limit,
                     json,
@@ -811,20 +890,27 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
             live,
             examples,
             limits,
+            open,
             json,
         } => {
             let limits = limits.limits();
+            let policy = open.policy()?;
             let old_src = locations.open(&old)?;
-            let open_old = || -> mapsnap::Result<Box<dyn Read>> { open_for_diff(&old_src) };
+            let old_admitted = admit_for_diff(&old_src, &policy)?;
+            let open_old =
+                || -> mapsnap::Result<Box<dyn Read>> { open_for_diff(&old_src, &old_admitted) };
             let live_sources = live.to_sources();
             let found;
             let new_src;
+            let new_admitted;
             let open_new;
             let new_side = match (&new, live_sources.is_empty()) {
                 (Some(p), true) => {
                     new_src = locations.open(p)?;
-                    let src = &new_src;
-                    open_new = move || -> mapsnap::Result<Box<dyn Read>> { open_for_diff(src) };
+                    new_admitted = admit_for_diff(&new_src, &policy)?;
+                    let (src, admitted) = (&new_src, &new_admitted);
+                    open_new =
+                        move || -> mapsnap::Result<Box<dyn Read>> { open_for_diff(src, admitted) };
                     Side::Snapshot(&open_new)
                 }
                 (None, false) => {
@@ -850,16 +936,28 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
         Cmd::Verify {
             snapshot,
             limits,
+            open,
             json,
         } => {
             let limits = limits.limits();
+            let policy = open.policy()?;
             let src = locations.open(&snapshot)?;
             check_size(&src, &limits)?;
-            let manifest = manifest_of(&src)?;
-            let s =
-                format::verify_with_limits(checked_reader(&src, None, manifest.as_ref())?, &limits)
-                    .map_err(|e| anyhow::Error::new(e).context(src.name().to_string()))?;
-            if let Some(why) = manifest.as_ref().and_then(|m| m.mismatch(&s.digest)) {
+            let (manifest, manifest_bytes) = manifest_of(&src)?;
+            let admitted = trust::admit(&src, &policy, manifest_bytes.as_deref())?;
+            let mut r = open_snapshot(&src, None, manifest.as_ref(), &admitted)?;
+            let encrypted = r.encrypted();
+            let s = format::verify_with_limits(&mut r, &limits)
+                .map_err(|e| anyhow::Error::new(e).context(src.name().to_string()))?;
+            let verified = r.finish()?;
+            report_signer(verified.as_ref(), manifest.as_ref(), &src)?;
+            // An encrypted snapshot's manifest describes the ciphertext, checked as it was
+            // read; the plaintext's digest is the snapshot's own.
+            if let Some(why) = manifest
+                .as_ref()
+                .filter(|_| !encrypted)
+                .and_then(|m| m.mismatch(&s.digest))
+            {
                 return Err(StorageError::new(ErrorKind::Corrupt, src.name(), why).into());
             }
             let manifest_state = if manifest.is_some() {
@@ -877,15 +975,22 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
                     "{}",
                     serde_json::to_string_pretty(&serde_json::json!({
                         "ok": true, "location": src.name(), "manifest": manifest_state,
-                        "sha256": s.digest.sha256_hex(), "bytes": s.digest.bytes, "maps": maps
+                        "sha256": s.digest.sha256_hex(), "bytes": s.digest.bytes, "maps": maps,
+                        "encrypted": encrypted,
+                        "signed_by": verified.as_ref().map(|v| v.key_id.to_string()),
                     }))?
                 );
             } else {
                 println!(
-                    "ok: {} maps, {} bytes, sha256 {} (manifest: {manifest_state})",
+                    "ok: {} maps, {} bytes, sha256 {} (manifest: {manifest_state}{}{})",
                     s.maps.len(),
                     s.digest.bytes,
-                    s.digest.sha256_hex()
+                    s.digest.sha256_hex(),
+                    if encrypted { ", age-encrypted" } else { "" },
+                    match &verified {
+                        Some(v) => format!(", signed by trusted key {}", v.key_id),
+                        None => String::new(),
+                    }
                 );
             }
         }
@@ -893,10 +998,89 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(code::OK))
 }
 
-fn open_for_diff(src: &Storage) -> mapsnap::Result<Box<dyn Read>> {
-    src.reader(None)
-        .map(|r| r as Box<dyn Read>)
-        .map_err(|e| mapsnap::Error::io(src.name(), e.into_io()))
+fn admit_for_diff(src: &Storage, policy: &OpenPolicy) -> anyhow::Result<Admitted> {
+    let bytes = if policy.requires_signature() {
+        manifest_of(src)?.1
+    } else {
+        None
+    };
+    trust::admit(src, policy, bytes.as_deref())
+}
+
+fn open_for_diff(src: &Storage, admitted: &Admitted) -> mapsnap::Result<Box<dyn Read>> {
+    let raw = src
+        .reader(None)
+        .map_err(|e| mapsnap::Error::io(src.name(), e.into_io()))?;
+    Ok(Box::new(admitted.reader(raw)?))
+}
+
+/// The snapshot as plaintext, checked as the policy admitted it. With a signature to check,
+/// the manifest's digest check is left out: the signature covers the same bytes.
+fn open_snapshot(
+    st: &Storage,
+    version: Option<&storage::ObjectInfo>,
+    manifest: Option<&Manifest>,
+    admitted: &Admitted,
+) -> anyhow::Result<OpenReader<Box<dyn Read>>> {
+    let manifest = manifest.filter(|_| admitted.signer().is_none());
+    Ok(admitted.reader(checked_reader(st, version, manifest)?)?)
+}
+
+/// Says which trusted key signed the snapshot, after checking that the manifest beside it
+/// describes the bytes the signature covered.
+fn report_signer(
+    verified: Option<&Verified>,
+    manifest: Option<&Manifest>,
+    st: &Storage,
+) -> anyhow::Result<()> {
+    let Some(v) = verified else { return Ok(()) };
+    if let Some(m) = manifest
+        && (m.size != v.size || m.sha256 != hex::encode(v.sha256))
+    {
+        return Err(StorageError::new(
+            ErrorKind::Corrupt,
+            st.name(),
+            format!(
+                "the signed snapshot ({} bytes, sha256 {}) does not match its manifest ({} \
+                 bytes, sha256 {})",
+                v.size,
+                hex::encode(v.sha256),
+                m.size,
+                m.sha256
+            ),
+        )
+        .into());
+    }
+    tracing::info!(
+        "{}: signature by trusted key {} verified",
+        st.name(),
+        v.key_id
+    );
+    eprintln!("{}: signed by trusted key {}", st.name(), v.key_id);
+    Ok(())
+}
+
+/// Stores the signature beside the snapshot when signing; with `overwrite` and no signing,
+/// removes a signature left from an earlier snapshot (it would not match this one).
+fn sign_beside(
+    target: &Storage,
+    sealed: &Sealed,
+    manifest: Option<&[u8]>,
+    overwrite: bool,
+) -> anyhow::Result<Option<(String, KeyId)>> {
+    match sealed.sign(manifest)? {
+        Some(signed) => {
+            target.write_signature(&signed.signature)?;
+            Ok(target.signature_name().map(|n| (n, signed.key_id)))
+        }
+        None => {
+            // Best effort: a writer allowed to put but not to delete still dumps.
+            if overwrite && let Err(e) = target.delete_signature() {
+                tracing::warn!("could not remove an earlier signature: {e}");
+            }
+            Ok(None)
+        }
+    }
 }
 
 fn print_diff(diffs: &[diff::MapDiff]) {

@@ -202,6 +202,17 @@ impl Storage {
         Ok(existed)
     }
 
+    /// Removes the signature beside the snapshot, if any (a new unsigned snapshot written
+    /// over a signed one must not keep the old, now mismatching, signature).
+    pub fn delete_signature(&self) -> Result<()> {
+        match (&self.backend, self.location.signature()) {
+            (Backend::Local(_), Some(Location::Local(p))) => local::remove(&p),
+            #[cfg(feature = "remote")]
+            (Backend::Remote(r), Some(Location::Remote { key, .. })) => r.sibling(&key)?.delete(),
+            _ => Ok(()),
+        }
+    }
+
     /// Where the manifest lives, as text (`None` for `-`).
     pub fn manifest_name(&self) -> Option<String> {
         self.location.manifest().map(|l| l.to_string())
