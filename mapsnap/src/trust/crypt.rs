@@ -288,16 +288,13 @@ impl<R: Read> Read for DecryptingReader<R> {
             Err(e) => {
                 let at = self.plaintext;
                 Err(match e.kind() {
-                    io::ErrorKind::UnexpectedEof => io::Error::new(
+                    io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidData => io::Error::new(
                         e.kind(),
-                        format!("age stream truncated after {at} plaintext bytes ({e})"),
-                    ),
-                    io::ErrorKind::InvalidData => io::Error::new(
-                        e.kind(),
-                        format!(
-                            "age stream altered, damaged or cut short: the chunk after {at} \
-                             plaintext bytes failed authentication ({e})"
-                        ),
+                        TrustError::CiphertextRefused {
+                            at,
+                            truncated: e.kind() == io::ErrorKind::UnexpectedEof,
+                            reason: e.to_string(),
+                        },
                     ),
                     _ => e,
                 })

@@ -166,6 +166,19 @@ pub enum TrustError {
     BadIdentity { what: String, reason: String },
     #[error("no identity given to decrypt an age-encrypted stream")]
     NoIdentities,
+    #[error("{}", if *truncated {
+        format!("age stream truncated after {at} plaintext bytes ({reason})")
+    } else {
+        format!(
+            "age stream altered, damaged or cut short: the chunk after {at} plaintext bytes \
+             failed authentication ({reason})"
+        )
+    })]
+    CiphertextRefused {
+        at: u64,
+        truncated: bool,
+        reason: String,
+    },
     #[error("{what} is age-encrypted: give an identity to decrypt it (--identity FILE)")]
     NeedIdentity { what: String },
     #[error(
@@ -241,6 +254,7 @@ impl TrustError {
                 | Self::NoMatchingIdentity { .. }
                 | Self::BadAgeHeader { .. }
                 | Self::Changed { .. }
+                | Self::CiphertextRefused { .. }
                 | Self::Truncated { .. }
                 | Self::Extended { .. }
         )
