@@ -113,7 +113,7 @@ impl RestoreConversion {
         if key { &mut self.key } else { &mut self.value }
     }
 
-    /// Every option given, as `(side, path)` pairs, for the check that each matched a
+    /// Every option given, as `(is_key, shown, path)`, for the check that each matched a
     /// member somewhere.
     fn all_options(&self) -> Vec<(bool, String, String)> {
         let mut out = Vec::new();
@@ -361,5 +361,42 @@ impl fmt::Display for MapConversion {
             Some(p) => write!(f, "value: {p}"),
             None => writeln!(f, "value: copied as it is"),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_split_by_key_and_value_prefix() {
+        let mut c = RestoreConversion::default();
+        c.add_default("key.ifindex=3").unwrap();
+        c.add_default("value.zone=7").unwrap();
+        c.add_default("flags=1").unwrap();
+        c.add_rename("key.port=key.dport").unwrap();
+        c.add_rename("rx_port=value.local_port").unwrap();
+        c.add_rebase("expires=monotonic_ns").unwrap();
+        assert_eq!(c.key.defaults["ifindex"], "3");
+        assert_eq!(c.value.defaults["zone"], "7");
+        assert_eq!(c.value.defaults["flags"], "1");
+        assert_eq!(c.key.renames["port"], "dport");
+        assert_eq!(c.value.renames["rx_port"], "local_port");
+        assert!(c.value.rebase.contains_key("expires"));
+        let err = c.add_rename("key.port=value.port").unwrap_err().to_string();
+        assert!(err.contains("within the key or within the value"), "{err}");
+        assert!(c.add_rebase("expires=monotonic").is_err());
+        assert!(c.add_default("novalue").is_err());
+    }
+
+    #[test]
+    fn unused_options_are_named_with_their_side() {
+        let mut c = RestoreConversion::default();
+        c.add_default("key.ifindex=3").unwrap();
+        let err = c.check_used([]).unwrap_err().to_string();
+        assert!(err.contains("key.ifindex=3"), "{err}");
+        assert!(err.contains("no key member ifindex"), "{err}");
+        assert!(RestoreConversion::default().check_used([]).is_ok());
     }
 }
