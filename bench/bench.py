@@ -230,16 +230,16 @@ def bench_hook(args, rows, count, n):
         ],
         "annotations": {"mapsnap.io/restore-from": "/data/app.mapsnap"},
     }))
-    state = json.dumps({"ociVersion": "1.0.2", "id": "bench", "status": "created",
-                        "bundle": str(work / "bundle")})
     shape = f"{count} hash map{'s' if count > 1 else ''} of {n:,} (64-byte values)"
     cli, hook = [], []
-    for _ in range(args.runs):
+    for i in range(args.runs):
         reset_dir(dst)
         cli.append(timed([args.mapsnap, "restore", str(snap), "--pin-root", str(dst)]))
         reset_dir(dst)
+        # A new container each time: the hook restores a snapshot once per container.
         state_file = work / "state.json"
-        state_file.write_text(state)
+        state_file.write_text(json.dumps({"ociVersion": "1.0.2", "id": f"bench-{count}-{i}",
+                                          "status": "created", "bundle": str(work / "bundle")}))
         with open(state_file) as stdin:
             hook.append(timed([args.hook, "--config", str(work / "hook.toml"), "oci", "createRuntime"],
                               stdin=stdin))
