@@ -244,7 +244,8 @@ fn leaf(name: &str) -> Result<RelPath, PluginError> {
 }
 
 /// Writes `name` in `dir` through a temporary file renamed into place, so a half-written
-/// file never carries the final name.
+/// file never carries the final name. Not fsynced: this runs inside CRIU's freeze, CRIU does
+/// not sync its own images either, and the runtime archives the directory once CRIU is done.
 pub fn write_atomically<T>(
     dir: &Anchor,
     name: &str,
@@ -253,11 +254,8 @@ pub fn write_atomically<T>(
     let (file, tmp) = dir.create_temp(TMP_PREFIX, 0o600)?;
     let mut w = io::BufWriter::new(file);
     let result = write(&mut w).and_then(|value| {
-        let file = w
-            .into_inner()
+        w.into_inner()
             .map_err(|e| PluginError::io(format!("writing {name}"), e.into_error()))?;
-        file.sync_all()
-            .map_err(|e| PluginError::io(format!("syncing {name}"), e))?;
         Ok(value)
     });
     match result.and_then(|v| dir.rename(&tmp, name, true).map(|()| v).map_err(Into::into)) {

@@ -889,6 +889,7 @@ pub(crate) fn dump_ext_file(fd: BorrowedFd<'_>, file_id: u32) -> c_int {
     let Phase::Dump(state) = &mut *guard else {
         return -libc::EIO;
     };
+    let started = std::time::Instant::now();
     match dump_bounded(state, own, file_id) {
         Ok(DumpOutcome::NotAMap { kind }) => not_a_map(kind, file_id, raw),
         Ok(DumpOutcome::Unsupported { map, reason }) => {
@@ -911,6 +912,12 @@ pub(crate) fn dump_ext_file(fd: BorrowedFd<'_>, file_id: u32) -> c_int {
                 Some(s) => format!("saved {} entries ({} bytes)", s.entries, s.bytes),
                 None => "same map as an earlier file".into(),
             };
+            // What the benchmark reads back from CRIU's log: time inside the freeze, memory.
+            let how = format!(
+                "{how}, {:.1} ms, criu peak RSS {} KiB",
+                started.elapsed().as_secs_f64() * 1e3,
+                peak_rss_kib().unwrap_or(0)
+            );
             ffi::log(
                 LogLevel::Info,
                 &format!(
@@ -928,6 +935,16 @@ pub(crate) fn dump_ext_file(fd: BorrowedFd<'_>, file_id: u32) -> c_int {
             -e.errno()
         }
     }
+}
+
+/// VmHWM of this process (the criu process the plugin runs in), in KiB.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
 }
 
 /// `RESTORE_EXT_FILE(id)`: Ok(None) when the id is not ours; Err(errno) after logging.

@@ -17,6 +17,8 @@
 //! require_checkpoint_request = false  # default: `operator`; checkpoint-to only with a request
 //! tenant_prefix = "{namespace}"  # names a pod chooses resolve below this (templated)
 //! restore_request_dir = "/run/mapsnap/restores"
+//! checkpoint_read = "frozen"  # post-dump: read pinned maps while frozen, or "after" the freeze
+//! checkpoint_readers = 2      # reader threads for one big map inside the freeze
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -58,6 +60,35 @@ pub struct HookSettings {
     /// URLs) must stay below: `{namespace}`, `{pod}`, `{container}` and literal components,
     /// separated by `/`. Empty: no scoping (single-tenant nodes only).
     pub tenant_prefix: String,
+    /// When CRIU's post-dump reads the pinned maps (docs/ARCHITECTURE.md, "Checkpoint freeze").
+    pub checkpoint_read: CheckpointRead,
+    /// Reader threads for one big map read inside the freeze (at least 1).
+    pub checkpoint_readers: usize,
+}
+
+/// When the pinned maps of a checkpoint are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CheckpointRead {
+    /// Inside CRIU's freeze, with several reader threads; compression and any upload run in
+    /// a detached process after the tasks are released. The snapshot is the maps at the
+    /// frozen instant (for everything the container's tasks write).
+    #[default]
+    Frozen,
+    /// After the freeze: post-dump only opens the maps and hands them to a detached process.
+    /// The freeze grows by a few milliseconds whatever the map size; the snapshot is the maps
+    /// a little after the checkpoint.
+    After,
+}
+
+impl std::str::FromStr for CheckpointRead {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "frozen" => Ok(Self::Frozen),
+            "after" => Ok(Self::After),
+            other => Err(format!("{other:?} is not frozen or after")),
+        }
+    }
 }
 
 /// The default tenant prefix: a pod's namespace.
@@ -89,6 +120,8 @@ impl Default for HookSettings {
             operator: false,
             require_checkpoint_request: false,
             tenant_prefix: DEFAULT_TENANT_PREFIX.to_string(),
+            checkpoint_read: CheckpointRead::Frozen,
+            checkpoint_readers: 2,
         }
     }
 }
@@ -110,6 +143,8 @@ struct RawHook {
     operator: Option<bool>,
     require_checkpoint_request: Option<bool>,
     tenant_prefix: Option<String>,
+    checkpoint_read: Option<String>,
+    checkpoint_readers: Option<usize>,
 }
 
 /// Everything the hook reads from the node's config file.
@@ -242,6 +277,15 @@ fn settings(raw: RawHook) -> std::result::Result<HookSettings, String> {
     if let Some(v) = raw.policy {
         s.policy = v.parse().map_err(|m| format!("policy: {m}"))?;
     }
+    if let Some(v) = raw.checkpoint_read {
+        s.checkpoint_read = v.parse().map_err(|m| format!("checkpoint_read: {m}"))?;
+    }
+    if let Some(v) = raw.checkpoint_readers {
+        if !(1..=8).contains(&v) {
+            return Err(format!("checkpoint_readers: {v} is not between 1 and 8"));
+        }
+        s.checkpoint_readers = v;
+    }
     Ok(s)
 }
 
@@ -342,6 +386,20 @@ allow_http = true
     }
 
     #[test]
+    fn checkpoint_read_mode_and_readers() {
+        let c = NodeConfig::parse("", "t").expect("parses");
+        assert_eq!(c.hook.checkpoint_read, CheckpointRead::Frozen);
+        assert_eq!(c.hook.checkpoint_readers, 2);
+        let c = NodeConfig::parse(
+            "[hook]\ncheckpoint_read = \"after\"\ncheckpoint_readers = 4\n",
+            "t",
+        )
+        .expect("parses");
+        assert_eq!(c.hook.checkpoint_read, CheckpointRead::After);
+        assert_eq!(c.hook.checkpoint_readers, 4);
+    }
+
+    #[test]
     fn defaults_without_hook_table() {
         let c = NodeConfig::parse("", "empty").expect("parses");
         assert_eq!(c.hook, HookSettings::default());
@@ -355,6 +413,8 @@ allow_http = true
             ("[hook]\ndeadline = \"0s\"", "deadline"),
             ("[hook]\nrequest_dir = \"relative\"", "request_dir"),
             ("[hook]\npolicy = \"maybe\"", "policy"),
+            ("[hook]\ncheckpoint_read = \"later\"", "checkpoint_read"),
+            ("[hook]\ncheckpoint_readers = 0", "checkpoint_readers"),
             (
                 "[hook]\nallowed_locations = [\"bucket\"]",
                 "allowed_locations",

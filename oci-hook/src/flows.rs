@@ -2,6 +2,7 @@
 //! started, snapshot at stop) and CRIU's post-dump action (snapshot at the frozen instant).
 
 use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,12 +11,13 @@ use mapsnap::anchor::{Anchor, RelPath};
 use oci_spec::runtime::Spec;
 
 use crate::annotations::{Annotations, Existing, Policy, RestoreMode};
-use crate::config::NodeConfig;
+use crate::config::{CheckpointRead, NodeConfig};
 use crate::container::{self, RuntimeContainer};
 use crate::error::{HookError, Result};
+use crate::finish::{self, FinishJob};
 use crate::location::{self, IMAGE_PREFIX, Resolved, Tenant};
 use crate::manifest::{
-    self, CheckpointManifest, IMAGE_SNAPSHOT, MANIFEST_VERSION, PinnedMap, Request,
+    self, CheckpointManifest, FinishedLater, IMAGE_SNAPSHOT, MANIFEST_VERSION, PinnedMap, Request,
 };
 use crate::mounts::ContainerMounts;
 use crate::snapshot::{self, PinOutcome, Source};
@@ -232,7 +234,7 @@ pub fn oci(
                         let src = restore_source(ctr, from, cfg)?;
                         return restore_pinned(&src, state, ctr, cfg, Existing::Keep);
                     }
-                    return restore_from_manifest(&m, &dir, state, ctr, cfg);
+                    return restore_from_manifest(&m, &dir, state, ctr, cfg, deadline);
                 }
                 tracing::info!("restoring a checkpoint without a mapsnap-hook manifest");
             }
@@ -307,7 +309,7 @@ fn annotated_stop_snapshot(state: &HookState, ctr: &Container, cfg: &NodeConfig)
         scope.as_deref(),
         true,
     )?;
-    let w = take_snapshot(ctr, &dest, true, "poststop", cfg)?;
+    let w = take_snapshot(ctr, &dest, true, "poststop", cfg, stopped_mode(cfg))?;
     Ok(format!(
         "saved {} pinned maps to {} ({} bytes, sha256 {})",
         top_count(&w),
@@ -383,7 +385,14 @@ fn stop_snapshot(ctr: &Container, cfg: &NodeConfig) -> Result<Option<String>> {
         ));
     }
     let dest = location::from_request(&stop, &cfg.hook, true)?;
-    let w = take_snapshot(ctr, &dest, false, "poststop, stop snapshot", cfg)?;
+    let w = take_snapshot(
+        ctr,
+        &dest,
+        false,
+        "poststop, stop snapshot",
+        cfg,
+        stopped_mode(cfg),
+    )?;
     Ok(Some(format!(
         "saved {} pinned maps at stop to {} ({} bytes, sha256 {}) for checkpoint {}",
         top_count(&w),
@@ -471,8 +480,25 @@ fn check_restore_request(ctr: &Container, want: Option<&str>, cfg: &NodeConfig) 
     }
 }
 
+/// A stopped container's pins: as many readers as inside a freeze, synced.
+fn stopped_mode(cfg: &NodeConfig) -> snapshot::WriteMode {
+    snapshot::WriteMode {
+        threads: cfg.hook.checkpoint_readers,
+        sync: true,
+    }
+}
+
 fn top_count(w: &snapshot::Written) -> usize {
     w.report.maps.iter().filter(|m| !m.inner).count()
+}
+
+/// What a snapshot of `ctr`'s pins records as its source.
+fn pins_source(ctr: &Container, why: &str) -> String {
+    format!(
+        "container:{} ({why}; bpffs mounts {})",
+        ctr.id,
+        ctr.mounts.bpf_destinations()
+    )
 }
 
 fn take_snapshot(
@@ -481,14 +507,19 @@ fn take_snapshot(
     overwrite: bool,
     why: &str,
     cfg: &NodeConfig,
+    mode: snapshot::WriteMode,
 ) -> Result<snapshot::Written> {
     let (maps, _links) = snapshot::collect_pins(&ctr.mounts, &ctr.annotations.maps)?;
-    let source = format!(
-        "container:{} ({why}; bpffs mounts {})",
-        ctr.id,
-        ctr.mounts.bpf_destinations()
-    );
-    let w = snapshot::write_snapshot(&maps, dest, overwrite, &source, &ctr.id, &cfg.storage)?;
+    let source = pins_source(ctr, why);
+    let w = snapshot::write_snapshot(
+        &maps,
+        dest,
+        overwrite,
+        &source,
+        &ctr.id,
+        &cfg.storage,
+        mode,
+    )?;
     for m in w.report.maps.iter().filter(|m| !m.inner).take(64) {
         tracing::info!(
             map = m.name,
@@ -550,6 +581,7 @@ fn restore_from_manifest(
     state: &HookState,
     ctr: &Container,
     cfg: &NodeConfig,
+    deadline: Instant,
 ) -> Result<String> {
     tracing::info!(
         snapshot = crate::location::truncate(&m.snapshot, 256),
@@ -567,12 +599,24 @@ fn restore_from_manifest(
         ctr.tenant().prefix(&cfg.hook)?
     };
     let res = location::from_manifest(&m.snapshot, image_dir, &cfg.hook, scope.as_deref())?;
-    let expect = m.sha256_bytes().map(|s| (s, m.size)).ok_or_else(|| {
+    let recorded = m.sha256_bytes().map(|s| (s, m.size));
+    let no_sha = || {
         HookError::refused(
             "the checkpoint manifest".to_string(),
             "it carries no valid sha256 of the snapshot",
         )
-    })?;
+    };
+    let expect = match &m.finished_later {
+        // Finished by a detached process after the freeze: wait until it is complete.
+        Some(later) => {
+            if later.read != "after" && recorded.is_none() {
+                return Err(no_sha());
+            }
+            let until = deadline.min(Instant::now() + cfg.hook.wait_timeout);
+            finish::wait_finished(&res, later, recorded, &cfg.storage, until)?
+        }
+        None => recorded.ok_or_else(no_sha)?,
+    };
     let src = Source::open(&res, &cfg.storage, Some(expect))?;
     // Same node, pins never removed: the live maps are the checkpointed ones; keep them.
     restore_pinned(&src, state, ctr, cfg, Existing::Keep)
@@ -720,19 +764,22 @@ pub fn criu_post_dump(env: &CriuEnv, target: &CriuTarget, cfg: &NodeConfig) -> R
             shown,
         ))
     };
-    let (dest, snapshot_field) = if let Some(r) = &request {
+    // The destination, its name in the manifest, and (outside the image directory) the text
+    // a detached finisher resolves again.
+    let (dest, snapshot_field, later_dest) = if let Some(r) = &request {
         // docs/API.md: a retried kubelet checkpoint reuses the request, so the snapshot of an
         // earlier attempt is replaced.
         let res = location::from_request(&r.snapshot, &cfg.hook, true)?;
         let field = res.as_location();
-        (res, field)
+        (res, field, Some(r.snapshot.clone()))
     } else if let Some(to) = &ctr.annotations.checkpoint_to {
         if cfg.hook.require_checkpoint_request {
             tracing::warn!(
                 "mapsnap.io/checkpoint-to counts only with the node agent's request on this \
                  node ([hook] require_checkpoint_request): saving into the image directory"
             );
-            image_dest()?
+            let (res, field) = image_dest()?;
+            (res, field, None)
         } else {
             let scope = ctr.scope(to, cfg)?;
             let res = location::from_annotation(
@@ -755,44 +802,163 @@ pub fn criu_post_dump(env: &CriuEnv, target: &CriuTarget, cfg: &NodeConfig) -> R
                 ));
             }
             let field = res.as_location();
-            (res, field)
+            (res, field.clone(), Some(field))
         }
     } else {
-        image_dest()?
+        let (res, field) = image_dest()?;
+        (res, field, None)
     };
-    let w = take_snapshot(ctr, &dest, true, "checkpoint post-dump", cfg)?;
-    let m = CheckpointManifest {
+    let frozen = snapshot::WriteMode {
+        threads: cfg.hook.checkpoint_readers,
+        sync: false,
+    };
+    let base = CheckpointManifest {
         version: MANIFEST_VERSION,
         container_id: ctr.id.clone(),
         created: jiff::Timestamp::now().to_string(),
         snapshot: snapshot_field,
-        sha256: w.sha256.clone(),
-        size: w.size,
-        maps: w
-            .report
-            .maps
-            .iter()
-            .filter(|m| !m.inner)
-            .map(|m| PinnedMap {
-                name: m.name.clone(),
-                pin_path: m.pin_path.clone(),
-                map_type: m.map_type.to_string(),
-                entries: m.entries,
-            })
-            .collect(),
+        sha256: String::new(),
+        size: 0,
+        maps: Vec::new(),
         checkpoint: request.map(|r| r.checkpoint).filter(|c| !c.is_empty()),
         dump: stamp,
+        finished_later: None,
     };
-    m.write_at(&dir)?;
-    Ok(format!(
-        "saved {} pinned maps of container {} to {} ({} bytes, sha256 {}); manifest written \
-         into the image directory",
-        m.maps.len(),
-        ctr.id,
-        w.location,
-        w.size,
-        w.sha256,
-    ))
+    let Some(later_dest) = later_dest else {
+        if cfg.hook.checkpoint_read == CheckpointRead::After {
+            tracing::warn!(
+                "[hook] checkpoint_read = \"after\" needs a snapshot location outside the image \
+                 directory (the runtime archives it as soon as CRIU exits): reading inside the \
+                 freeze"
+            );
+        }
+        let w = take_snapshot(ctr, &dest, true, "checkpoint post-dump", cfg, frozen)?;
+        let m = CheckpointManifest {
+            sha256: w.sha256.clone(),
+            size: w.size,
+            maps: pinned_maps(&w),
+            ..base
+        };
+        m.write_at(&dir)?;
+        return Ok(format!(
+            "saved {} pinned maps of container {} to {} ({} bytes, sha256 {}); manifest \
+             written into the image directory",
+            m.maps.len(),
+            ctr.id,
+            w.location,
+            w.size,
+            w.sha256,
+        ));
+    };
+    let nonce = manifest::new_nonce()?;
+    let why = format!("checkpoint post-dump; {}", manifest::nonce_marker(&nonce));
+    let later = |read: &str| {
+        Some(FinishedLater {
+            read: read.into(),
+            nonce: nonce.clone(),
+        })
+    };
+    match cfg.hook.checkpoint_read {
+        CheckpointRead::Frozen => {
+            // Read inside the freeze into a local spool; the copy (or upload) to the
+            // destination runs after CRIU released the tasks.
+            let spool_dir = Arc::new(finish::spool_dir(cfg)?);
+            let name = finish::spool_name(&nonce);
+            let spool = Resolved::File {
+                dir: spool_dir.clone(),
+                rel: RelPath::parse(&name).map_err(|e| HookError::Other(e.to_string()))?,
+                shown: name.clone(),
+            };
+            let w = take_snapshot(ctr, &spool, false, &why, cfg, frozen)?;
+            let job = FinishJob {
+                container_id: ctr.id.clone(),
+                dest: later_dest,
+                spool: Some(cfg.hook.state_dir.join("spool").join(&name)),
+                maps: Vec::new(),
+                source: String::new(),
+            };
+            let pid = match finish::spawn(&job, &[], cfg.file.as_deref()) {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = spool_dir.unlink(&name);
+                    return Err(e);
+                }
+            };
+            let m = CheckpointManifest {
+                sha256: w.sha256.clone(),
+                size: w.size,
+                maps: pinned_maps(&w),
+                finished_later: later("frozen"),
+                ..base
+            };
+            m.write_at(&dir)?;
+            Ok(format!(
+                "read {} pinned maps of container {} inside the freeze ({} bytes, sha256 {}); \
+                 process {pid} copies them to {} after the freeze; manifest written into the \
+                 image directory",
+                m.maps.len(),
+                ctr.id,
+                w.size,
+                w.sha256,
+                m.snapshot,
+            ))
+        }
+        CheckpointRead::After => {
+            // Only open the maps here; a detached process reads them once the tasks run again.
+            let (maps, _links) = snapshot::collect_pins(&ctr.mounts, &ctr.annotations.maps)?;
+            let job = FinishJob {
+                container_id: ctr.id.clone(),
+                dest: later_dest,
+                spool: None,
+                maps: maps
+                    .iter()
+                    .map(|f| finish::JobMap {
+                        fd: f.map.fd().as_raw_fd(),
+                        id: f.info.id,
+                        pin: f.pin_rel.clone(),
+                    })
+                    .collect(),
+                source: pins_source(ctr, &why),
+            };
+            let fds: Vec<_> = job.maps.iter().map(|m| m.fd).collect();
+            let pid = finish::spawn(&job, &fds, cfg.file.as_deref())?;
+            let m = CheckpointManifest {
+                maps: maps
+                    .iter()
+                    .map(|f| PinnedMap {
+                        name: f.info.name.clone(),
+                        pin_path: f.pin_rel.clone(),
+                        map_type: mapsnap::model::type_name(f.info.map_type).to_string(),
+                        entries: 0,
+                    })
+                    .collect(),
+                finished_later: later("after"),
+                ..base
+            };
+            m.write_at(&dir)?;
+            Ok(format!(
+                "handed {} pinned maps of container {} to process {pid}, which reads them into \
+                 {} after the freeze; manifest written into the image directory",
+                m.maps.len(),
+                ctr.id,
+                m.snapshot,
+            ))
+        }
+    }
+}
+
+fn pinned_maps(w: &snapshot::Written) -> Vec<PinnedMap> {
+    w.report
+        .maps
+        .iter()
+        .filter(|m| !m.inner)
+        .map(|m| PinnedMap {
+            name: m.name.clone(),
+            pin_path: m.pin_path.clone(),
+            map_type: m.map_type.to_string(),
+            entries: m.entries,
+        })
+        .collect()
 }
 
 #[cfg(test)]

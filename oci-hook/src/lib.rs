@@ -16,12 +16,14 @@
 //! - [`manifest`]: the checkpoint manifest, node agent requests, restore markers.
 //! - [`snapshot`]: dump and restore through the mapsnap library.
 //! - [`flows`]: the stages and the CRIU action.
+//! - [`finish`]: what a detached process finishes after CRIU's freeze.
 //! - [`install`]: hooks.d files and CRIU config lines.
 
 pub mod annotations;
 pub mod config;
 pub mod container;
 pub mod error;
+pub mod finish;
 pub mod flows;
 pub mod install;
 pub mod location;

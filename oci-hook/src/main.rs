@@ -48,6 +48,10 @@ enum Cmd {
     /// Run as CRIU's action script (CRTOOLS_SCRIPT_ACTION, CRTOOLS_INIT_PID,
     /// CRTOOLS_IMAGE_DIR): snapshot at post-dump, nothing at other actions.
     Criu,
+    /// Internal: finishes a checkpoint's snapshot after CRIU's freeze (started by post-dump,
+    /// detached; the job comes on stdin).
+    #[command(name = "criu-finish", hide = true)]
+    CriuFinish,
     /// Install the hooks.d files and CRIU config lines (or remove them).
     Install {
         #[arg(long, value_enum, default_value = "crio")]
@@ -422,6 +426,28 @@ fn criu_in_span(env: CriuEnv, cfg: NodeConfig, tolerate_flag: &AtomicBool) -> En
     }
 }
 
+/// The detached finisher: bounded like a waiter (its own budget after the freeze).
+fn run_finish(cfg: NodeConfig) -> End {
+    let budget = cfg.hook.wait_timeout + cfg.hook.deadline;
+    // The checkpoint itself succeeded long ago: nothing here can fail it any more.
+    with_deadline(budget, Arc::new(AtomicBool::new(false)), move || {
+        let end = match mapsnap_hook::finish::read_job(std::io::stdin().lock()) {
+            Ok(job) => {
+                let span = tracing::info_span!("criu-finish", container = job.container_id);
+                let _g = span.enter();
+                let end = match mapsnap_hook::finish::run(&job, &cfg) {
+                    Ok(msg) => End::Ok(msg),
+                    Err(e) => End::Fail(e.to_string()),
+                };
+                log_end(&end, "criu finish");
+                end
+            }
+            Err(e) => End::Fail(e.to_string()),
+        };
+        end
+    })
+}
+
 fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<NodeConfig> {
     let mut cfg = NodeConfig::load(path)?;
     // Transfers must end before the hook's own deadline.
@@ -429,14 +455,30 @@ fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<NodeConfig> {
     Ok(cfg)
 }
 
+/// VmHWM of this process in KiB (the benchmark reads it from the log).
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// Logs how the run ended (call it inside the run's span, so the line carries the stage and
 /// container).
 fn log_end(end: &End, what: &str) {
+    let rss = peak_rss_kib();
     match end {
-        End::Ok(msg) if !msg.is_empty() => tracing::info!("{what}: {msg}"),
+        End::Ok(msg) if !msg.is_empty() => tracing::info!(peak_rss_kib = rss, "{what}: {msg}"),
         End::Ok(_) => {}
-        End::Tolerated(msg) => tracing::error!("{what}: {msg} (not failing the runtime)"),
-        End::Fail(msg) => tracing::error!("{what}: {msg}"),
+        End::Tolerated(msg) => {
+            tracing::error!(peak_rss_kib = rss, "{what}: {msg} (not failing the runtime)")
+        }
+        End::Fail(msg) => tracing::error!(peak_rss_kib = rss, "{what}: {msg}"),
     }
 }
 
@@ -494,6 +536,17 @@ fn main() -> std::process::ExitCode {
             };
             init_logging(&cfg);
             finish(run_criu(cfg), &format!("criu {action}"))
+        }
+        Cmd::CriuFinish => {
+            let cfg = match load_config(cli.config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("mapsnap-hook criu-finish: {e:#}");
+                    return std::process::ExitCode::from(1);
+                }
+            };
+            init_logging(&cfg);
+            finish(run_finish(cfg), "criu finish")
         }
         Cmd::Install {
             runtime,

@@ -37,6 +37,39 @@ pub struct CheckpointManifest {
     /// (an image directory reused by a later checkpoint).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dump: Option<DumpStamp>,
+    /// Set when a detached process finishes the snapshot after CRIU released the tasks: the
+    /// snapshot may not be there yet when this manifest is read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_later: Option<FinishedLater>,
+}
+
+/// How a snapshot finished after the freeze is recognised (docs/ARCHITECTURE.md,
+/// "Checkpoint freeze"). The detached process writes the storage manifest beside the snapshot
+/// last, after the snapshot is complete; a restore waits for it and takes the snapshot only
+/// when its SHA-256 and size match and its source names `nonce`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FinishedLater {
+    /// `frozen`: read inside the freeze (the manifest's `sha256` and `size` are the final
+    /// snapshot's), only copied out later; `after`: read after the freeze (`sha256` empty,
+    /// `size` 0: the storage manifest gives them).
+    pub read: String,
+    /// Random, per checkpoint: the snapshot's INFO `source` and its storage manifest's
+    /// `selection` carry it.
+    pub nonce: String,
+}
+
+/// A fresh random nonce (128 bits, hex).
+pub fn new_nonce() -> Result<String> {
+    let mut raw = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut raw))
+        .map_err(|e| HookError::io("reading /dev/urandom for a checkpoint nonce", e))?;
+    Ok(raw.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The marker of `nonce` in a snapshot's source text.
+pub fn nonce_marker(nonce: &str) -> String {
+    format!("checkpoint {nonce}")
 }
 
 /// Identifies one CRIU dump (see [`CheckpointManifest::dump`]).
@@ -158,6 +191,11 @@ impl CheckpointManifest {
         let v = hex_decode(&self.sha256)?;
         v.try_into().ok()
     }
+}
+
+/// A SHA-256 given as 64 hex digits.
+pub fn sha256_of_hex(s: &str) -> Option<[u8; 32]> {
+    hex_decode(s)?.try_into().ok()
 }
 
 fn hex_decode(s: &str) -> Option<Vec<u8>> {
@@ -332,6 +370,7 @@ mod tests {
         let t = tempfile::tempdir().expect("tempdir");
         assert_eq!(CheckpointManifest::read(t.path()).expect("none"), None);
         let m = CheckpointManifest {
+            finished_later: None,
             version: MANIFEST_VERSION,
             container_id: "c".into(),
             created: "2026-01-01T00:00:00Z".into(),

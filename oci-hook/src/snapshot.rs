@@ -195,11 +195,32 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-/// Writes `bytes` as the leaf `name` of `dir`: a new temporary file, synced, renamed over.
+/// How [`write_snapshot`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteMode {
+    /// Reader threads for one big map.
+    pub threads: usize,
+    /// fsync a local file before renaming it into place. Off inside CRIU's freeze: CRIU does
+    /// not sync its own images either, and a crash before the runtime archived the image
+    /// directory loses the whole checkpoint anyway.
+    pub sync: bool,
+}
+
+impl Default for WriteMode {
+    fn default() -> Self {
+        Self {
+            threads: 1,
+            sync: true,
+        }
+    }
+}
+
+/// Writes the leaf `name` of `dir`: a new temporary file, synced (when asked), renamed over.
 fn write_file_at(
     dir: &Anchor,
     name: &str,
     replace: bool,
+    sync: bool,
     write: impl FnOnce(&mut BufWriter<File>) -> Result<()>,
 ) -> Result<()> {
     let (f, tmp) = dir
@@ -211,8 +232,10 @@ fn write_file_at(
         let f = w
             .into_inner()
             .map_err(|e| HookError::io("writing the snapshot", e.into_error()))?;
-        f.sync_all()
-            .map_err(|e| HookError::io("syncing the snapshot", e))?;
+        if sync {
+            f.sync_all()
+                .map_err(|e| HookError::io("syncing the snapshot", e))?;
+        }
         dir.rename(&tmp, name, replace).map_err(anchor_err)
     })();
     if result.is_err() {
@@ -229,6 +252,7 @@ pub fn write_snapshot(
     source: &str,
     container_id: &str,
     storage: &StorageConfig,
+    mode: WriteMode,
 ) -> Result<Written> {
     let info = SnapshotInfo {
         tool: format!("mapsnap-hook {}", env!("CARGO_PKG_VERSION")),
@@ -240,9 +264,72 @@ pub fn write_snapshot(
     };
     let opts = DumpOptions {
         skip_unsupported: false,
-        threads: 1,
+        threads: mode.threads.max(1),
         ..DumpOptions::default()
     };
+    write_dest(dest, overwrite, container_id, storage, mode.sync, |w| {
+        let (_, report) = dump(maps, w, &info, &opts, &NoProgress)?;
+        Ok((info.clone(), report))
+    })
+}
+
+/// Copies a finished snapshot file (written inside CRIU's freeze) to `dest`, with the storage
+/// manifest beside it written last. The file is verified first and copied through a check of
+/// that digest, so only the bytes verified reach `dest`.
+pub fn copy_snapshot(
+    spool: File,
+    dest: &Resolved,
+    overwrite: bool,
+    container_id: &str,
+    storage: &StorageConfig,
+) -> Result<Written> {
+    let file = Arc::new(spool);
+    let reader = || PosReader {
+        file: file.clone(),
+        pos: 0,
+    };
+    let summary = verify(reader()).map_err(|e| HookError::Snapshot {
+        location: "the spooled snapshot".into(),
+        source: e,
+    })?;
+    let report = DumpReport {
+        maps: summary
+            .maps
+            .iter()
+            .map(|(m, entries)| mapsnap::dump::DumpedMap {
+                name: m.name.clone(),
+                map_type: m.type_name(),
+                source_id: m.source_id,
+                pin_path: m.pin_path.clone(),
+                entries: *entries,
+                bytes: entries * (m.key_len() + m.value_len()) as u64,
+                inner: m.inner,
+            })
+            .collect(),
+        skipped: Vec::new(),
+        digest: summary.digest.clone(),
+    };
+    write_dest(dest, overwrite, container_id, storage, true, |w| {
+        let mut checked = DigestCheck::new(
+            reader(),
+            "the spooled snapshot",
+            summary.digest.sha256,
+            summary.digest.bytes,
+        );
+        std::io::copy(&mut checked, w).map_err(|e| HookError::io("copying the snapshot", e))?;
+        Ok((summary.info.clone(), report))
+    })
+}
+
+/// Writes a snapshot that `produce` streams into `dest`, then the storage manifest beside it.
+fn write_dest(
+    dest: &Resolved,
+    overwrite: bool,
+    container_id: &str,
+    storage: &StorageConfig,
+    sync: bool,
+    produce: impl FnOnce(&mut dyn Write) -> Result<(SnapshotInfo, DumpReport)>,
+) -> Result<Written> {
     let msource = ManifestSource {
         container_id: Some(container_id.to_string()),
         ..ManifestSource::default()
@@ -250,8 +337,8 @@ pub fn write_snapshot(
     match dest {
         Resolved::Remote(u) => {
             let target = Storage::open(Location::parse(u)?, storage)?;
-            let writer = target.writer(overwrite)?;
-            let (writer, report) = dump(maps, writer, &info, &opts, &NoProgress)?;
+            let mut writer = target.writer(overwrite)?;
+            let (info, report) = produce(&mut writer)?;
             writer.commit()?;
             let manifest = Manifest::new(target.name(), &info, &report, msource);
             target.write_manifest(&manifest)?;
@@ -267,19 +354,18 @@ pub fn write_snapshot(
                 HookError::refused(format!("snapshot {shown}"), "it names no file")
             })?;
             let d = dir.create_dir_all(&parent, 0o750).map_err(anchor_err)?;
-            let mut report = None;
-            write_file_at(&d, leaf, overwrite, |w| {
-                let (_, r) = dump(maps, &mut *w, &info, &opts, &NoProgress)?;
-                report = Some(r);
+            let mut done = None;
+            write_file_at(&d, leaf, overwrite, sync, |w| {
+                done = Some(produce(w)?);
                 Ok(())
             })?;
-            let report =
-                report.ok_or_else(|| HookError::Other("the dump wrote no report".into()))?;
+            let (info, report) =
+                done.ok_or_else(|| HookError::Other("the dump wrote no report".into()))?;
             let manifest = Manifest::new(shown, &info, &report, msource);
             let text = serde_json::to_vec_pretty(&manifest)
                 .map_err(|e| HookError::Other(format!("encoding the manifest: {e}")))?;
             let mname = format!("{leaf}{}", mapsnap::storage::MANIFEST_SUFFIX);
-            write_file_at(&d, &mname, true, |w| {
+            write_file_at(&d, &mname, true, sync, |w| {
                 w.write_all(&text)
                     .map_err(|e| HookError::io("writing the manifest", e))
             })?;

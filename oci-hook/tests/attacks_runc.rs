@@ -84,6 +84,7 @@ fn post_dump_leaves_non_opted_in_containers_alone_and_refuses_stale_manifests() 
     );
     // 2. The image directory is reused and holds an earlier checkpoint's manifest.
     let stale = mapsnap_hook::manifest::CheckpointManifest {
+        finished_later: None,
         version: mapsnap_hook::manifest::MANIFEST_VERSION,
         container_id: format!("{}-plain", b.tag),
         created: "2020-01-01T00:00:00Z".into(),

@@ -1,0 +1,251 @@
+//! Finishing a checkpoint's snapshot after CRIU released the tasks (docs/ARCHITECTURE.md,
+//! "Checkpoint freeze").
+//!
+//! Post-dump runs while the container is frozen, so it does only what must happen there and
+//! hands the rest to a detached `mapsnap-hook criu-finish` process: copying the snapshot read
+//! inside the freeze (the spool) to its destination, or, in the `after` mode, reading the maps
+//! themselves through the fds post-dump opened. That process writes the storage manifest
+//! beside the snapshot last; a restore waits for it ([`wait_finished`]) and takes the
+//! snapshot only when its digest matches and its source names the checkpoint's nonce.
+
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use mapsnap::anchor::{Anchor, RelPath};
+use mapsnap::discover::Found;
+use mapsnap::storage::{Location, MANIFEST_SUFFIX, Manifest, Storage, StorageConfig};
+use mapsnap::sys::Map;
+use serde::{Deserialize, Serialize};
+
+use crate::config::NodeConfig;
+use crate::error::{HookError, Result};
+use crate::location::{self, Resolved};
+use crate::manifest::{FinishedLater, nonce_marker};
+use crate::snapshot::{self, WriteMode};
+
+/// The hidden subcommand the detached finisher runs as (its job comes on stdin).
+pub const FINISH_SUBCOMMAND: &str = "criu-finish";
+
+/// The largest job read from stdin.
+const MAX_JOB: u64 = 1 << 20;
+
+/// What the detached process finishes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FinishJob {
+    pub container_id: String,
+    /// The destination as the node agent's request or the annotation named it (checked by
+    /// post-dump; resolved again with [`location::from_request`]).
+    pub dest: String,
+    /// `frozen`: the snapshot file written inside the freeze, to copy to `dest`.
+    #[serde(default)]
+    pub spool: Option<PathBuf>,
+    /// `after`: the maps to read, as fds this process inherited.
+    #[serde(default)]
+    pub maps: Vec<JobMap>,
+    /// The snapshot's INFO source (with the nonce).
+    pub source: String,
+}
+
+/// One map handed over by fd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobMap {
+    pub fd: RawFd,
+    /// Kernel map id post-dump saw behind `fd` (checked again).
+    pub id: u32,
+    pub pin: Option<String>,
+}
+
+/// Where post-dump spools a snapshot read inside the freeze: a directory of the node's state
+/// directory only root reads.
+pub fn spool_dir(cfg: &NodeConfig) -> Result<Anchor> {
+    let dir = cfg.hook.state_dir.join("spool");
+    std::fs::create_dir_all(&dir).map_err(|e| HookError::io("creating the spool directory", e))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+    }
+    Ok(Anchor::open_trusted(&dir, "the spool directory")?)
+}
+
+/// The spool file's name for a checkpoint nonce (bpffs rules do not apply: a plain file).
+pub fn spool_name(nonce: &str) -> String {
+    format!("checkpoint-{nonce}.mapsnap")
+}
+
+/// Starts `mapsnap-hook criu-finish` detached from CRIU (own session, no stdio: CRIU waits
+/// for the action script only), with `keep` inherited (map fds of the `after` mode) and the
+/// job on its stdin. Returns its pid.
+pub fn spawn(job: &FinishJob, keep: &[RawFd], config: Option<&Path>) -> Result<u32> {
+    use std::io::Write;
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe()
+        .map_err(|e| HookError::io("finding this binary for the finisher", e))?;
+    let mut cmd = std::process::Command::new(exe);
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    cmd.arg(FINISH_SUBCOMMAND)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let keep = keep.to_vec();
+    // SAFETY: setsid and fcntl are async-signal-safe; the closure allocates nothing (the
+    // vector was built before fork and is only read).
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            for &fd in &keep {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| HookError::io("starting the snapshot finisher", e))?;
+    let text = serde_json::to_vec(job)
+        .map_err(|e| HookError::Other(format!("encoding the finisher's job: {e}")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(&text)
+            .map_err(|e| HookError::io("handing the job to the snapshot finisher", e))?;
+    }
+    Ok(child.id())
+}
+
+/// Reads the job from stdin (bounded).
+pub fn read_job(r: impl std::io::Read) -> Result<FinishJob> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    r.take(MAX_JOB + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| HookError::io("reading the finisher's job", e))?;
+    if bytes.len() as u64 > MAX_JOB {
+        return Err(HookError::Other("the finisher's job is too large".into()));
+    }
+    serde_json::from_slice(&bytes)
+        .map_err(|e| HookError::Other(format!("the finisher's job is not valid: {e}")))
+}
+
+/// Does the job: copies the spool, or reads the inherited maps, to the destination.
+pub fn run(job: &FinishJob, cfg: &NodeConfig) -> Result<String> {
+    crate::manifest::check_id(&job.container_id)?;
+    let dest = location::from_request(&job.dest, &cfg.hook, true)?;
+    if let Some(spool) = &job.spool {
+        let file = std::fs::File::open(spool)
+            .map_err(|e| HookError::io(format!("opening the spool {}", spool.display()), e))?;
+        let r = snapshot::copy_snapshot(file, &dest, true, &job.container_id, &cfg.storage);
+        // The spool is only ever read once: a failed copy is not retried from it.
+        let _ = std::fs::remove_file(spool);
+        let w = r?;
+        return Ok(format!(
+            "copied the snapshot read inside the freeze to {} ({} bytes, sha256 {})",
+            w.location, w.size, w.sha256
+        ));
+    }
+    let mut maps = Vec::new();
+    for m in &job.maps {
+        if m.fd < 3 {
+            return Err(HookError::Other(format!("map fd {} is not a map", m.fd)));
+        }
+        // SAFETY: post-dump opened this fd and cleared its close-on-exec flag for this
+        // process only; nothing else here owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(m.fd) };
+        let map = Map::from_fd(fd).map_err(mapsnap::Error::from)?;
+        let f = Found::from_map(map, m.pin.clone()).map_err(mapsnap::Error::from)?;
+        if f.info.id != m.id {
+            return Err(HookError::Other(format!(
+                "fd {} holds map {}, not map {}",
+                m.fd, f.info.id, m.id
+            )));
+        }
+        maps.push(f);
+    }
+    let mode = WriteMode {
+        threads: cfg.hook.checkpoint_readers,
+        sync: true,
+    };
+    let w = snapshot::write_snapshot(
+        &maps,
+        &dest,
+        true,
+        &job.source,
+        &job.container_id,
+        &cfg.storage,
+        mode,
+    )?;
+    Ok(format!(
+        "read {} pinned maps after the freeze into {} ({} bytes, sha256 {})",
+        maps.len(),
+        w.location,
+        w.size,
+        w.sha256
+    ))
+}
+
+/// The storage manifest beside `res`, None while there is none.
+fn storage_manifest(res: &Resolved, storage: &StorageConfig) -> Result<Option<Manifest>> {
+    match res {
+        Resolved::Remote(u) => Ok(Storage::open(Location::parse(u)?, storage)?.read_manifest()?),
+        Resolved::File { dir, rel, .. } => {
+            let name = format!("{rel}{MANIFEST_SUFFIX}");
+            let mrel = RelPath::parse(&name).map_err(|e| HookError::Other(e.to_string()))?;
+            match dir.read_file(&mrel, crate::manifest::MAX_MANIFEST_SIZE) {
+                Ok(b) => Manifest::from_json(&b)
+                    .map(Some)
+                    .map_err(|e| HookError::Other(format!("{name}: {e}"))),
+                Err(e) if e.is_not_found() => Ok(None),
+                Err(e) => Err(e.into()),
+            }
+        }
+    }
+}
+
+/// Waits (until `deadline`) for the snapshot a detached process finishes: its storage
+/// manifest must name `later`'s nonce and, when the checkpoint manifest recorded them
+/// (`frozen`), the same digest and size. Returns the SHA-256 and size to check the snapshot
+/// against while it is read.
+pub fn wait_finished(
+    res: &Resolved,
+    later: &FinishedLater,
+    recorded: Option<([u8; 32], u64)>,
+    storage: &StorageConfig,
+    deadline: Instant,
+) -> Result<([u8; 32], u64)> {
+    let marker = nonce_marker(&later.nonce);
+    let mut last = "its storage manifest is not there yet".to_string();
+    loop {
+        match storage_manifest(res, storage) {
+            Ok(Some(m)) if m.source.selection.contains(&marker) => {
+                let sha = crate::manifest::sha256_of_hex(&m.sha256).ok_or_else(|| {
+                    HookError::refused(
+                        format!("snapshot {res}"),
+                        "its storage manifest has no valid sha256",
+                    )
+                })?;
+                if let Some(r) = recorded
+                    && r != (sha, m.size)
+                {
+                    return Err(HookError::refused(
+                        format!("snapshot {res}"),
+                        "its storage manifest and the checkpoint's disagree on its digest",
+                    ));
+                }
+                return Ok((sha, m.size));
+            }
+            Ok(Some(_)) => last = "its storage manifest belongs to another checkpoint".into(),
+            Ok(None) => {}
+            Err(e) => last = e.to_string(),
+        }
+        if Instant::now() >= deadline {
+            return Err(HookError::Other(format!(
+                "the snapshot {res} of this checkpoint was not finished in time ({last}); it is \
+                 written after the checkpoint by a detached process of the source node"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
