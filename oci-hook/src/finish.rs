@@ -249,3 +249,110 @@ pub fn wait_finished(
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use mapsnap::storage::{ManifestSource, StorageConfig};
+
+    use super::*;
+
+    fn storage_manifest_text(sha: &str, size: u64, selection: &str) -> String {
+        let m = Manifest {
+            manifest_version: 1,
+            format_version: 1,
+            snapshot: "/base/x.mapsnap".into(),
+            sha256: sha.into(),
+            size,
+            created: "2026-01-01T00:00:00Z".into(),
+            created_unix: 0,
+            tool: "test".into(),
+            source: ManifestSource {
+                selection: selection.into(),
+                ..ManifestSource::default()
+            },
+            maps: Vec::new(),
+            skipped: Vec::new(),
+        };
+        String::from_utf8(m.to_json()).expect("utf-8")
+    }
+
+    fn later(nonce: &str) -> FinishedLater {
+        FinishedLater {
+            read: "frozen".into(),
+            nonce: nonce.into(),
+        }
+    }
+
+    #[test]
+    fn a_restore_takes_only_the_finished_snapshot_of_its_own_checkpoint() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let res = Resolved::File {
+            dir: Arc::new(Anchor::open_trusted(dir.path(), "test").expect("anchor")),
+            rel: RelPath::parse("x.mapsnap").expect("rel"),
+            shown: "/base/x.mapsnap".into(),
+        };
+        let st = StorageConfig::default();
+        let soon = || Instant::now() + Duration::from_millis(300);
+        let sha = "ab".repeat(32);
+        let sha_bytes = [0xab; 32];
+        // Not finished yet: no storage manifest.
+        let e = wait_finished(&res, &later("n1"), None, &st, soon()).expect_err("missing");
+        assert!(e.to_string().contains("not finished in time"), "{e}");
+        // Another checkpoint's snapshot at the same place.
+        let mpath = dir.path().join("x.mapsnap.manifest.json");
+        std::fs::write(&mpath, storage_manifest_text(&sha, 10, "checkpoint n0")).expect("w");
+        let e = wait_finished(&res, &later("n1"), None, &st, soon()).expect_err("other");
+        assert!(e.to_string().contains("another checkpoint"), "{e}");
+        // Finished, this checkpoint's: its digest and size.
+        let sel = format!("container:c (checkpoint post-dump; {})", nonce_marker("n1"));
+        std::fs::write(&mpath, storage_manifest_text(&sha, 10, &sel)).expect("w");
+        let got = wait_finished(&res, &later("n1"), None, &st, soon()).expect("finished");
+        assert_eq!(got, (sha_bytes, 10));
+        // The digest recorded inside the freeze must agree.
+        assert_eq!(
+            wait_finished(&res, &later("n1"), Some((sha_bytes, 10)), &st, soon()).expect("same"),
+            (sha_bytes, 10)
+        );
+        let e = wait_finished(&res, &later("n1"), Some(([0xcd; 32], 10)), &st, soon())
+            .expect_err("differs");
+        assert!(e.to_string().contains("disagree"), "{e}");
+        // It appears while the restore waits.
+        std::fs::remove_file(&mpath).expect("rm");
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(250));
+            std::fs::write(&mpath, storage_manifest_text(&sha, 10, &sel)).expect("w");
+        });
+        let got = wait_finished(
+            &res,
+            &later("n1"),
+            None,
+            &st,
+            Instant::now() + Duration::from_secs(5),
+        )
+        .expect("finished while waiting");
+        assert_eq!(got, (sha_bytes, 10));
+        writer.join().expect("writer");
+    }
+
+    #[test]
+    fn jobs_round_trip_and_oversized_ones_are_refused() {
+        let job = FinishJob {
+            container_id: "c1".into(),
+            dest: "s3://b/k.mapsnap".into(),
+            spool: None,
+            maps: vec![JobMap {
+                fd: 5,
+                id: 42,
+                pin: Some("sys/fs/bpf/m".into()),
+            }],
+            source: "container:c1".into(),
+        };
+        let text = serde_json::to_vec(&job).expect("json");
+        assert_eq!(read_job(&text[..]).expect("parses"), job);
+        let big = vec![b' '; (MAX_JOB + 2) as usize];
+        assert!(read_job(&big[..]).is_err());
+        assert!(read_job(&b"{}"[..]).is_err());
+    }
+}

@@ -511,15 +511,7 @@ fn take_snapshot(
 ) -> Result<snapshot::Written> {
     let (maps, _links) = snapshot::collect_pins(&ctr.mounts, &ctr.annotations.maps)?;
     let source = pins_source(ctr, why);
-    let w = snapshot::write_snapshot(
-        &maps,
-        dest,
-        overwrite,
-        &source,
-        &ctr.id,
-        &cfg.storage,
-        mode,
-    )?;
+    let w = snapshot::write_snapshot(&maps, dest, overwrite, &source, &ctr.id, &cfg.storage, mode)?;
     for m in w.report.maps.iter().filter(|m| !m.inner).take(64) {
         tracing::info!(
             map = m.name,
@@ -681,6 +673,21 @@ pub fn criu_container(
         }
     };
     Ok(CriuTarget { container: rc, ctr })
+}
+
+/// Whether the image directory already holds the manifest of the dump running now (same
+/// init pid, start time and `pstree.img`): the second run of post-dump has nothing to do.
+pub fn post_dump_done(env: &CriuEnv) -> bool {
+    let (Some(pid), Some(path)) = (env.init_pid, env.image_dir.as_deref()) else {
+        return false;
+    };
+    let Ok(dir) = Anchor::open_trusted(path, "the CRIU image directory") else {
+        return false;
+    };
+    let Some(stamp) = manifest::DumpStamp::current(pid, &dir) else {
+        return false;
+    };
+    matches!(CheckpointManifest::read_at(&dir), Ok(Some(m)) if m.dump.as_ref() == Some(&stamp))
 }
 
 /// Whether post-dump acts on this container: it carries a `mapsnap.io/` annotation or the

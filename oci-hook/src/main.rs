@@ -401,6 +401,11 @@ fn run_criu(cfg: NodeConfig) -> End {
 }
 
 fn criu_in_span(env: CriuEnv, cfg: NodeConfig, tolerate_flag: &AtomicBool) -> End {
+    // runc has CRIU run every action twice, inside the freeze: the second post-dump of a dump
+    // that has its manifest returns before looking the container up.
+    if flows::post_dump_done(&env) {
+        return End::Ok("the manifest of this dump is already in the image directory".into());
+    }
     let ancestors = mapsnap_hook::container::ancestors();
     let target = match flows::criu_container(&env, &cfg, &ancestors) {
         Ok(t) => t,
@@ -472,13 +477,20 @@ fn peak_rss_kib() -> u64 {
 /// container).
 fn log_end(end: &End, what: &str) {
     let rss = peak_rss_kib();
+    let ms = STARTED
+        .get()
+        .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
     match end {
-        End::Ok(msg) if !msg.is_empty() => tracing::info!(peak_rss_kib = rss, "{what}: {msg}"),
-        End::Ok(_) => {}
-        End::Tolerated(msg) => {
-            tracing::error!(peak_rss_kib = rss, "{what}: {msg} (not failing the runtime)")
+        End::Ok(msg) if !msg.is_empty() => {
+            tracing::info!(peak_rss_kib = rss, elapsed_ms = ms, "{what}: {msg}")
         }
-        End::Fail(msg) => tracing::error!(peak_rss_kib = rss, "{what}: {msg}"),
+        End::Ok(_) => {}
+        End::Tolerated(msg) => tracing::error!(
+            peak_rss_kib = rss,
+            elapsed_ms = ms,
+            "{what}: {msg} (not failing the runtime)"
+        ),
+        End::Fail(msg) => tracing::error!(peak_rss_kib = rss, elapsed_ms = ms, "{what}: {msg}"),
     }
 }
 
@@ -497,7 +509,11 @@ fn finish(end: End, what: &str) -> std::process::ExitCode {
     }
 }
 
+/// When this process started its work (for the log's `elapsed_ms`).
+static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
 fn main() -> std::process::ExitCode {
+    let _ = STARTED.set(Instant::now());
     // CRIU runs `action-script PATH` through `sh -c PATH` with no arguments.
     let bare_criu =
         std::env::args_os().len() == 1 && std::env::var_os("CRTOOLS_SCRIPT_ACTION").is_some();
