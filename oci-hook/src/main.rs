@@ -436,7 +436,7 @@ fn run_finish(cfg: NodeConfig) -> End {
     let budget = cfg.hook.wait_timeout + cfg.hook.deadline;
     // The checkpoint itself succeeded long ago: nothing here can fail it any more.
     with_deadline(budget, Arc::new(AtomicBool::new(false)), move || {
-        let end = match mapsnap_hook::finish::read_job(std::io::stdin().lock()) {
+        match mapsnap_hook::finish::read_job(std::io::stdin().lock()) {
             Ok(job) => {
                 let span = tracing::info_span!("criu-finish", container = job.container_id);
                 let _g = span.enter();
@@ -448,8 +448,7 @@ fn run_finish(cfg: NodeConfig) -> End {
                 end
             }
             Err(e) => End::Fail(e.to_string()),
-        };
-        end
+        }
     })
 }
 

@@ -307,7 +307,7 @@ pub fn copy_snapshot(
             })
             .collect(),
         skipped: Vec::new(),
-        digest: summary.digest.clone(),
+        digest: summary.digest,
     };
     write_dest(dest, overwrite, container_id, storage, true, |w| {
         let mut checked = DigestCheck::new(
