@@ -5,6 +5,8 @@
 #   make lint    rustfmt check + clippy (warnings are errors)
 #   make test    deps + lint + every test (kernel tests need root)
 #   make bench   the benchmark of docs/PERFORMANCE.md (BENCH_ARGS=--quick for a smoke run)
+#   make bench-downtime  checkpoint/restore downtime with Podman + runc + CRIU, with and
+#                without mapsnap (docs/PERFORMANCE.md; BENCH_ARGS=--quick for a smoke run)
 #   make demo    deps + build + scripts/demo.sh (pinned maps -> dump -> restore -> diff)
 #   make fuzz    every cargo-fuzz target for FUZZ_SECONDS each (default 600); fuzz-smoke: 20 s
 #   make clean   cargo clean, demo/test leftovers in bpffs and /tmp
@@ -24,7 +26,7 @@ MAPSNAP ?= $(TARGET_DIR)/release/mapsnap
 
 export RUST_BACKTRACE ?= 1
 
-.PHONY: deps build lint fmt-check clippy test test-only demo bench clean fuzz fuzz-smoke
+.PHONY: deps build lint fmt-check clippy test test-only demo bench bench-downtime clean fuzz fuzz-smoke
 
 deps:
 	bash scripts/install-deps.sh
@@ -78,6 +80,11 @@ fuzz-smoke:
 # The full benchmark table of docs/PERFORMANCE.md (several minutes; root).
 bench: deps build
 	python3 bench/bench.py --mapsnap "$(MAPSNAP)" $(BENCH_ARGS)
+
+# Podman + runc + CRIU with the hook and the plugin installed under a private root (root; tens
+# of minutes). Builds what it runs (release hook and plugin, the C workload and anchor).
+bench-downtime: deps
+	python3 bench/downtime.py $(BENCH_ARGS)
 
 demo: deps build
 	MAPSNAP="$(MAPSNAP)" bash scripts/demo.sh
