@@ -236,6 +236,79 @@ fn cli_snapshots_interoperate_with_minisign_and_age() {
     let o = mapsnap(&["verify", s(&aged)]);
     assert_eq!(o.status.code(), Some(9), "{}", text(&o));
     assert!(error_line(&o).contains("--identity"));
+
+    // diff and inspect take the same flags: the signed + encrypted snapshot against the plain
+    // one (same maps: no differences), and its manifest, vouched for by the signature.
+    let o = ok(mapsnap(
+        &[&["diff", s(&snap), s(&plain_snap)][..], &open[..]].concat(),
+    ));
+    assert!(text(&o).contains("no differences"), "{}", text(&o));
+    let o = mapsnap(&["diff", s(&snap), s(&plain_snap), "--trust", s(&k.public)]);
+    assert_eq!(
+        o.status.code(),
+        Some(9),
+        "encrypted without identity: {}",
+        text(&o)
+    );
+    let o = ok(mapsnap(&[
+        "inspect",
+        s(&snap),
+        "--manifest",
+        "--trust",
+        s(&k.public),
+    ]));
+    assert!(text(&o).contains("\"counters\""), "{}", text(&o));
+    // minisign -S's own comment does not name the manifest: not vouched for.
+    let o = mapsnap(&[
+        "inspect",
+        s(&plain_snap),
+        "--manifest",
+        "--trust",
+        s(&k.public),
+    ]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(error_line(&o).contains("does not name the manifest"));
+
+    // A password-protected key: keygen and dump take the password from a file or the
+    // environment, never from an argument; a wrong one is exit 9.
+    let pw = d.join("pw");
+    fs::write(&pw, "correct horse\n").expect("write");
+    let locked = d.join("locked");
+    ok(mapsnap(&[
+        "keygen",
+        "--out",
+        s(&locked),
+        "--password-file",
+        s(&pw),
+    ]));
+    let signed = d.join("d.mapsnap");
+    let lk = sibling(&locked, ".key");
+    let o = mapsnap(&["dump", "--pin", s(&src), "-o", s(&signed), "--sign", s(&lk)]);
+    assert_eq!(o.status.code(), Some(9), "no password: {}", text(&o));
+    assert!(!signed.exists(), "nothing written");
+    let o = storage_common::mapsnap(
+        &["dump", "--pin", s(&src), "-o", s(&signed), "--sign", s(&lk)],
+        &[("MAPSNAP_KEY_PASSWORD".into(), "wrong".into())],
+    );
+    assert_eq!(o.status.code(), Some(9), "wrong password: {}", text(&o));
+    ok(mapsnap(&[
+        "dump",
+        "--pin",
+        s(&src),
+        "-o",
+        s(&signed),
+        "--sign",
+        s(&lk),
+        "--password-file",
+        s(&pw),
+    ]));
+    tool(Command::new("minisign").args([
+        "-V",
+        "-p",
+        s(&sibling(&locked, ".pub")),
+        "-m",
+        s(&signed),
+    ]));
 }
 
 #[test]
