@@ -14,9 +14,11 @@ use std::hint::black_box;
 use std::io::{self, Write};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use mapsnap::format::{SnapshotWriter, WriterOptions, verify};
+use mapsnap::format::{SnapshotWriter, StreamDigest, WriterOptions, verify};
 use mapsnap::model::{MapMeta, SnapshotInfo, map_type};
-use mapsnap::trust::{self, Identities, Recipient, SigningWriter, TrustSet};
+use mapsnap::trust::{
+    self, Identities, OpenPolicy, Recipient, SealPolicy, SigningWriter, TrustSet,
+};
 
 const N: usize = 1_000_000;
 
@@ -42,6 +44,10 @@ fn data() -> Data {
 }
 
 fn write_snapshot<W: Write>(w: W, d: &Data) -> W {
+    write_snapshot_digest(w, d).0
+}
+
+fn write_snapshot_digest<W: Write>(w: W, d: &Data) -> (W, StreamDigest) {
     let meta = MapMeta {
         map_type: map_type::HASH,
         name: "bench".into(),
@@ -73,7 +79,7 @@ fn write_snapshot<W: Write>(w: W, d: &Data) -> W {
         .expect("entries");
     }
     sw.end_map().expect("end");
-    sw.finish().expect("finish").0
+    sw.finish().expect("finish")
 }
 
 fn trust_bench(c: &mut Criterion) {
@@ -129,6 +135,50 @@ fn trust_bench(c: &mut Criterion) {
                     .expect("sign")
                     .1,
             )
+        })
+    });
+    // The API the commands use: SealPolicy (BLAKE2b on a helper thread, the writer's own
+    // SHA-256 reused for plaintext) and OpenPolicy (signature checked before the last byte).
+    let seal_policy = SealPolicy::new(Some(kp.secret.clone()), vec![recipient.clone()]);
+    g.bench_function("dump sealed (SealPolicy)", |b| {
+        b.iter(|| {
+            let w = seal_policy.seal(io::sink()).expect("seal");
+            let (w, digest) = write_snapshot_digest(w, &d);
+            let (_, sealed) = w.finish(&digest).expect("finish");
+            black_box(sealed.sign(Some(b"manifest")).expect("sign"))
+        })
+    });
+    let (sealed_ct, sealed_sig) = {
+        let w = seal_policy.seal(Vec::new()).expect("seal");
+        let (w, digest) = write_snapshot_digest(w, &d);
+        let (ct, sealed) = w.finish(&digest).expect("finish");
+        let sig = sealed
+            .sign(Some(b"manifest"))
+            .expect("sign")
+            .expect("signed");
+        (ct, sig.signature)
+    };
+    let mut open_ids = Identities::new();
+    open_ids
+        .add_bytes(
+            age::secrecy::ExposeSecret::expose_secret(&id.to_string()).as_bytes(),
+            "bench identity",
+        )
+        .expect("identity");
+    let open_policy = OpenPolicy::new(Some(set.clone()), open_ids);
+    g.bench_function("read opened (OpenPolicy)", |b| {
+        b.iter(|| {
+            let admitted = open_policy
+                .admit(
+                    "bench",
+                    Some(&sealed_sig),
+                    Some(b"manifest"),
+                    Some(sealed_ct.len() as u64),
+                )
+                .expect("admit");
+            let mut r = admitted.reader(sealed_ct.as_slice()).expect("reader");
+            let summary = verify(&mut r).expect("verify");
+            black_box((summary, r.finish().expect("verified")))
         })
     });
     g.bench_function("read plain", |b| {

@@ -596,3 +596,17 @@ fn recipients_from_args_and_files() {
     let e = Recipient::parse_args(&["@/nonexistent/recipients"]).expect_err("missing file");
     assert!(e.to_string().contains("/nonexistent/recipients"), "{e}");
 }
+
+#[test]
+fn policies_and_streams_cross_threads() {
+    // The hook and the plugin hand readers and writers to other threads and keep policies
+    // in shared state.
+    fn send<T: Send>() {}
+    fn share<T: Send + Sync>() {}
+    share::<SealPolicy>();
+    share::<OpenPolicy>();
+    share::<Admitted>();
+    send::<SealWriter<Box<dyn std::io::Write + Send>>>();
+    send::<Sealed>();
+    send::<OpenReader<Box<dyn std::io::Read + Send>>>();
+}
