@@ -277,6 +277,8 @@ pub enum Cmd {
         members: convert::MemberArgs,
         #[command(flatten)]
         limits: LimitArgs,
+        #[command(flatten)]
+        open: trust::OpenArgs,
     },
     /// Show a snapshot's metadata, and with --entries its entries typed by BTF.
     Inspect {
@@ -814,12 +816,22 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
             dry_run,
             members,
             limits,
+            open,
         } => {
             let limits = limits.limits();
+            let policy = open.policy()?;
             let src = locations.open(&snapshot)?;
             check_size(&src, &limits)?;
-            let (manifest, _) = manifest_of(&src)?;
-            let read = || checked_reader(&src, None, manifest.as_ref());
+            let (manifest, manifest_bytes) = manifest_of(&src)?;
+            let admitted = trust::admit(&src, &policy, manifest_bytes.as_deref())?;
+            let read = || -> anyhow::Result<Box<dyn Read>> {
+                Ok(Box::new(open_snapshot(
+                    &src,
+                    None,
+                    manifest.as_ref(),
+                    &admitted,
+                )?))
+            };
             let out = output.unwrap_or_default();
             convert::run_convert(
                 &read,
