@@ -9,13 +9,21 @@
 //! max_snapshot_bytes = "4GiB"    # MAPSNAP_CRIU_MAX_SNAPSHOT_BYTES
 //! max_index_bytes = "16MiB"      # MAPSNAP_CRIU_MAX_INDEX_BYTES
 //! cpu_mismatch = "refuse"        # MAPSNAP_CPU_MISMATCH: "refuse" or "fit"
+//! # Signed per-map snapshots (files only the administrator controls; no environment override):
+//! trust_keys = ["/etc/mapsnap/trust"]            # minisign .pub files or directories of them
+//! signing_key = "/etc/mapsnap/signing/mapsnap.key"  # password-less minisign secret key
 //! ```
+//!
+//! With `trust_keys`, a restore refuses a per-map snapshot that is unsigned, signed by a key
+//! outside the set or altered, before any map is created; with `signing_key`, every per-map
+//! snapshot a dump writes gets a signature beside it (`mapsnap-map-<id>.snap.minisig`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mapsnap::restore::{CpuPolicy, RestoreOptions};
 use mapsnap::storage::{format_duration, parse_duration, parse_size};
+use mapsnap::trust::{SecretKey, TrustSet};
 
 use crate::error::PluginError;
 
@@ -41,6 +49,10 @@ pub struct PluginConfig {
     /// The largest index (`mapsnap-criu.json`) accepted from an image directory.
     pub max_index_bytes: u64,
     pub cpu_policy: CpuPolicy,
+    /// minisign public keys (or directories of `*.pub`) restores accept signatures from.
+    pub trust_keys: Vec<PathBuf>,
+    /// The minisign secret key dumps sign with.
+    pub signing_key: Option<PathBuf>,
 }
 
 impl Default for PluginConfig {
@@ -50,6 +62,8 @@ impl Default for PluginConfig {
             max_snapshot_bytes: 4 << 30,
             max_index_bytes: 16 << 20,
             cpu_policy: CpuPolicy::Error,
+            trust_keys: Vec::new(),
+            signing_key: None,
         }
     }
 }
@@ -61,6 +75,8 @@ struct FileConfig {
     max_snapshot_bytes: Option<toml::Value>,
     max_index_bytes: Option<toml::Value>,
     cpu_mismatch: Option<String>,
+    trust_keys: Option<Vec<String>>,
+    signing_key: Option<String>,
 }
 
 fn bad(what: &str, e: impl std::fmt::Display) -> PluginError {
@@ -113,6 +129,23 @@ impl PluginConfig {
         if let Some(c) = &f.cpu_mismatch {
             self.cpu_policy = cpu_policy(c)?;
         }
+        let absolute = |key: &str, v: &str| {
+            let p = PathBuf::from(v);
+            if p.is_absolute() {
+                Ok(p)
+            } else {
+                Err(format!("{key}: {v:?} must be an absolute path"))
+            }
+        };
+        if let Some(v) = &f.trust_keys {
+            self.trust_keys = v
+                .iter()
+                .map(|p| absolute("trust_keys", p))
+                .collect::<Result<_, _>>()?;
+        }
+        if let Some(v) = f.signing_key.as_deref().filter(|v| !v.is_empty()) {
+            self.signing_key = Some(absolute("signing_key", v)?);
+        }
         Ok(())
     }
 
@@ -142,6 +175,32 @@ impl PluginConfig {
             cpu_policy: self.cpu_policy,
             ..RestoreOptions::default()
         }
+    }
+
+    /// The keys restores accept signatures from (None: signatures are not checked).
+    pub fn trust_set(&self) -> Result<Option<TrustSet>, PluginError> {
+        if self.trust_keys.is_empty() {
+            return Ok(None);
+        }
+        TrustSet::from_paths(&self.trust_keys)
+            .map(Some)
+            .map_err(|source| PluginError::Trust {
+                what: "trust_keys".into(),
+                source,
+            })
+    }
+
+    /// The key dumps sign with (None: per-map snapshots are not signed).
+    pub fn signer(&self) -> Result<Option<SecretKey>, PluginError> {
+        let Some(p) = &self.signing_key else {
+            return Ok(None);
+        };
+        SecretKey::from_file(p, None)
+            .map(Some)
+            .map_err(|source| PluginError::Trust {
+                what: "signing_key".into(),
+                source,
+            })
     }
 
     /// For log lines: `deadline 2m, snapshots up to 4294967296 bytes`.
@@ -187,6 +246,22 @@ mod tests {
             1 << 20,
             "untouched by the environment"
         );
+    }
+
+    #[test]
+    fn trust_files() {
+        let mut c = PluginConfig::default();
+        assert!(c.trust_set().expect("none").is_none());
+        assert!(c.signer().expect("none").is_none());
+        c.apply_toml("trust_keys = [\"/etc/mapsnap/trust\"]\nsigning_key = \"/s/k.key\"\n")
+            .expect("toml");
+        assert_eq!(c.trust_keys, vec![PathBuf::from("/etc/mapsnap/trust")]);
+        assert_eq!(c.signing_key, Some(PathBuf::from("/s/k.key")));
+        // A configured key that cannot be read fails, naming the setting (never "unsigned").
+        let e = c.signer().expect_err("missing key").to_string();
+        assert!(e.contains("signing_key") && e.contains("/s/k.key"), "{e}");
+        assert!(c.apply_toml("trust_keys = [\"rel.pub\"]").is_err());
+        assert!(c.apply_toml("signing_key = \"k.key\"").is_err());
     }
 
     #[test]

@@ -24,6 +24,13 @@ pub enum PluginError {
     Anchor(#[from] mapsnap::anchor::AnchorError),
     #[error("configuration: {0}")]
     Config(String),
+    /// A key file that cannot be used, or a per-map snapshot its signature refuses.
+    #[error("{what}: {source}")]
+    Trust {
+        what: String,
+        #[source]
+        source: mapsnap::trust::TrustError,
+    },
     /// The deadline passed; `during` says what was being done (which map).
     #[error("the deadline of {} passed while {during}", mapsnap::storage::format_duration(*.limit))]
     Deadline {

@@ -333,7 +333,11 @@ fn is_ours(name: &str) -> bool {
     name == INDEX_NAME
         || name.starts_with(TMP_PREFIX)
         || name.starts_with(OLD_RECORD_PREFIX)
-        || (name.starts_with(SNAPSHOT_PREFIX) && name.ends_with(SNAPSHOT_SUFFIX))
+        || (name.starts_with(SNAPSHOT_PREFIX)
+            && (name.ends_with(SNAPSHOT_SUFFIX)
+                || name
+                    .strip_suffix(mapsnap::trust::SIGNATURE_SUFFIX)
+                    .is_some_and(|s| s.ends_with(SNAPSHOT_SUFFIX))))
 }
 
 /// Removes what an earlier dump into this directory left: first the index (so nothing of

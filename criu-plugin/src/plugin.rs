@@ -37,6 +37,7 @@ use mapsnap::progress::NoProgress;
 use mapsnap::restore::{Destination, restore};
 use mapsnap::storage::DigestCheck;
 use mapsnap::sys::{self, Map, ObjKind};
+use mapsnap::trust::{SIGNATURE_SUFFIX, SecretKey, SigningWriter, TrustError, TrustSet};
 
 use crate::config::PluginConfig;
 use crate::deadline::{Deadline, DeadlineIo};
@@ -77,6 +78,8 @@ pub struct Dumper {
     /// Set by `exit` of a failed dump: a worker still running then removes the index it
     /// writes, so a late worker cannot publish one after the dump failed.
     abandoned: Arc<AtomicBool>,
+    /// Signs every snapshot (`<snapshot>.minisig` beside it), when configured.
+    signer: Option<SecretKey>,
 }
 
 impl Dumper {
@@ -96,7 +99,14 @@ impl Dumper {
             },
             saved: HashMap::new(),
             abandoned: Arc::new(AtomicBool::new(false)),
+            signer: None,
         })
+    }
+
+    /// Signs every snapshot this dump writes with `key` (None: unsigned).
+    pub fn signing_with(mut self, key: Option<SecretKey>) -> Self {
+        self.signer = key;
+        self
     }
 
     /// The flag [`Self::dump_file`] checks after writing the index.
@@ -137,7 +147,15 @@ impl Dumper {
         let (saved, stats) = match self.saved.entry(map_id) {
             Entry::Occupied(o) => (o.get().clone(), None),
             Entry::Vacant(v) => {
-                match save_map(&self.dir, &self.index.dump_id, map_id, file_id, deadline)? {
+                let signer = self.signer.as_ref();
+                match save_map(
+                    &self.dir,
+                    &self.index.dump_id,
+                    map_id,
+                    file_id,
+                    signer,
+                    deadline,
+                )? {
                     Ok((saved, stats)) => {
                         self.index.snapshots.push(saved.record.clone());
                         (v.insert(saved).clone(), Some(stats))
@@ -201,6 +219,7 @@ fn save_map(
     dump_id: &str,
     map_id: u32,
     file_id: u32,
+    signer: Option<&SecretKey>,
     deadline: &Deadline,
 ) -> Result<Result<(SavedMap, SaveStats), DumpOutcome>, PluginError> {
     // Our own read-write fd: the process's fd may be read-only or write-only.
@@ -214,12 +233,37 @@ fn save_map(
     let name = images::snapshot_name(map_id);
     deadline.set(format!("dumping {what} into {name}"));
     let meta = snapshot_info(dump_id, map_id, file_id)?;
-    let report = images::write_atomically(dir, &name, |w| {
+    let (report, signed) = images::write_atomically(dir, &name, |w| {
         let out = DeadlineIo::new(w, deadline);
         let opts = DumpOptions::default();
-        let (_, report) = dump(std::slice::from_ref(&found), out, &meta, &opts, &NoProgress)?;
-        Ok(report)
+        let maps = std::slice::from_ref(&found);
+        let Some(key) = signer else {
+            let (_, report) = dump(maps, out, &meta, &opts, &NoProgress)?;
+            return Ok((report, None));
+        };
+        // Signed as it is written: no second pass over the snapshot.
+        let (out, report) = dump(
+            maps,
+            SigningWriter::new(out, key),
+            &meta,
+            &opts,
+            &NoProgress,
+        )?;
+        let (_, signed) = out.finish(None).map_err(|source| PluginError::Trust {
+            what: format!("signing {name}"),
+            source,
+        })?;
+        Ok((report, Some(signed)))
     })?;
+    // Before the index names the snapshot: a restore that finds it finds its signature.
+    if let Some(s) = &signed {
+        let sig_name = format!("{name}{SIGNATURE_SUFFIX}");
+        deadline.set(format!("writing {sig_name}"));
+        images::write_atomically(dir, &sig_name, |w| {
+            std::io::Write::write_all(w, &s.signature)
+                .map_err(|e| PluginError::io(format!("writing {sig_name}"), e))
+        })?;
+    }
     let stats = SaveStats {
         entries: report
             .maps
@@ -361,6 +405,7 @@ impl Restorer {
             return Ok(Self::empty());
         };
         let opts = cfg.restore_options();
+        let trust = cfg.trust_set()?;
         let prefix = source_prefix(&index.dump_id);
         let mut pending = Vec::new();
         for (&map_id, first) in &index.maps() {
@@ -375,8 +420,11 @@ impl Restorer {
             let label = label(map_id, &first.map_name, &first.map_type);
             let fail = |e: PluginError| restore_error(&label, &snapshot, e);
             deadline.set(format!("verifying {label} in {snapshot}"));
-            let summary = verify(open_snapshot(dir, &record, cfg, deadline).map_err(fail)?)
-                .map_err(|e| fail(mapsnap::Error::from(e).into()))?;
+            let stream = open_snapshot(dir, &record, cfg, deadline).map_err(fail)?;
+            let summary = match &trust {
+                None => verify(stream).map_err(|e| fail(mapsnap::Error::from(e).into()))?,
+                Some(set) => verify_signed(dir, &snapshot, stream, set).map_err(fail)?,
+            };
             let image = |reason: String| {
                 fail(PluginError::Image {
                     file: snapshot.clone(),
@@ -491,6 +539,56 @@ impl Restorer {
         )))
     }
 }
+
+/// Verifies a per-map snapshot and its signature (`<snapshot>.minisig`) in one pass: an
+/// unsigned snapshot, another key's or altered bytes are refused before any map is created.
+fn verify_signed(
+    dir: &Anchor,
+    snapshot: &str,
+    stream: SnapshotStream,
+    set: &TrustSet,
+) -> Result<VerifySummary, PluginError> {
+    let trust = |source| PluginError::Trust {
+        what: snapshot.to_string(),
+        source,
+    };
+    let sig_name = format!("{snapshot}{SIGNATURE_SUFFIX}");
+    let sig_path = mapsnap::anchor::RelPath::parse(&sig_name).map_err(|e| PluginError::Image {
+        file: sig_name.clone(),
+        reason: e.to_string(),
+    })?;
+    let sig = match dir.read_file(&sig_path, MAX_SIGNATURE_BYTES) {
+        Ok(b) => b,
+        Err(e) if e.is_not_found() => {
+            return Err(trust(TrustError::Unsigned {
+                what: format!("{snapshot} (no {sig_name})"),
+            }));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut reader = set.verifying_reader(stream, &sig).map_err(trust)?;
+    let summary = verify(&mut reader);
+    // The signature's verdict first: altered bytes are reported as such, not as the damage
+    // (a CRC error) they caused.
+    let verdict = reader.finish().map(|(_, v)| v);
+    match (summary, verdict) {
+        (Ok(s), Ok(v)) => {
+            ffi::log(
+                LogLevel::Info,
+                &format!("{snapshot}: signature by key {} verified", v.key_id),
+            );
+            Ok(s)
+        }
+        (_, Err(e @ (TrustError::DataMismatch { .. } | TrustError::FactsMismatch { .. }))) => {
+            Err(trust(e))
+        }
+        (Err(e), _) => Err(mapsnap::Error::from(e).into()),
+        (Ok(_), Err(e)) => Err(trust(e)),
+    }
+}
+
+/// The largest signature file read (a minisign signature is a few hundred bytes).
+const MAX_SIGNATURE_BYTES: u64 = 64 << 10;
 
 fn restore_one(
     dir: &Anchor,
@@ -847,7 +945,12 @@ fn dump_bounded(
         Some(d) => d.clone(),
         None => {
             let dir = ffi::criu_image_dir()?;
-            let dumper = Dumper::new(dir)?;
+            let signer = state
+                .config
+                .as_ref()
+                .map_err(|e| PluginError::Config(e.clone()))?
+                .signer()?;
+            let dumper = Dumper::new(dir)?.signing_with(signer);
             state.abandoned = dumper.abandoned_flag();
             let d = Arc::new(Mutex::new(dumper));
             state.dumper = Some(d.clone());
