@@ -23,6 +23,9 @@ pub const VERSION: &str = "v1alpha1";
 pub const FINALIZER: &str = "mapsnap.io/cleanup";
 /// Annotation on a restored pod: where mapsnap-hook restores the container's maps from.
 pub const ANNOTATION_RESTORE_FROM: &str = "mapsnap.io/restore-from";
+/// Annotations on a restored pod: timestamp members to rebase, and how (`spec.rebase`).
+pub const ANNOTATION_REBASE: &str = "mapsnap.io/rebase";
+pub const ANNOTATION_REBASE_MODE: &str = "mapsnap.io/rebase-mode";
 /// Annotation on a restored pod: the `BpfMapCheckpoint` (`<namespace>/<name>`) that made it.
 pub const ANNOTATION_CHECKPOINT: &str = "mapsnap.io/checkpoint";
 /// Label on a restored pod: the UID of the `BpfMapCheckpoint` that made it (ownership check).
@@ -91,7 +94,10 @@ pub const LABEL_RESTORED_BY: &str = "mapsnap.io/restored-by";
         .field_path(".storage"),
     validation = Rule::new("!has(self.checkpointTimeoutSeconds) || self.action != 'Restore'")
         .message("checkpointTimeoutSeconds applies to Checkpoint and Migrate only")
-        .field_path(".checkpointTimeoutSeconds")
+        .field_path(".checkpointTimeoutSeconds"),
+    validation = Rule::new("!has(self.rebase) || self.action != 'Checkpoint'")
+        .message("rebase applies to Restore and Migrate only (it acts when maps are restored)")
+        .field_path(".rebase")
 )]
 pub struct BpfMapCheckpointSpec {
     /// What to do: `Checkpoint` a running container (with its maps) into storage, `Restore` a
@@ -136,6 +142,75 @@ pub struct BpfMapCheckpointSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 10, max = 3600))]
     pub checkpoint_timeout_seconds: Option<i32>,
+
+    /// Restore and Migrate: timestamps in the restored pinned maps to move to the target
+    /// node's clocks (set on the restored pod as mapsnap-hook's `mapsnap.io/rebase` and
+    /// `mapsnap.io/rebase-mode` annotations; see docs/CONVERT.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebase: Option<Rebase>,
+}
+
+/// Clock rebasing of restored map entries.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Rebase {
+    /// Members holding timestamps, besides those the programs' BTF tags
+    /// (`mapsnap:clock=...`). With no members, only tagged members are rebased.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub members: Vec<RebaseMember>,
+    /// `PreserveRemaining` (default): the distance to "now" is what it was at dump time.
+    /// `Elapsed`: the time the snapshot spent in transit counts too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<RebaseMode>,
+}
+
+/// One timestamp member.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct RebaseMember {
+    /// Dotted member path from the value (`value.` optional) or the key (`key.`):
+    /// `value.ct.expires`.
+    #[schemars(
+        length(min = 1, max = 256),
+        regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){0,15}$")
+    )]
+    pub path: String,
+    /// The clock and unit it holds: `monotonic_ns`, `boottime_s`, `realtime_ms`, `tai_us`,
+    /// `monotonic_jiffies` or `jiffies`.
+    #[schemars(regex(
+        pattern = r"^((monotonic|boottime|realtime|tai|jiffies)_(ns|us|ms|s|jiffies)|jiffies)$"
+    ))]
+    pub clock: String,
+}
+
+/// How the time between dump and restore counts.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RebaseMode {
+    PreserveRemaining,
+    Elapsed,
+}
+
+impl RebaseMode {
+    /// The annotation's value.
+    pub fn as_annotation(self) -> &'static str {
+        match self {
+            RebaseMode::PreserveRemaining => "preserve-remaining",
+            RebaseMode::Elapsed => "elapsed",
+        }
+    }
+}
+
+impl Rebase {
+    /// The restored pod's `mapsnap.io/rebase` value (None: no members).
+    pub fn annotation(&self) -> Option<String> {
+        (!self.members.is_empty()).then(|| {
+            self.members
+                .iter()
+                .map(|m| format!("{}={}", m.path, m.clock))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+    }
 }
 
 /// The operation a `BpfMapCheckpoint` asks for.
@@ -549,6 +624,11 @@ pub struct ManifestSummary {
     pub created: String,
     #[serde(default)]
     pub maps: Vec<MapSummary>,
+    /// Key id (16 hex digits) of the minisign signature beside the snapshot, as the
+    /// signature names it: the key the source node's mapsnap-hook signed with. The restoring
+    /// node's hook checks the signature itself against its trust set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer_key_id: Option<String>,
 }
 
 /// One map in the snapshot.

@@ -201,6 +201,7 @@ pub fn new_cr(name: &str, action: CrAction) -> BpfMapCheckpoint {
             storage: None,
             retention_policy: Default::default(),
             checkpoint_timeout_seconds: None,
+            rebase: None,
         },
     );
     cr.metadata.namespace = Some(NS.into());

@@ -175,6 +175,10 @@ pub trait Blobs: Send + Sync + std::fmt::Debug {
     fn download(&self, from: &str, to: &mut dyn Write) -> Result<Digested, NodeError>;
     /// The manifest beside a snapshot, if there is one.
     fn manifest(&self, snapshot: &str) -> Result<Option<Manifest>, NodeError>;
+    /// The minisign signature beside a snapshot (`<snapshot>.minisig`), if there is one.
+    fn signature(&self, _snapshot: &str) -> Result<Option<Vec<u8>>, NodeError> {
+        Ok(None)
+    }
     /// Deletes an object and its manifest; a missing object is not an error. Returns whether
     /// something was there.
     fn delete(&self, location: &str) -> Result<bool, NodeError>;
@@ -268,9 +272,56 @@ impl Blobs for StorageBlobs {
         Ok(self.open(snapshot)?.read_manifest()?)
     }
 
+    fn signature(&self, snapshot: &str) -> Result<Option<Vec<u8>>, NodeError> {
+        let sig = self.open(&format!("{snapshot}{}", mapsnap::trust::SIGNATURE_SUFFIX))?;
+        if sig.head()?.is_none() {
+            return Ok(None);
+        }
+        let mut buf = Vec::new();
+        sig.reader(None)?
+            .take(MAX_SIGNATURE_BYTES + 1)
+            .read_to_end(&mut buf)
+            .map_err(|e| NodeError::io("cannot read", Path::new(sig.name()), e))?;
+        if buf.len() as u64 > MAX_SIGNATURE_BYTES {
+            return Err(NodeError::Refused(format!(
+                "{}: larger than {MAX_SIGNATURE_BYTES} bytes, not a signature",
+                sig.name()
+            )));
+        }
+        Ok(Some(buf))
+    }
+
     fn delete(&self, location: &str) -> Result<bool, NodeError> {
         // The snapshot and its manifest, local or remote; a missing one is not an error.
         Ok(self.open(location)?.delete()?)
+    }
+}
+
+/// The largest signature file read (a minisign signature is a few hundred bytes).
+const MAX_SIGNATURE_BYTES: u64 = 64 << 10;
+
+/// The key id a minisign signature file names (its second line: algorithm, key id,
+/// signature), as minisign prints it; None when it is not a prehashed minisign signature.
+/// Not a verification: the restoring hook verifies against its trust set.
+pub fn signature_key_id(sig: &[u8]) -> Option<String> {
+    use base64::Engine as _;
+    let line = std::str::from_utf8(sig).ok()?.lines().nth(1)?.trim();
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(line)
+        .ok()?;
+    if raw.len() != 74 || &raw[..2] != b"ED" {
+        return None;
+    }
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&raw[2..10]);
+    Some(mapsnap::trust::KeyId(id).to_string())
+}
+
+/// The manifest and the signature's key id as the status records them.
+pub fn summarize_signed(m: &Manifest, signature: Option<&[u8]>) -> ManifestSummary {
+    ManifestSummary {
+        signer_key_id: signature.and_then(signature_key_id),
+        ..summarize(m)
     }
 }
 
@@ -292,6 +343,7 @@ pub fn summarize(m: &Manifest) -> ManifestSummary {
                 bytes: clamp(x.bytes),
             })
             .collect(),
+        signer_key_id: None,
     }
 }
 
@@ -660,7 +712,13 @@ impl NodeAgent {
         }
         result.archive_sha256 = Some(digest.sha256.clone());
         result.archive_size = Some(i64::try_from(digest.size).unwrap_or(i64::MAX));
-        result.manifest = manifest.as_ref().map(summarize);
+        let signature = match &manifest {
+            Some(_) => self.blobs.signature(snapshot)?,
+            None => None,
+        };
+        result.manifest = manifest
+            .as_ref()
+            .map(|m| summarize_signed(m, signature.as_deref()));
         let maps = match manifest.as_ref() {
             Some(m) => format!("snapshot has {} maps", m.maps.len()),
             None => format!(
@@ -731,10 +789,16 @@ impl NodeAgent {
             std::thread::sleep(self.stop_poll.min(left));
         };
         check_manifest_container(manifest.as_ref(), task, stop)?;
+        let signature = match &manifest {
+            Some(_) => self.blobs.signature(stop)?,
+            None => None,
+        };
         if let Some(id) = task.container_id.as_deref() {
             self.requests_dir()?.unlink(&self.request_leaf(id)?)?;
         }
-        result.manifest = manifest.as_ref().map(summarize);
+        result.manifest = manifest
+            .as_ref()
+            .map(|m| summarize_signed(m, signature.as_deref()));
         Ok(match manifest {
             Some(m) => format!(
                 "the stop snapshot {stop} exists ({} maps, {} bytes)",

@@ -7,8 +7,9 @@ use k8s_openapi::api::core::v1::{LocalObjectReference, Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::crd::{
-    ANNOTATION_CHECKPOINT, ANNOTATION_RESTORE_FROM, BpfMapCheckpoint, LABEL_CHECKPOINT_UID,
-    LABEL_RESTORED_BY, PodTemplateCopy, SourceStatus,
+    ANNOTATION_CHECKPOINT, ANNOTATION_REBASE, ANNOTATION_REBASE_MODE, ANNOTATION_RESTORE_FROM,
+    BpfMapCheckpoint, LABEL_CHECKPOINT_UID, LABEL_RESTORED_BY, PodTemplateCopy, RebaseMode,
+    SourceStatus,
 };
 use crate::layout;
 
@@ -360,6 +361,17 @@ pub fn restored_pod(
     annotations.insert(ANNOTATION_CHECKPOINT.to_string(), cr.key());
     if let Some(s) = snapshot {
         annotations.insert(ANNOTATION_RESTORE_FROM.to_string(), s);
+    }
+    if let Some(r) = &cr.spec.rebase {
+        if let Some(members) = r.annotation() {
+            annotations.insert(ANNOTATION_REBASE.to_string(), members);
+        }
+        // A mode alone still asks the hook to rebase the members BTF tags name.
+        let mode = r.mode.unwrap_or(RebaseMode::PreserveRemaining);
+        annotations.insert(
+            ANNOTATION_REBASE_MODE.to_string(),
+            mode.as_annotation().to_string(),
+        );
     }
     Ok(Pod {
         metadata: ObjectMeta {

@@ -1522,6 +1522,52 @@ async fn a_path_as_image_is_invalid_image_name() {
     }
 }
 
+/// `spec.rebase` reaches mapsnap-hook as the restored pod's annotations, in the syntax the
+/// hook parses; without it the pod carries neither.
+#[tokio::test]
+async fn the_restored_pod_carries_the_rebase_settings() {
+    use crate::crd::{Rebase, RebaseMember, RebaseMode};
+    let h = Harness::new(new_cr("lb-restore", CrAction::Restore));
+    let mut cr = succeeded_checkpoint(&h);
+    cr.spec.target = Some(crate::crd::Target {
+        node: NODE_B.into(),
+        pod_name: None,
+    });
+    let digest = format!("{REGISTRY_REPO}@sha256:{}", "0".repeat(64));
+    let pod = pods::restored_pod(&cr, "p", NODE_B, &digest, &[]).expect("pod");
+    let a = pod.metadata.annotations.expect("annotations");
+    assert!(!a.contains_key("mapsnap.io/rebase") && !a.contains_key("mapsnap.io/rebase-mode"));
+    cr.spec.rebase = Some(Rebase {
+        members: vec![
+            RebaseMember {
+                path: "value.expires".into(),
+                clock: "monotonic_ns".into(),
+            },
+            RebaseMember {
+                path: "key.last_seen".into(),
+                clock: "boottime_s".into(),
+            },
+        ],
+        mode: Some(RebaseMode::Elapsed),
+    });
+    let pod = pods::restored_pod(&cr, "p", NODE_B, &digest, &[]).expect("pod");
+    let a = pod.metadata.annotations.expect("annotations");
+    assert_eq!(
+        a["mapsnap.io/rebase"],
+        "value.expires=monotonic_ns,key.last_seen=boottime_s"
+    );
+    assert_eq!(a["mapsnap.io/rebase-mode"], "elapsed");
+    // A mode alone: tagged members only.
+    cr.spec.rebase = Some(Rebase {
+        members: Vec::new(),
+        mode: None,
+    });
+    let pod = pods::restored_pod(&cr, "p", NODE_B, &digest, &[]).expect("pod");
+    let a = pod.metadata.annotations.expect("annotations");
+    assert!(!a.contains_key("mapsnap.io/rebase"));
+    assert_eq!(a["mapsnap.io/rebase-mode"], "preserve-remaining");
+}
+
 /// The kubelet's answer to a timeout it cannot parse (only a hand-made request sends one),
 /// from the server that answers like it, is told apart from the other 404s.
 #[tokio::test]

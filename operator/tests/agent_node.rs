@@ -171,6 +171,7 @@ fn upload_sends_the_archive_and_reads_the_manifest() {
     );
     let m = r.manifest.expect("manifest");
     assert_eq!((m.maps.len(), m.maps[0].entries, m.size), (1, 64, 4));
+    assert_eq!(m.signer_key_id, None, "no signature beside the snapshot");
     assert_eq!(std::fs::read(&dest).expect("uploaded").len(), 3 << 20);
     assert!(
         !n.paths.requests.join(format!("{ID}.json")).exists(),
@@ -180,6 +181,39 @@ fn upload_sends_the_archive_and_reads_the_manifest() {
     assert!(archive.exists());
     n.agent.after_upload(&t).expect("after upload");
     assert!(!archive.exists());
+}
+
+/// The hook signed the snapshot: the status names the key id its signature names.
+#[test]
+fn upload_records_the_signers_key_id() {
+    let n = node();
+    let archive = n.paths.checkpoints.join("checkpoint-signed.tar");
+    std::fs::write(&archive, b"archive").expect("archive");
+    let snapshot = n.store.join("edge/lb/u/maps.mapsnap");
+    write_snapshot(&snapshot, ID);
+    let pair = mapsnap::trust::keygen(None).expect("keygen");
+    let mut w = mapsnap::trust::SigningWriter::new(Vec::new(), &pair.secret);
+    std::io::Write::write_all(&mut w, b"snap").expect("sign");
+    let (_, signed) = w.finish(None).expect("finish");
+    std::fs::write(format!("{}.minisig", snapshot.display()), &signed.signature).expect("sig");
+    let mut t = task(AgentOperation::UploadArchive);
+    t.container_id = Some(ID.into());
+    t.node_archive = Some(archive.display().to_string());
+    t.archive = Some(loc(&n.store.join("edge/lb/u/checkpoint.tar")));
+    t.snapshot = Some(loc(&snapshot));
+    let r = n.agent.execute("edge/lb", UID, &t, "node-a", t0());
+    assert!(r.succeeded, "{r:?}");
+    let want = pair.public.key_id().to_string();
+    assert_eq!(want.len(), 16);
+    assert_eq!(
+        r.manifest.expect("manifest").signer_key_id.as_deref(),
+        Some(want.as_str())
+    );
+    // Not a minisign signature: no key id, never a guess.
+    assert_eq!(
+        mapsnap_operator::node::signature_key_id(b"garbage\nAAAA\n"),
+        None
+    );
 }
 
 #[test]

@@ -260,6 +260,32 @@ fn invalid_objects_are_refused_with_a_reason() {
             "out of range",
         ),
         (
+            "rebase on a Checkpoint",
+            base(
+                "Checkpoint",
+                json!({"source": pod, "rebase": {"mode": "Elapsed"}}),
+            ),
+            "rebase applies to Restore and Migrate only",
+        ),
+        (
+            "rebase with a bad clock",
+            base(
+                "Restore",
+                json!({"source": reference, "target": target,
+                       "rebase": {"members": [{"path": "value.expires", "clock": "monotonic_hours"}]}}),
+            ),
+            "does not match",
+        ),
+        (
+            "rebase with a bad path",
+            base(
+                "Restore",
+                json!({"source": reference, "target": target,
+                       "rebase": {"members": [{"path": "value..x", "clock": "tai_ns"}]}}),
+            ),
+            "does not match",
+        ),
+        (
             "bad policy",
             base(
                 "Migrate",
