@@ -102,9 +102,93 @@ pub fn install_joined(parts: &[PathBuf], to: &Path, mode: u32) -> io::Result<Str
     ))
 }
 
+/// Makes `to` hold exactly the key files of `from` (a mounted Secret: its visible regular
+/// files, links followed, Kubernetes' `..data` bookkeeping skipped): each written atomically,
+/// public keys (`*.pub`) and recipients mode 0644, everything else 0600, and files `to` held
+/// that `from` no longer has removed, so a key taken out of the Secret stops being trusted
+/// or used on the node.
+pub fn install_key_dir(from: &Path, to: &Path) -> io::Result<Vec<String>> {
+    let ctx = |what: &str, p: &Path| {
+        let p = p.display().to_string();
+        let what = what.to_string();
+        move |e: io::Error| io::Error::new(e.kind(), format!("{what} {p}: {e}"))
+    };
+    let mut names = Vec::new();
+    for e in fs::read_dir(from).map_err(ctx("reading", from))? {
+        let e = e.map_err(ctx("reading", from))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || !e.path().is_file() {
+            continue;
+        }
+        names.push(name);
+    }
+    names.sort();
+    fs::create_dir_all(to).map_err(ctx("creating", to))?;
+    fs::set_permissions(to, fs::Permissions::from_mode(0o700)).map_err(ctx("chmod", to))?;
+    let files: Vec<HostFile> = names
+        .iter()
+        .map(|n| HostFile {
+            from: from.join(n),
+            to: to.join(n),
+            mode: if n.ends_with(".pub") || n.contains("recipients") {
+                0o644
+            } else {
+                0o600
+            },
+            optional: false,
+        })
+        .collect();
+    let mut out = install(&files)?;
+    for e in fs::read_dir(to).map_err(ctx("reading", to))? {
+        let e = e.map_err(ctx("reading", to))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !names.contains(&name) && e.file_type().map(|t| t.is_file()).unwrap_or(false) {
+            fs::remove_file(e.path()).map_err(ctx("removing", &e.path()))?;
+            out.push(format!(
+                "removed {} (no longer in the Secret)",
+                e.path().display()
+            ));
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_dirs_mirror_the_secret_with_private_modes() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let secret = d.path().join("secret");
+        let data = secret.join("..2026_12_02");
+        fs::create_dir_all(&data).expect("mkdir");
+        fs::write(data.join("new.pub"), "pub").expect("write");
+        fs::write(data.join("mapsnap.key"), "secret").expect("write");
+        std::os::unix::fs::symlink("..2026_12_02", secret.join("..data")).expect("link");
+        for n in ["new.pub", "mapsnap.key"] {
+            std::os::unix::fs::symlink(format!("..data/{n}"), secret.join(n)).expect("link");
+        }
+        let to = d.path().join("host/etc/mapsnap/trust");
+        fs::create_dir_all(&to).expect("mkdir");
+        fs::write(to.join("old.pub"), "rotated out").expect("write");
+        let lines = install_key_dir(&secret, &to).expect("install");
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        let mut got: Vec<String> = fs::read_dir(&to)
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        got.sort();
+        assert_eq!(got, vec!["mapsnap.key", "new.pub"]);
+        let mode = |n: &str| fs::metadata(to.join(n)).expect("meta").permissions().mode() & 0o777;
+        assert_eq!((mode("new.pub"), mode("mapsnap.key")), (0o644, 0o600));
+        assert!(
+            !fs::symlink_metadata(to.join("new.pub"))
+                .expect("meta")
+                .file_type()
+                .is_symlink()
+        );
+    }
 
     #[test]
     fn installs_atomically_with_modes_and_skips_optional_files() {

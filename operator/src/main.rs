@@ -73,6 +73,24 @@ struct InstallArgs {
     hook_config: Option<PathBuf>,
     #[arg(long)]
     config_dest: Option<PathBuf>,
+    /// Key files to mirror onto the host, `FROM=TO` (a mounted Secret's directory and a host
+    /// directory, e.g. `/keys/trust=/host/etc/mapsnap/trust`); repeatable.
+    #[arg(long, value_parser = parse_key_dir)]
+    key_dir: Vec<(PathBuf, PathBuf)>,
+    /// The CRIU plugin's config file to install, to --criu-plugin-config-dest (mode 0600).
+    #[arg(long, requires = "criu_plugin_config_dest")]
+    criu_plugin_config: Option<PathBuf>,
+    #[arg(long)]
+    criu_plugin_config_dest: Option<PathBuf>,
+}
+
+fn parse_key_dir(v: &str) -> Result<(PathBuf, PathBuf), String> {
+    match v.split_once('=') {
+        Some((a, b)) if a.starts_with('/') && b.starts_with('/') => {
+            Ok((PathBuf::from(a), PathBuf::from(b)))
+        }
+        _ => Err(format!("{v:?}: expected /FROM=/TO (absolute directories)")),
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -387,6 +405,16 @@ async fn main() -> anyhow::Result<()> {
             if let Some(to) = a.config_dest {
                 let parts: Vec<PathBuf> = a.config.into_iter().chain(a.hook_config).collect();
                 let line = hostinstall::install_joined(&parts, &to, 0o600)
+                    .context("install-host-files")?;
+                println!("{line}");
+            }
+            for (from, to) in &a.key_dir {
+                for line in hostinstall::install_key_dir(from, to).context("install-host-files")? {
+                    println!("{line}");
+                }
+            }
+            if let (Some(from), Some(to)) = (a.criu_plugin_config, a.criu_plugin_config_dest) {
+                let line = hostinstall::install_joined(&[from], &to, 0o600)
                     .context("install-host-files")?;
                 println!("{line}");
             }

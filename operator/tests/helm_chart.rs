@@ -172,6 +172,74 @@ fn chart_renders_valid_objects_for_each_value_set() {
         "hooks dir"
     );
 
+    // No keys by default: nothing signed, nothing checked, no key Secret mounted.
+    assert!(!table.contains("trust_keys") && !table.contains("signing_key"));
+    assert!(!ds.to_string().contains("/keys/"));
+
+    // Trust keys, the signing key, the identity and the recipients come from Secrets: the
+    // install container mirrors each onto the node, and the hook's and the CRIU plugin's
+    // configs name the host files (never anything from a pod or a BpfMapCheckpoint).
+    let objs = render(
+        "trust",
+        &[
+            "trust.trustedKeysSecret=mapsnap-trusted",
+            "trust.signingKeySecret=mapsnap-signing",
+            "trust.identitySecret=mapsnap-identity",
+            "trust.recipientsSecret=mapsnap-recipients",
+        ],
+        dir.path(),
+    );
+    let hook = find(&objs, "ConfigMap", "-hook");
+    let parsed: toml::Table = hook["data"]["hook.toml"]
+        .as_str()
+        .expect("hook.toml")
+        .parse()
+        .expect("hook.toml is TOML");
+    let h = &parsed["hook"];
+    assert_eq!(h["trust_keys"][0].as_str(), Some("/etc/mapsnap/trust"));
+    assert_eq!(
+        h["signing_key"].as_str(),
+        Some("/etc/mapsnap/signing/mapsnap.key")
+    );
+    assert_eq!(
+        h["identities"][0].as_str(),
+        Some("/etc/mapsnap/identities/identity.txt")
+    );
+    assert_eq!(
+        h["recipients"][0].as_str(),
+        Some("/etc/mapsnap/recipients/recipients.txt")
+    );
+    let plugin: toml::Table = hook["data"]["criu-plugin.toml"]
+        .as_str()
+        .expect("criu-plugin.toml")
+        .parse()
+        .expect("criu-plugin.toml is TOML");
+    assert_eq!(plugin["trust_keys"][0].as_str(), Some("/etc/mapsnap/trust"));
+    assert_eq!(
+        plugin["signing_key"].as_str(),
+        Some("/etc/mapsnap/signing/mapsnap.key")
+    );
+    let ds = find(&objs, "DaemonSet", "-agent");
+    let install = args_of(ds, "install-files");
+    for dir in ["trust", "signing", "identities", "recipients"] {
+        let want = format!("--key-dir=/keys/{dir}=/host/etc/mapsnap/{dir}");
+        assert!(install.contains(&want), "{want} in {install:?}");
+    }
+    let volumes = ds["spec"]["template"]["spec"]["volumes"].to_string();
+    for secret in [
+        "mapsnap-trusted",
+        "mapsnap-signing",
+        "mapsnap-identity",
+        "mapsnap-recipients",
+    ] {
+        assert!(volumes.contains(secret), "{secret} mounted: {volumes}");
+    }
+    let agent_mounts = args_of(ds, "agent");
+    assert!(
+        !agent_mounts.iter().any(|a| a.contains("/keys/")),
+        "the agent container itself holds no keys"
+    );
+
     // file:// storage is mounted into the agent at the same path.
     let objs = render(
         "file-storage",
