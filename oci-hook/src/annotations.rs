@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::str::FromStr;
 
+use mapsnap::clocks::{ClockError, RebaseMode, RebaseSpec};
 use mapsnap::restore::FillMode;
 
 use crate::error::{HookError, Result};
@@ -26,6 +27,11 @@ pub const CHECKPOINT: &str = "mapsnap.io/checkpoint";
 pub const CHECKPOINT_TO: &str = "mapsnap.io/checkpoint-to";
 pub const MAPS: &str = "mapsnap.io/maps";
 pub const POLICY: &str = "mapsnap.io/policy";
+/// Timestamp members to move to this host's clocks at restore:
+/// `value.expires=monotonic_ns, value.last_seen=boottime_s` (the CLI's `--rebase`).
+pub const REBASE: &str = "mapsnap.io/rebase";
+/// `preserve-remaining` (default) or `elapsed` (the CLI's `--rebase-mode`).
+pub const REBASE_MODE: &str = "mapsnap.io/rebase-mode";
 
 /// Every key the hook understands.
 pub const KNOWN: &[&str] = &[
@@ -40,6 +46,8 @@ pub const KNOWN: &[&str] = &[
     CHECKPOINT_TO,
     MAPS,
     POLICY,
+    REBASE,
+    REBASE_MODE,
 ];
 
 /// What happens when a restore or snapshot fails.
@@ -132,6 +140,10 @@ pub struct Annotations {
     pub policy: Option<Policy>,
     /// Whether any `mapsnap.io/` key was present.
     pub any: bool,
+    /// `mapsnap.io/rebase`: timestamp members named by the pod (besides BTF tags).
+    pub rebase: Vec<RebaseRule>,
+    /// `mapsnap.io/rebase-mode`; None: the library's default (preserve-remaining).
+    pub rebase_mode: Option<RebaseMode>,
 }
 
 fn parse_bool(key: &str, v: &str) -> Result<bool> {
@@ -190,6 +202,15 @@ impl Annotations {
                 CHECKPOINT_TO => a.checkpoint_to = Some(non_empty(key, value)?),
                 MAPS => a.maps = MapFilter::parse(value).map_err(bad)?,
                 POLICY => a.policy = Some(value.parse().map_err(bad)?),
+                REBASE => a.rebase = RebaseRule::parse_list(value).map_err(bad)?,
+                REBASE_MODE => {
+                    a.rebase_mode = Some(
+                        value
+                            .trim()
+                            .parse()
+                            .map_err(|e: ClockError| bad(e.to_string()))?,
+                    )
+                }
                 _ => a.unknown.push(key.clone()),
             }
         }
@@ -310,6 +331,92 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     ok[0][0]
 }
 
+/// One `member.path=CLOCK_UNIT` of `mapsnap.io/rebase`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebaseRule {
+    /// A member path as the CLI's `--rebase` takes it (`value.ct.expires`, `key.ts`).
+    pub path: String,
+    pub spec: RebaseSpec,
+}
+
+/// The longest `mapsnap.io/rebase` value, the most rules, the longest member path and its
+/// most components: far beyond any real map type, small enough to bound the work.
+pub const MAX_REBASE_LEN: usize = 4096;
+pub const MAX_REBASE_RULES: usize = 64;
+pub const MAX_REBASE_PATH: usize = 256;
+pub const MAX_REBASE_DEPTH: usize = 16;
+
+impl RebaseRule {
+    /// Parses `path=spec` items separated by commas or white space.
+    pub fn parse_list(text: &str) -> std::result::Result<Vec<Self>, String> {
+        if text.len() > MAX_REBASE_LEN {
+            return Err(format!("it is longer than {MAX_REBASE_LEN} bytes"));
+        }
+        let mut out: Vec<Self> = Vec::new();
+        for item in text
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|w| !w.is_empty())
+        {
+            if out.len() == MAX_REBASE_RULES {
+                return Err(format!("more than {MAX_REBASE_RULES} members"));
+            }
+            let r = Self::parse(item)?;
+            if out.iter().any(|o| o.path == r.path) {
+                return Err(format!("member {:?} is named twice", r.path));
+            }
+            out.push(r);
+        }
+        if out.is_empty() {
+            return Err("names no member (expected member.path=CLOCK_UNIT, e.g. \
+                        value.expires=monotonic_ns)"
+                .into());
+        }
+        Ok(out)
+    }
+
+    /// Parses one `member.path=CLOCK_UNIT`.
+    pub fn parse(item: &str) -> std::result::Result<Self, String> {
+        let shown = crate::location::truncate(item, 64);
+        let (path, spec) = item.split_once('=').ok_or_else(|| {
+            format!("{shown:?} is not member.path=CLOCK_UNIT (e.g. value.expires=monotonic_ns)")
+        })?;
+        if path.is_empty() || path.len() > MAX_REBASE_PATH {
+            return Err(format!(
+                "{shown:?}: the member path must have 1 to {MAX_REBASE_PATH} bytes"
+            ));
+        }
+        let parts: Vec<&str> = path.split('.').collect();
+        if parts.len() > MAX_REBASE_DEPTH {
+            return Err(format!(
+                "{shown:?}: the member path has more than {MAX_REBASE_DEPTH} components"
+            ));
+        }
+        if let Some(bad) = parts.iter().find(|c| {
+            c.is_empty()
+                || c.starts_with(|ch: char| ch.is_ascii_digit())
+                || !c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+        }) {
+            return Err(format!(
+                "{shown:?}: {bad:?} is not a member name (letters, digits, _; not starting \
+                 with a digit)"
+            ));
+        }
+        let spec = spec
+            .parse::<RebaseSpec>()
+            .map_err(|e| format!("{shown:?}: {e}"))?;
+        Ok(Self {
+            path: path.to_string(),
+            spec,
+        })
+    }
+}
+
+impl std::fmt::Display for RebaseRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}={}", self.path, self.spec)
+    }
+}
+
 /// The longest `mapsnap.io/maps` value accepted, and the most patterns in it.
 pub const MAX_FILTER_LEN: usize = 4096;
 pub const MAX_PATTERNS: usize = 64;
@@ -379,6 +486,60 @@ mod tests {
                 .to_string();
             assert!(e.contains(k), "{e}");
         }
+    }
+
+    #[test]
+    fn rebase_rules() {
+        let a = Annotations::parse(&map(&[
+            (
+                REBASE,
+                "value.ct.expires=monotonic_ns, value.last_seen=boottime_s\nkey.ts=jiffies",
+            ),
+            (REBASE_MODE, "elapsed"),
+        ]))
+        .expect("parses");
+        let shown: Vec<String> = a.rebase.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            vec![
+                "value.ct.expires=monotonic_ns",
+                "value.last_seen=boottime_s",
+                "key.ts=jiffies"
+            ]
+        );
+        assert_eq!(a.rebase_mode, Some(RebaseMode::Elapsed));
+        assert!(
+            Annotations::parse(&map(&[]))
+                .expect("parses")
+                .rebase
+                .is_empty()
+        );
+        let many = (0..65)
+            .map(|i| format!("m{i}=tai_ns"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let deep = format!("{}=tai_ns", vec!["a"; 17].join("."));
+        for (k, v, want) in [
+            (REBASE, "expires", "member.path=CLOCK_UNIT"),
+            (REBASE, "expires=monotonic", "expected CLOCK_UNIT"),
+            (REBASE, "expires=cpu_ns", "clock must be"),
+            (REBASE, "expires=monotonic_h", "unit must be"),
+            (REBASE, "a..b=tai_ns", "not a member name"),
+            (REBASE, "../x=tai_ns", "not a member name"),
+            (REBASE, "1st=tai_ns", "not a member name"),
+            (REBASE, "a=tai_ns,a=tai_s", "named twice"),
+            (REBASE, " , ", "names no member"),
+            (REBASE, many.as_str(), "more than 64"),
+            (REBASE, deep.as_str(), "more than 16 components"),
+            (REBASE_MODE, "sometimes", "preserve-remaining or elapsed"),
+        ] {
+            let e = Annotations::parse(&map(&[(k, v)]))
+                .expect_err(v)
+                .to_string();
+            assert!(e.contains(k) && e.contains(want), "{v}: {e}");
+        }
+        let long = "a".repeat(MAX_REBASE_LEN + 1);
+        assert!(RebaseRule::parse_list(&long).is_err());
     }
 
     #[test]

@@ -19,6 +19,11 @@
 //! restore_request_dir = "/run/mapsnap/restores"
 //! checkpoint_read = "frozen"  # post-dump: read pinned maps while frozen, or "after" the freeze
 //! checkpoint_readers = 2      # reader threads for one big map inside the freeze
+//! # Signed and encrypted snapshots (files the administrator controls, e.g. mounted Secrets):
+//! trust_keys = ["/etc/mapsnap/trust"]    # minisign .pub files or directories of *.pub
+//! identities = ["/etc/mapsnap/identities/age.key"]  # age identities / OpenSSH keys
+//! signing_key = "/etc/mapsnap/signing/mapsnap.key"  # password-less minisign secret key
+//! recipients = ["/etc/mapsnap/recipients.txt"]      # age recipients files (`age -R`)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -64,6 +69,8 @@ pub struct HookSettings {
     pub checkpoint_read: CheckpointRead,
     /// Reader threads for one big map read inside the freeze (at least 1).
     pub checkpoint_readers: usize,
+    /// Signing, verification and encryption of the snapshots the hook writes and reads.
+    pub trust: TrustSettings,
 }
 
 /// When the pinned maps of a checkpoint are read.
@@ -88,6 +95,34 @@ impl std::str::FromStr for CheckpointRead {
             "after" => Ok(Self::After),
             other => Err(format!("{other:?} is not frozen or after")),
         }
+    }
+}
+
+/// Key files for signed and encrypted snapshots. Only the node's config names them (never an
+/// annotation, a request or the CRD): they are the administrator's, typically Secrets the
+/// chart mounts. Loaded when a snapshot is written or read ([`crate::seal::NodeTrust`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustSettings {
+    /// minisign public keys, or directories whose `*.pub` files are: with any, a restore
+    /// refuses snapshots that are unsigned, signed by another key or altered. Several keys
+    /// at once for rotation.
+    pub trust_keys: Vec<PathBuf>,
+    /// age identity files or unencrypted OpenSSH private keys, to read encrypted snapshots.
+    pub identities: Vec<PathBuf>,
+    /// A password-less minisign secret key: every snapshot the hook writes is signed with it.
+    pub signing_key: Option<PathBuf>,
+    /// age recipients files (one `age1...` or `ssh-ed25519 ...` per line): every snapshot the
+    /// hook writes is encrypted to all of them.
+    pub recipients: Vec<PathBuf>,
+}
+
+impl TrustSettings {
+    /// Whether any key is configured.
+    pub fn any(&self) -> bool {
+        !self.trust_keys.is_empty()
+            || !self.identities.is_empty()
+            || self.signing_key.is_some()
+            || !self.recipients.is_empty()
     }
 }
 
@@ -122,6 +157,7 @@ impl Default for HookSettings {
             tenant_prefix: DEFAULT_TENANT_PREFIX.to_string(),
             checkpoint_read: CheckpointRead::Frozen,
             checkpoint_readers: 2,
+            trust: TrustSettings::default(),
         }
     }
 }
@@ -145,6 +181,10 @@ struct RawHook {
     tenant_prefix: Option<String>,
     checkpoint_read: Option<String>,
     checkpoint_readers: Option<usize>,
+    trust_keys: Option<Vec<String>>,
+    identities: Option<Vec<String>>,
+    signing_key: Option<String>,
+    recipients: Option<Vec<String>>,
 }
 
 /// Everything the hook reads from the node's config file.
@@ -286,6 +326,19 @@ fn settings(raw: RawHook) -> std::result::Result<HookSettings, String> {
         }
         s.checkpoint_readers = v;
     }
+    let paths = |key: &str, v: Option<Vec<String>>| {
+        v.unwrap_or_default()
+            .iter()
+            .map(|p| absolute(key, p))
+            .collect::<std::result::Result<Vec<_>, _>>()
+    };
+    s.trust.trust_keys = paths("trust_keys", raw.trust_keys)?;
+    s.trust.identities = paths("identities", raw.identities)?;
+    s.trust.recipients = paths("recipients", raw.recipients)?;
+    s.trust.signing_key = match raw.signing_key.filter(|v| !v.is_empty()) {
+        Some(v) => Some(absolute("signing_key", &v)?),
+        None => None,
+    };
     Ok(s)
 }
 
@@ -400,6 +453,33 @@ allow_http = true
     }
 
     #[test]
+    fn trust_files_come_from_the_config() {
+        let c = NodeConfig::parse(
+            "[hook]\ntrust_keys = [\"/etc/mapsnap/trust\", \"/k/old.pub\"]\n\
+             identities = [\"/etc/mapsnap/id/age.key\"]\nsigning_key = \"/s/m.key\"\n\
+             recipients = [\"/etc/mapsnap/recipients.txt\"]\n",
+            "t",
+        )
+        .expect("parses");
+        let t = &c.hook.trust;
+        assert_eq!(
+            t.trust_keys,
+            vec![
+                PathBuf::from("/etc/mapsnap/trust"),
+                PathBuf::from("/k/old.pub")
+            ]
+        );
+        assert_eq!(t.identities, vec![PathBuf::from("/etc/mapsnap/id/age.key")]);
+        assert_eq!(t.signing_key.as_deref(), Some(Path::new("/s/m.key")));
+        assert_eq!(
+            t.recipients,
+            vec![PathBuf::from("/etc/mapsnap/recipients.txt")]
+        );
+        assert!(t.any());
+        assert!(!NodeConfig::parse("", "t").expect("parses").hook.trust.any());
+    }
+
+    #[test]
     fn defaults_without_hook_table() {
         let c = NodeConfig::parse("", "empty").expect("parses");
         assert_eq!(c.hook, HookSettings::default());
@@ -420,6 +500,9 @@ allow_http = true
                 "allowed_locations",
             ),
             ("[hoook]\n", "hoook"),
+            ("[hook]\ntrust_keys = [\"keys/\"]", "trust_keys"),
+            ("[hook]\nsigning_key = \"k.key\"", "signing_key"),
+            ("[hook]\nrecipients = [\"r.txt\"]", "recipients"),
         ] {
             let e = NodeConfig::parse(text, "t.toml")
                 .expect_err(text)

@@ -36,6 +36,14 @@ pub enum HookError {
         #[source]
         source: mapsnap::format::FormatError,
     },
+    /// A snapshot refused by the node's trust settings (unsigned, another key, altered, not
+    /// decryptable), or a key file that cannot be used.
+    #[error("{what}: {source}")]
+    Trust {
+        what: String,
+        #[source]
+        source: mapsnap::trust::TrustError,
+    },
     #[error("{0}")]
     Other(String),
 }
@@ -60,7 +68,9 @@ impl HookError {
     /// True for refusals (unsafe paths or locations), as opposed to failures.
     pub fn is_refusal(&self) -> bool {
         match self {
-            Self::Refused { .. } | Self::Mapsnap(mapsnap::Error::UnsafePinPath { .. }) => true,
+            Self::Refused { .. }
+            | Self::Trust { .. }
+            | Self::Mapsnap(mapsnap::Error::UnsafePinPath { .. }) => true,
             Self::Anchor(e) => matches!(e.errno(), Some(libc::ELOOP) | Some(libc::EXDEV)),
             _ => false,
         }

@@ -137,7 +137,8 @@ pub fn run(job: &FinishJob, cfg: &NodeConfig) -> Result<String> {
     if let Some(spool) = &job.spool {
         let file = std::fs::File::open(spool)
             .map_err(|e| HookError::io(format!("opening the spool {}", spool.display()), e))?;
-        let r = snapshot::copy_snapshot(file, &dest, true, &job.container_id, &cfg.storage);
+        let trust = crate::seal::NodeTrust::load(&cfg.hook.trust)?;
+        let r = snapshot::copy_snapshot(file, &dest, true, &job.container_id, &cfg.storage, &trust);
         // The spool is only ever read once: a failed copy is not retried from it.
         let _ = std::fs::remove_file(spool);
         let w = r?;
@@ -176,6 +177,7 @@ pub fn run(job: &FinishJob, cfg: &NodeConfig) -> Result<String> {
         &job.container_id,
         &cfg.storage,
         mode,
+        &*crate::seal::NodeTrust::load(&cfg.hook.trust)?,
     )?;
     Ok(format!(
         "read {} pinned maps after the freeze into {} ({} bytes, sha256 {})",

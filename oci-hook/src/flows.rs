@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use mapsnap::anchor::{Anchor, RelPath};
+use mapsnap::convert::RestoreConversion;
 use oci_spec::runtime::Spec;
 
 use crate::annotations::{Annotations, Existing, Policy, RestoreMode};
@@ -20,6 +21,7 @@ use crate::manifest::{
     self, CheckpointManifest, FinishedLater, IMAGE_SNAPSHOT, MANIFEST_VERSION, PinnedMap, Request,
 };
 use crate::mounts::ContainerMounts;
+use crate::seal::NodeTrust;
 use crate::snapshot::{self, PinOutcome, Source};
 use crate::state::HookState;
 
@@ -204,7 +206,7 @@ fn restore_source(ctr: &Container, from: &str, cfg: &NodeConfig) -> Result<Sourc
         scope.as_deref(),
         false,
     )?;
-    Source::open(&res, &cfg.storage, None)
+    Source::open(&res, &cfg.storage, None, &NodeTrust::load(&cfg.hook.trust)?)
 }
 
 /// Runs one OCI stage. Returns a one-line summary of what was done.
@@ -250,8 +252,13 @@ pub fn oci(
             (Some(from), RestoreMode::Wait) => {
                 let src = restore_source(ctr, from, cfg)?;
                 let wait_until = deadline.min(Instant::now() + cfg.hook.wait_timeout);
-                let maps =
-                    snapshot::fill_pins(&src, &ctr.mounts, ctr.annotations.fill_mode, wait_until)?;
+                let maps = snapshot::fill_pins(
+                    &src,
+                    &ctr.mounts,
+                    ctr.annotations.fill_mode,
+                    wait_until,
+                    rebase_options(&ctr.annotations)?,
+                )?;
                 for m in &maps {
                     tracing::info!(
                         map = m.name,
@@ -511,7 +518,20 @@ fn take_snapshot(
 ) -> Result<snapshot::Written> {
     let (maps, _links) = snapshot::collect_pins(&ctr.mounts, &ctr.annotations.maps)?;
     let source = pins_source(ctr, why);
-    let w = snapshot::write_snapshot(&maps, dest, overwrite, &source, &ctr.id, &cfg.storage, mode)?;
+    let trust = NodeTrust::load(&cfg.hook.trust)?;
+    let w = snapshot::write_snapshot(
+        &maps,
+        dest,
+        overwrite,
+        &source,
+        &ctr.id,
+        &cfg.storage,
+        mode,
+        &trust,
+    )?;
+    if let Some(k) = &w.signer {
+        tracing::info!(key_id = k, encrypted = w.encrypted, "signed");
+    }
     for m in w.report.maps.iter().filter(|m| !m.inner).take(64) {
         tracing::info!(
             map = m.name,
@@ -521,6 +541,27 @@ fn take_snapshot(
         );
     }
     Ok(w)
+}
+
+/// The restore's rebasing from `mapsnap.io/rebase` and `mapsnap.io/rebase-mode`: members the
+/// pod names and those its BTF tags (`mapsnap:clock=...`) move to this host's clocks. None
+/// (entries restored byte for byte) when the pod asks for neither.
+pub fn rebase_options(a: &Annotations) -> Result<Option<RestoreConversion>> {
+    if a.rebase.is_empty() && a.rebase_mode.is_none() {
+        return Ok(None);
+    }
+    let mut conv = RestoreConversion::default();
+    for r in &a.rebase {
+        conv.add_rebase(&r.to_string())
+            .map_err(|e| HookError::Annotation {
+                key: crate::annotations::REBASE.into(),
+                msg: e.to_string(),
+            })?;
+    }
+    if let Some(m) = a.rebase_mode {
+        conv.mode = m;
+    }
+    Ok(Some(conv))
 }
 
 fn restore_pinned(
@@ -542,7 +583,13 @@ fn restore_pinned(
             src.name()
         ));
     }
-    let out = snapshot::restore_pins(src, &ctr.mounts, existing, &cfg.hook.state_dir)?;
+    let out = snapshot::restore_pins(
+        src,
+        &ctr.mounts,
+        existing,
+        &cfg.hook.state_dir,
+        rebase_options(&ctr.annotations)?,
+    )?;
     if let Err(e) =
         manifest::write_marker(&cfg.hook.state_dir, &state.id, state.pid(), &summary_sha)
     {
@@ -609,7 +656,12 @@ fn restore_from_manifest(
         }
         None => recorded.ok_or_else(no_sha)?,
     };
-    let src = Source::open(&res, &cfg.storage, Some(expect))?;
+    let src = Source::open(
+        &res,
+        &cfg.storage,
+        Some(expect),
+        &NodeTrust::load(&cfg.hook.trust)?,
+    )?;
     // Same node, pins never removed: the live maps are the checkpointed ones; keep them.
     restore_pinned(&src, state, ctr, cfg, Existing::Keep)
 }
@@ -830,6 +882,8 @@ pub fn criu_post_dump(env: &CriuEnv, target: &CriuTarget, cfg: &NodeConfig) -> R
         checkpoint: request.map(|r| r.checkpoint).filter(|c| !c.is_empty()),
         dump: stamp,
         finished_later: None,
+        signer: None,
+        encrypted: false,
     };
     let Some(later_dest) = later_dest else {
         if cfg.hook.checkpoint_read == CheckpointRead::After {
@@ -844,6 +898,8 @@ pub fn criu_post_dump(env: &CriuEnv, target: &CriuTarget, cfg: &NodeConfig) -> R
             sha256: w.sha256.clone(),
             size: w.size,
             maps: pinned_maps(&w),
+            signer: w.signer.clone(),
+            encrypted: w.encrypted,
             ..base
         };
         m.write_at(&dir)?;

@@ -15,6 +15,7 @@
 //! - [`container`]: finding a container from CRIU's init pid; the runtime running us.
 //! - [`manifest`]: the checkpoint manifest, node agent requests, restore markers.
 //! - [`snapshot`]: dump and restore through the mapsnap library.
+//! - [`seal`]: signing, verification and encryption of snapshots with the node's keys.
 //! - [`flows`]: the stages and the CRIU action.
 //! - [`finish`]: what a detached process finishes after CRIU's freeze.
 //! - [`install`]: hooks.d files and CRIU config lines.
@@ -29,6 +30,7 @@ pub mod install;
 pub mod location;
 pub mod manifest;
 pub mod mounts;
+pub mod seal;
 pub mod snapshot;
 pub mod state;
 

@@ -37,6 +37,13 @@ pub struct CheckpointManifest {
     /// (an image directory reused by a later checkpoint).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dump: Option<DumpStamp>,
+    /// Key id (16 hex digits) of the signature written beside the snapshot, if signed.
+    /// Informational: a restore checks the signature itself against the node's trust set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
+    /// The snapshot is stored as an age stream (sha256 and size are the stored ciphertext's).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypted: bool,
     /// Set when a detached process finishes the snapshot after CRIU released the tasks: the
     /// snapshot may not be there yet when this manifest is read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -385,6 +392,8 @@ mod tests {
             }],
             checkpoint: None,
             dump: None,
+            signer: None,
+            encrypted: false,
         };
         m.write(t.path()).expect("write");
         assert_eq!(

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use mapsnap::anchor::{Anchor, AnchorError, EntryKind, RelPath};
+use mapsnap::convert::RestoreConversion;
 use mapsnap::discover::Found;
 use mapsnap::dump::{DumpOptions, DumpReport, dump};
 use mapsnap::format::{VerifySummary, verify};
@@ -32,6 +33,8 @@ use crate::annotations::{Existing, MapFilter};
 use crate::error::{HookError, Result};
 use crate::location::{Resolved, truncate};
 use crate::mounts::{ContainerMounts, Mount, Target};
+use crate::seal::{Check, MAX_SIGNATURE_BYTES, NodeTrust, SIGNATURE_SUFFIX};
+use mapsnap::trust::Sealed;
 
 /// The most entries (pins, directories, links) one walk of a container's bpffs mounts visits.
 pub const MAX_WALK_ENTRIES: usize = 65_536;
@@ -171,8 +174,13 @@ impl Walk<'_> {
 #[derive(Debug, Clone)]
 pub struct Written {
     pub location: String,
+    /// SHA-256 and size of the stored snapshot (the ciphertext when it is encrypted).
     pub sha256: String,
     pub size: u64,
+    /// Key id of the signature written beside it.
+    pub signer: Option<String>,
+    /// Stored as an age stream.
+    pub encrypted: bool,
     pub report: DumpReport,
 }
 
@@ -244,7 +252,10 @@ fn write_file_at(
     result
 }
 
-/// Dumps `maps` to `dest` (with the storage layer's manifest beside it).
+/// Dumps `maps` to `dest` (with the storage layer's manifest beside it), encrypted and signed
+/// as `trust` says (the signature beside the snapshot, before the manifest).
+// Each argument is a separate decision of the caller (what, where, how, with which keys).
+#[allow(clippy::too_many_arguments)]
 pub fn write_snapshot(
     maps: &[Found],
     dest: &Resolved,
@@ -253,6 +264,7 @@ pub fn write_snapshot(
     container_id: &str,
     storage: &StorageConfig,
     mode: WriteMode,
+    trust: &NodeTrust,
 ) -> Result<Written> {
     let info = SnapshotInfo {
         tool: format!("mapsnap-hook {}", env!("CARGO_PKG_VERSION")),
@@ -267,10 +279,18 @@ pub fn write_snapshot(
         threads: mode.threads.max(1),
         ..DumpOptions::default()
     };
-    write_dest(dest, overwrite, container_id, storage, mode.sync, |w| {
-        let (_, report) = dump(maps, w, &info, &opts, &NoProgress)?;
-        Ok((info.clone(), report))
-    })
+    write_dest(
+        dest,
+        overwrite,
+        container_id,
+        storage,
+        mode.sync,
+        trust,
+        |w| {
+            let (_, report) = dump(maps, w, &info, &opts, &NoProgress)?;
+            Ok((info.clone(), report))
+        },
+    )
 }
 
 /// Copies a finished snapshot file (written inside CRIU's freeze) to `dest`, with the storage
@@ -282,6 +302,7 @@ pub fn copy_snapshot(
     overwrite: bool,
     container_id: &str,
     storage: &StorageConfig,
+    trust: &NodeTrust,
 ) -> Result<Written> {
     let file = Arc::new(spool);
     let reader = || PosReader {
@@ -309,7 +330,7 @@ pub fn copy_snapshot(
         skipped: Vec::new(),
         digest: summary.digest,
     };
-    write_dest(dest, overwrite, container_id, storage, true, |w| {
+    write_dest(dest, overwrite, container_id, storage, true, trust, |w| {
         let mut checked = DigestCheck::new(
             reader(),
             "the spooled snapshot",
@@ -321,31 +342,49 @@ pub fn copy_snapshot(
     })
 }
 
-/// Writes a snapshot that `produce` streams into `dest`, then the storage manifest beside it.
+/// Writes a snapshot that `produce` streams into `dest`, encrypted and signed as `trust`
+/// says, then the signature and the storage manifest beside it (the manifest last: its
+/// presence means "complete"). The manifest and [`Written`] describe the stored bytes (the
+/// ciphertext when encrypted), as every reader of the location expects.
 fn write_dest(
     dest: &Resolved,
     overwrite: bool,
     container_id: &str,
     storage: &StorageConfig,
     sync: bool,
+    trust: &NodeTrust,
     produce: impl FnOnce(&mut dyn Write) -> Result<(SnapshotInfo, DumpReport)>,
 ) -> Result<Written> {
     let msource = ManifestSource {
         container_id: Some(container_id.to_string()),
         ..ManifestSource::default()
     };
+    let sealed_run = |w: &mut dyn Write| -> Result<(SnapshotInfo, DumpReport, Sealed)> {
+        let mut sealed = trust.seal(w)?;
+        let (info, report) = produce(&mut sealed)?;
+        let (_, s) = sealed.finish(&report.digest).map_err(seal_err)?;
+        Ok((info, report, s))
+    };
     match dest {
         Resolved::Remote(u) => {
             let target = Storage::open(Location::parse(u)?, storage)?;
             let mut writer = target.writer(overwrite)?;
-            let (info, report) = produce(&mut writer)?;
+            let (info, report, sealed) = sealed_run(&mut writer)?;
             writer.commit()?;
-            let manifest = Manifest::new(target.name(), &info, &report, msource);
-            target.write_manifest(&manifest)?;
+            let mut manifest = Manifest::new(target.name(), &info, &report, msource);
+            sealed.apply(&mut manifest);
+            let json = manifest.to_json();
+            let signed = sealed.sign(Some(&json)).map_err(seal_err)?;
+            if let Some(s) = &signed {
+                target.write_signature(&s.signature)?;
+            }
+            target.write_manifest_bytes(&json)?;
             Ok(Written {
                 location: target.name().to_string(),
-                sha256: report.digest.sha256_hex(),
-                size: report.digest.bytes,
+                sha256: hex::encode(sealed.stored().sha256),
+                size: sealed.stored().bytes,
+                signer: signed.map(|s| s.key_id.to_string()),
+                encrypted: sealed.encrypted(),
                 report,
             })
         }
@@ -356,14 +395,21 @@ fn write_dest(
             let d = dir.create_dir_all(&parent, 0o750).map_err(anchor_err)?;
             let mut done = None;
             write_file_at(&d, leaf, overwrite, sync, |w| {
-                done = Some(produce(w)?);
+                done = Some(sealed_run(w)?);
                 Ok(())
             })?;
-            let (info, report) =
+            let (info, report, sealed) =
                 done.ok_or_else(|| HookError::Other("the dump wrote no report".into()))?;
-            let manifest = Manifest::new(shown, &info, &report, msource);
-            let text = serde_json::to_vec_pretty(&manifest)
-                .map_err(|e| HookError::Other(format!("encoding the manifest: {e}")))?;
+            let mut manifest = Manifest::new(shown, &info, &report, msource);
+            sealed.apply(&mut manifest);
+            let text = manifest.to_json();
+            let signed = sealed.sign(Some(&text)).map_err(seal_err)?;
+            if let Some(s) = &signed {
+                write_file_at(&d, &format!("{leaf}{SIGNATURE_SUFFIX}"), true, sync, |w| {
+                    w.write_all(&s.signature)
+                        .map_err(|e| HookError::io("writing the snapshot's signature", e))
+                })?;
+            }
             let mname = format!("{leaf}{}", mapsnap::storage::MANIFEST_SUFFIX);
             write_file_at(&d, &mname, true, sync, |w| {
                 w.write_all(&text)
@@ -371,11 +417,20 @@ fn write_dest(
             })?;
             Ok(Written {
                 location: shown.clone(),
-                sha256: report.digest.sha256_hex(),
-                size: report.digest.bytes,
+                sha256: hex::encode(sealed.stored().sha256),
+                size: sealed.stored().bytes,
+                signer: signed.map(|s| s.key_id.to_string()),
+                encrypted: sealed.encrypted(),
                 report,
             })
         }
+    }
+}
+
+fn seal_err(source: mapsnap::trust::TrustError) -> HookError {
+    HookError::Trust {
+        what: "sealing the snapshot".into(),
+        source,
     }
 }
 
@@ -403,11 +458,18 @@ enum Src {
 }
 
 /// A snapshot to read, possibly several times (verify, then apply), always the same version
-/// (object version, or the one open file).
+/// (object version, or the one open file). With a trust set, every pass is checked against
+/// the signature read at open: the verify pass checks the signature itself, later passes the
+/// SHA-256 and size of the bytes it verified.
 pub struct Source {
     src: Src,
     expect: Option<([u8; 32], u64)>,
     name: String,
+    trust: Arc<NodeTrust>,
+    /// The `.minisig` beside the snapshot, when the node checks signatures.
+    signature: Option<Vec<u8>>,
+    /// What the last signature check established.
+    verified: std::sync::Mutex<Option<mapsnap::trust::Verified>>,
 }
 
 impl std::fmt::Debug for Source {
@@ -419,13 +481,15 @@ impl std::fmt::Debug for Source {
 }
 
 impl Source {
-    /// Opens `res`; `expect` is the SHA-256 and size a manifest recorded.
+    /// Opens `res`; `expect` is the SHA-256 and size a manifest recorded (of the stored bytes).
+    /// With a trust set in `trust`, the signature beside the snapshot is read now.
     pub fn open(
         res: &Resolved,
         storage: &StorageConfig,
         expect: Option<([u8; 32], u64)>,
+        trust: &Arc<NodeTrust>,
     ) -> Result<Self> {
-        match res {
+        let mut me = match res {
             Resolved::Remote(u) => {
                 let st = Storage::open(Location::parse(u)?, storage)?;
                 let version = st.head()?;
@@ -435,14 +499,17 @@ impl Source {
                         st.name()
                     )));
                 }
-                Ok(Self {
+                Self {
                     name: st.name().to_string(),
                     src: Src::Remote {
                         storage: Box::new(st),
                         version,
                     },
                     expect,
-                })
+                    trust: trust.clone(),
+                    signature: None,
+                    verified: Default::default(),
+                }
             }
             Resolved::File { dir, rel, shown } => {
                 let f = dir.open_file(rel, MAX_LOCAL_SNAPSHOT).map_err(|e| {
@@ -452,39 +519,153 @@ impl Source {
                         e.into()
                     }
                 })?;
-                Ok(Self {
+                Self {
                     name: shown.clone(),
                     src: Src::File(Arc::new(f)),
                     expect,
-                })
+                    trust: trust.clone(),
+                    signature: None,
+                    verified: Default::default(),
+                }
             }
+        };
+        if trust.verifies() {
+            me.signature = read_signature(res, storage)?;
         }
+        Ok(me)
     }
 
     pub fn name(&self) -> &str {
         &self.name
     }
 
-    pub fn reader(&self) -> Result<Box<dyn Read + Send>> {
-        let r: Box<dyn Read + Send> = match &self.src {
+    fn raw_reader(&self) -> Result<Box<dyn Read + Send>> {
+        Ok(match &self.src {
             Src::Remote { storage, version } => storage.reader(version.as_ref())?,
             Src::File(f) => Box::new(PosReader {
                 file: f.clone(),
                 pos: 0,
             }),
-        };
-        Ok(match self.expect {
-            Some((sha, size)) => Box::new(DigestCheck::new(r, &self.name, sha, size)),
-            None => r,
         })
     }
 
-    /// Checks every CRC, the trailer and the structure (and the manifest's digest).
+    /// One pass over the snapshot's plaintext, checked as [`Source`] says.
+    /// `expect` (from a manifest) describes the stored bytes, as the storage manifest does.
+    fn opened(&self, check: Check) -> Result<crate::seal::Opened> {
+        let raw = self.raw_reader()?;
+        let raw: Box<dyn Read + Send> = match self.expect {
+            Some((sha, size)) => Box::new(DigestCheck::new(raw, &self.name, sha, size)),
+            None => raw,
+        };
+        self.trust.open(raw, check, &self.name)
+    }
+
+    /// The plaintext for an applying pass: bound to the bytes the last [`Self::verify`]
+    /// checked the signature of (so call that first when the node checks signatures).
+    pub fn reader(&self) -> Result<Box<dyn Read + Send>> {
+        let check = if self.trust.verifies() {
+            let v = self
+                .verified
+                .lock()
+                .ok()
+                .and_then(|g| g.clone())
+                .ok_or_else(|| {
+                    HookError::Other(format!(
+                        "snapshot {}: read before its signature was verified",
+                        self.name
+                    ))
+                })?;
+            Check::Bound {
+                sha256: v.sha256,
+                size: v.size,
+            }
+        } else {
+            Check::None
+        };
+        Ok(Box::new(OpenedReader(self.opened(check)?)))
+    }
+
+    /// Checks the signature (with a trust set), then every CRC, the trailer and the
+    /// structure (and the manifest's digest), in one pass; the signature's verdict comes
+    /// after the whole stored stream was read, before anything is created or changed.
     pub fn verify(&self) -> Result<VerifySummary> {
-        verify(self.reader()?).map_err(|e| HookError::Snapshot {
-            location: self.name.clone(),
-            source: e,
-        })
+        let check = self
+            .trust
+            .verifier(self.signature.as_deref(), &self.name)?
+            .map_or(Check::None, |v| Check::Verify(Box::new(v)));
+        let mut opened = self.opened(check)?;
+        let summary = match verify(opened.reader()) {
+            Ok(s) => s,
+            Err(e) => {
+                let failed = HookError::Snapshot {
+                    location: self.name.clone(),
+                    source: e,
+                };
+                return Err(opened.refuted().unwrap_or(failed));
+            }
+        };
+        if let Some(v) = opened.finish()? {
+            tracing::info!(
+                snapshot = crate::location::truncate(&self.name, 256),
+                key_id = %v.key_id,
+                "signature verified"
+            );
+            if let Ok(mut g) = self.verified.lock() {
+                *g = Some(v);
+            }
+        }
+        Ok(summary)
+    }
+
+    /// The key id that signed the snapshot, once [`Self::verify`] checked it.
+    pub fn signer(&self) -> Option<mapsnap::trust::KeyId> {
+        self.verified
+            .lock()
+            .ok()
+            .and_then(|g| g.as_ref().map(|v| v.key_id))
+    }
+}
+
+/// An applying pass: its end is checked when the consumer reaches it (the consumer reads to
+/// the trailer; the digest checks fail before handing on the last byte of other bytes).
+struct OpenedReader(crate::seal::Opened);
+
+impl Read for OpenedReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.reader().read(buf)
+    }
+}
+
+/// The `.minisig` beside a snapshot, None when there is none.
+fn read_signature(res: &Resolved, storage: &StorageConfig) -> Result<Option<Vec<u8>>> {
+    match res {
+        Resolved::Remote(u) => {
+            let st = Storage::open(Location::parse(&format!("{u}{SIGNATURE_SUFFIX}"))?, storage)?;
+            if st.head()?.is_none() {
+                return Ok(None);
+            }
+            let mut buf = Vec::new();
+            st.reader(None)?
+                .take(MAX_SIGNATURE_BYTES + 1)
+                .read_to_end(&mut buf)
+                .map_err(|e| HookError::io(format!("reading {}", st.name()), e))?;
+            if buf.len() as u64 > MAX_SIGNATURE_BYTES {
+                return Err(HookError::refused(
+                    st.name().to_string(),
+                    format!("larger than {MAX_SIGNATURE_BYTES} bytes: not a signature"),
+                ));
+            }
+            Ok(Some(buf))
+        }
+        Resolved::File { dir, rel, shown } => {
+            let sig = RelPath::parse(&format!("{rel}{SIGNATURE_SUFFIX}"))
+                .map_err(|e| HookError::refused(format!("snapshot {shown}"), e.reason))?;
+            match dir.read_file(&sig, MAX_SIGNATURE_BYTES) {
+                Ok(b) => Ok(Some(b)),
+                Err(e) if e.is_not_found() => Ok(None),
+                Err(e) => Err(e.into()),
+            }
+        }
     }
 }
 
@@ -535,11 +716,13 @@ pub enum PinOutcome {
 /// Restores the snapshot as new maps pinned in the container's bpffs mounts, published only
 /// after the whole snapshot verified; a failure removes whatever this run staged or
 /// published, so a retry starts from the same state.
+/// `conv`: timestamps to rebase to this host's clocks (`mapsnap.io/rebase`).
 pub fn restore_pins(
     src: &Source,
     mounts: &ContainerMounts,
     existing: Existing,
     state_dir: &Path,
+    conv: Option<RestoreConversion>,
 ) -> Result<PinOutcome> {
     let summary = src.verify()?;
     let targets = resolve_pins(&summary, mounts)?;
@@ -593,7 +776,10 @@ pub fn restore_pins(
         src.reader()?,
         Some(&summary),
         &Destination::Detached,
-        &RestoreOptions::default(),
+        &RestoreOptions {
+            convert: conv,
+            ..RestoreOptions::default()
+        },
         &NoProgress,
     )?;
     if report.detached.len() != targets.len() {
@@ -871,11 +1057,13 @@ fn short(e: &mapsnap::sys::SysError) -> String {
 
 /// Waits (until `deadline`) for the app to pin every map the snapshot has, then fills them.
 /// Each pin is opened through the mount's fd (a link swapped in is refused, never followed).
+/// `conv`: timestamps to rebase to this host's clocks (`mapsnap.io/rebase`).
 pub fn fill_pins(
     src: &Source,
     mounts: &ContainerMounts,
     mode: FillMode,
     deadline: Instant,
+    conv: Option<RestoreConversion>,
 ) -> Result<Vec<RestoredMap>> {
     let summary = src.verify()?;
     let targets = resolve_pins(&summary, mounts)?;
@@ -906,6 +1094,7 @@ pub fn fill_pins(
         &Destination::Into(into),
         &RestoreOptions {
             mode,
+            convert: conv,
             ..RestoreOptions::default()
         },
         &NoProgress,

@@ -94,6 +94,8 @@ fn post_dump_leaves_non_opted_in_containers_alone_and_refuses_stale_manifests() 
         maps: Vec::new(),
         checkpoint: None,
         dump: None,
+        signer: None,
+        encrypted: false,
     };
     stale.write(&images).expect("stale manifest");
     fs::write(images.join(mapsnap_hook::manifest::IMAGE_SNAPSHOT), b"old").expect("old");

@@ -346,3 +346,43 @@ fn host_map(path: &Path, value: u64) -> mapsnap::sys::Map {
     map.pin(path).expect("pin");
     map
 }
+
+#[test]
+fn rebase_annotations_reach_the_restore() {
+    let b = Bench::new("rebase");
+    let before = counted_then_stopped(&b, 3);
+    b.wipe_node();
+    // A member the maps do not have: the library refuses the restore before creating a map.
+    refused_start(
+        &b,
+        "no-member",
+        &[
+            ("mapsnap.io/restore-from", STOP_TO),
+            ("mapsnap.io/rebase", "value.expires=monotonic_ns"),
+        ],
+        "expires",
+    );
+    // A bad specification is refused by the hook, naming the annotation.
+    refused_start(
+        &b,
+        "bad-spec",
+        &[
+            ("mapsnap.io/restore-from", STOP_TO),
+            ("mapsnap.io/rebase", "value.expires=monotonic_hours"),
+        ],
+        "annotation mapsnap.io/rebase",
+    );
+    // The mode alone rebases only BTF-tagged members: these counters have none, so they come
+    // back as they were.
+    let bundle = b.bundle(
+        "mode",
+        &[
+            ("mapsnap.io/restore-from", STOP_TO),
+            ("mapsnap.io/rebase-mode", "elapsed"),
+        ],
+    );
+    let id = format!("{}-mode", b.tag);
+    b.start_ok(&bundle, &id);
+    assert_eq!(b.counters(), before);
+    b.stop(&id);
+}
