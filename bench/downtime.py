@@ -160,11 +160,13 @@ def setup(args):
     installed = (host / "etc/criu/runc.conf").read_text()
     if f"action-script {wrapper}" not in installed:
         sys.exit(f"downtime: unexpected CRIU config from mapsnap-hook install:\n{installed}")
+    installed_wrapper = (host / wrapper[1:]).read_text()
+    args.hook_installed_config = configs["frozen"]
     crius = {}
     for read, cfg in configs.items():
         # The installed action script, with this variant's config.
         script = WORK / f"criu-action-{read}"
-        script.write_text(f"#!/bin/sh\nexec {args.hook} --config {cfg} criu\n")
+        script.write_text(installed_wrapper.replace(str(args.hook_installed_config), str(cfg)))
         script.chmod(0o755)
         conf = WORK / f"criu-{read}.conf"
         conf.write_text(installed.replace(wrapper, str(script)))

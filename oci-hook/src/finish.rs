@@ -45,6 +45,40 @@ pub struct FinishJob {
     pub maps: Vec<JobMap>,
     /// The snapshot's INFO source (with the nonce).
     pub source: String,
+    /// The criu process that ran post-dump: work starts once it is gone, so the finisher
+    /// never competes with CRIU for the CPUs while the tasks are still frozen.
+    #[serde(default)]
+    pub wait_pid: Option<u32>,
+}
+
+/// The criu process running this action script: the parent, or the parent of the shell
+/// that runs the wrapper script.
+pub fn criu_pid() -> Option<u32> {
+    let mut pid = std::os::unix::process::parent_id();
+    for _ in 0..3 {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        if comm.trim() == "criu" {
+            return Some(pid);
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The fields after the last ')' of `pid (comm) state ppid ...`.
+        pid = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+    }
+    None
+}
+
+/// Waits (at most 30 s) until `pid` has exited.
+fn wait_gone(pid: u32) {
+    let until = Instant::now() + Duration::from_secs(30);
+    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// One map handed over by fd.
@@ -133,6 +167,9 @@ pub fn read_job(r: impl std::io::Read) -> Result<FinishJob> {
 /// Does the job: copies the spool, or reads the inherited maps, to the destination.
 pub fn run(job: &FinishJob, cfg: &NodeConfig) -> Result<String> {
     crate::manifest::check_id(&job.container_id)?;
+    if let Some(pid) = job.wait_pid {
+        wait_gone(pid);
+    }
     let dest = location::from_request(&job.dest, &cfg.hook, true)?;
     if let Some(spool) = &job.spool {
         let file = std::fs::File::open(spool)
@@ -350,6 +387,7 @@ mod tests {
                 pin: Some("sys/fs/bpf/m".into()),
             }],
             source: "container:c1".into(),
+            wait_pid: Some(7),
         };
         let text = serde_json::to_vec(&job).expect("json");
         assert_eq!(read_job(&text[..]).expect("parses"), job);

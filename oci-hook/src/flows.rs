@@ -939,6 +939,7 @@ pub fn criu_post_dump(env: &CriuEnv, target: &CriuTarget, cfg: &NodeConfig) -> R
                 spool: Some(cfg.hook.state_dir.join("spool").join(&name)),
                 maps: Vec::new(),
                 source: String::new(),
+                wait_pid: finish::criu_pid(),
             };
             let pid = match finish::spawn(&job, &[], cfg.file.as_deref()) {
                 Ok(p) => p,
@@ -982,6 +983,7 @@ pub fn criu_post_dump(env: &CriuEnv, target: &CriuTarget, cfg: &NodeConfig) -> R
                     })
                     .collect(),
                 source: pins_source(ctr, &why),
+                wait_pid: finish::criu_pid(),
             };
             let fds: Vec<_> = job.maps.iter().map(|m| m.fd).collect();
             let pid = finish::spawn(&job, &fds, cfg.file.as_deref())?;

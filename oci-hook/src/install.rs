@@ -103,7 +103,9 @@ pub const CRIU_WRAPPER: &str = "usr/local/libexec/mapsnap-hook/criu-action";
 pub fn criu_wrapper(opts: &InstallOptions) -> Option<String> {
     let c = opts.config.as_ref()?;
     Some(format!(
-        "#!/bin/sh\n# Written by `mapsnap-hook install`: CRIU's action script.\nexec {} --config {} criu\n",
+        "#!/bin/sh\n# Written by `mapsnap-hook install`: CRIU's action script. Only post-dump has\n\
+         # work; CRIU runs most actions inside its freeze, so the others end here.\n\
+         [ \"$CRTOOLS_SCRIPT_ACTION\" = post-dump ] || exit 0\nexec {} --config {} criu\n",
         opts.hook_path.display(),
         c.display()
     ))
