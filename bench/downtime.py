@@ -266,6 +266,9 @@ def one_run(pod, crius, hooks, kind, variant, t, vs, n):
            "--cap-add", "sys_admin", "--cap-add", "bpf",
            "--annotation", f"org.criu.config={conf}", "-v", f"{state}:/state"]
     cmd = ["/holdmap", "/state/ready"]
+    # A run that failed half-way (see `measure`) may have left its container.
+    subprocess.run([str(c) for c in pod.cmd(hooks_dir, "rm", "--force", "--time", "0", name)],
+                   capture_output=True)
     if kind == "pinned":
         sh(OUT / "fill_map", pins / "m", n, vs, t)
         run += ["-v", f"{pins}:/sys/fs/bpf"]
@@ -406,8 +409,17 @@ def main():
     pod, crius, hooks = setup(args)
     results = {}
 
+    def attempt(fn):
+        # CRIU's own restore fails now and then on this machine ("mnt: Can't switch"), with
+        # or without mapsnap: one retry, said on stderr, instead of losing the whole table.
+        try:
+            return fn()
+        except SystemExit as e:
+            print(f"downtime: retrying once after: {e}", file=sys.stderr, flush=True)
+            return fn()
+
     def measure(key, fn):
-        runs = [fn() for _ in range(args.runs)]
+        runs = [attempt(fn) for _ in range(args.runs)]
         results[key] = {k: median([r[k] for r in runs]) for k in runs[0]}
         results[key]["runs"] = runs
         print(f"downtime: {key}: frozen {fmt(results[key]['ck_frozen'], 1)} ms, checkpoint "
