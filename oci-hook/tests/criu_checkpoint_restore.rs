@@ -60,8 +60,11 @@ fn checkpoint_and_restore(b: &Bench, extra_annotations: &[(&str, &str)]) -> Run 
         .collect();
     assert_eq!(pins, vec!["sys/fs/bpf/pkt_count", "sys/fs/bpf/src_count"]);
     // The action ran twice (CRIU under runc): one snapshot, the second run saw the manifest.
+    // Into the image it is "saved" inside the freeze; to storage it is "read" into a spool
+    // inside the freeze and copied out by the finisher afterwards.
     assert_eq!(
-        b.log_lines_with("saved 2 pinned maps").len(),
+        b.log_lines_with("saved 2 pinned maps").len()
+            + b.log_lines_with("read 2 pinned maps").len(),
         1,
         "{}",
         b.log_text()
@@ -135,6 +138,14 @@ fn checkpoint_carries_pins_through_s3() {
     )
     .expect("request");
     let r = checkpoint_and_restore(&b, &[]);
+    // Read inside the freeze, uploaded by the detached finisher after it.
+    assert_eq!(
+        b.log_lines_with("inside the freeze (").len(),
+        1,
+        "{}",
+        b.log_text()
+    );
+    b.wait_log("copied the snapshot read inside the freeze to s3://");
     assert_eq!(r.manifest.snapshot, format!("s3://snap/{key}"));
     assert_eq!(r.manifest.checkpoint.as_deref(), Some("default/ckpt-1"));
     assert!(
