@@ -5,7 +5,7 @@
 use std::sync::mpsc;
 use std::thread;
 
-use blake2::Digest as _;
+use sha2::Digest as _;
 
 use super::{Result, TrustError};
 
@@ -32,14 +32,14 @@ impl Want {
 }
 
 struct Digests {
-    blake2b: Option<blake2::Blake2b512>,
+    blake2b: Option<blake2b_simd::State>,
     sha256: Option<sha2::Sha256>,
 }
 
 impl Digests {
     fn new(want: Want) -> Self {
         Self {
-            blake2b: want.blake2b.then(blake2::Blake2b512::new),
+            blake2b: want.blake2b.then(blake2b_simd::State::new),
             sha256: want.sha256.then(sha2::Sha256::new),
         }
     }
@@ -168,7 +168,7 @@ impl StreamHasher {
             }
         };
         Ok(StreamDigests {
-            blake2b: digests.blake2b.map(|h| h.finalize().into()),
+            blake2b: digests.blake2b.map(|h| *h.finalize().as_array()),
             sha256: digests.sha256.map(|h| h.finalize().into()),
             size: self.size,
         })

@@ -7,7 +7,6 @@ use std::str::FromStr;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use blake2::Digest as _;
 
 use super::{Result, TrustError, read_file};
 
@@ -207,11 +206,11 @@ impl SecretKey {
         // consistency check below catches damage either way.
         let chk = &raw[SK_CHK];
         if chk.iter().any(|&b| b != 0) {
-            let mut h = blake2::Blake2b::<blake2::digest::consts::U32>::new();
+            let mut h = blake2b_simd::Params::new().hash_length(32).to_state();
             h.update(&raw[..2]);
             h.update(&raw[SK_KEYNUM]);
             h.update(&raw[SK_SECRET]);
-            if h.finalize().as_slice() != chk {
+            if h.finalize().as_bytes() != chk {
                 return Err(bad("checksum mismatch (damaged key)"));
             }
         }
