@@ -66,16 +66,17 @@ built=$target_dir/$triple/release/libmapsnap_criu.so
 
 mkdir -p "$(dirname "$out")"
 # Debug line tables stay in the unstripped build (target/<triple>/release) for backtraces.
-strip --strip-debug -o "$out.tmp" "$built"
-mv "$out.tmp" "$out"
+# A temporary name of this run's own: test processes may build the same plugin at once.
+strip --strip-debug -o "$out.tmp.$$" "$built"
+mv "$out.tmp.$$" "$out"
 say "$(stat -c %s "$built") bytes unstripped, $(stat -c %s "$out") bytes stripped"
 
 if ((install)); then
     dest=${DESTDIR:-}/usr/lib/criu/libmapsnap_criu.so
     # Through a temporary name in the same directory: a CRIU starting meanwhile sees the old
     # file or the new one, never half a library.
-    install -D -m 0644 "$out" "$dest.tmp"
-    mv "$dest.tmp" "$dest"
+    install -D -m 0644 "$out" "$dest.tmp.$$"
+    mv "$dest.tmp.$$" "$dest"
     say "installed $dest"
 fi
 printf '%s\n' "$out"
