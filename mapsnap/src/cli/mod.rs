@@ -498,6 +498,22 @@ fn check_size(st: &Storage, limits: &Limits) -> anyhow::Result<()> {
 /// still protect it).
 type ManifestRead = (Option<Manifest>, Option<Vec<u8>>);
 
+/// A snapshot opened for reading: its size checked against the limits, its manifest read,
+/// and admitted by the trust policy (signature, manifest digest, size) before any byte of it
+/// is read.
+fn open_admitted(
+    locations: &Locations,
+    snapshot: &str,
+    limits: &Limits,
+    policy: &OpenPolicy,
+) -> anyhow::Result<(Storage, Option<Manifest>, Admitted)> {
+    let src = locations.open(snapshot)?;
+    check_size(&src, limits)?;
+    let (manifest, manifest_bytes) = manifest_of(&src)?;
+    let admitted = trust::admit(&src, policy, manifest_bytes.as_deref())?;
+    Ok((src, manifest, admitted))
+}
+
 fn manifest_of(st: &Storage) -> anyhow::Result<ManifestRead> {
     let bytes = match st.read_manifest_bytes() {
         Ok(b) => b,
@@ -820,10 +836,7 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
         } => {
             let limits = limits.limits();
             let policy = open.policy()?;
-            let src = locations.open(&snapshot)?;
-            check_size(&src, &limits)?;
-            let (manifest, manifest_bytes) = manifest_of(&src)?;
-            let admitted = trust::admit(&src, &policy, manifest_bytes.as_deref())?;
+            let (src, manifest, admitted) = open_admitted(locations, &snapshot, &limits, &policy)?;
             let read = || -> anyhow::Result<Box<dyn Read>> {
                 Ok(Box::new(open_snapshot(
                     &src,
@@ -854,10 +867,7 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
         } => {
             let limits = limits.limits();
             let policy = open.policy()?;
-            let src = locations.open(&snapshot)?;
-            check_size(&src, &limits)?;
-            let (manifest, manifest_bytes) = manifest_of(&src)?;
-            let admitted = trust::admit(&src, &policy, manifest_bytes.as_deref())?;
+            let (src, manifest, admitted) = open_admitted(locations, &snapshot, &limits, &policy)?;
             if manifest_only && policy.requires_signature() && !admitted.manifest_authenticated() {
                 bail!(
                     "{}: the signature (key {}) does not name the manifest, so the manifest is \
@@ -953,10 +963,7 @@ fn run_cmd(cmd: Cmd, locations: &Locations) -> anyhow::Result<ExitCode> {
         } => {
             let limits = limits.limits();
             let policy = open.policy()?;
-            let src = locations.open(&snapshot)?;
-            check_size(&src, &limits)?;
-            let (manifest, manifest_bytes) = manifest_of(&src)?;
-            let admitted = trust::admit(&src, &policy, manifest_bytes.as_deref())?;
+            let (src, manifest, admitted) = open_admitted(locations, &snapshot, &limits, &policy)?;
             let mut r = open_snapshot(&src, None, manifest.as_ref(), &admitted)?;
             let encrypted = r.encrypted();
             let s = format::verify_with_limits(&mut r, &limits)
