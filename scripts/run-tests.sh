@@ -22,6 +22,13 @@ if [[ "$runner" == auto ]]; then
     if "$CARGO" nextest --version >/dev/null 2>&1; then runner=nextest; else runner=cargo; fi
 fi
 
+# A full disk fails tests far from its cause (a temp file, a plugin build): say it first.
+free_kib=$(df -Pk . | awk 'NR == 2 { print $4 }')
+if (( free_kib < 4 * 1024 * 1024 )); then
+    echo "run-tests: only $((free_kib / 1024)) MiB free on $(df -P . | awk 'NR == 2 { print $6 }');" \
+        "the build and tests need about 4 GiB more (make clean frees the old builds)" >&2
+fi
+
 echo "==> $CARGO test --workspace --doc"
 "$CARGO" test --workspace --doc
 

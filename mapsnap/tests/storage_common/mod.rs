@@ -525,8 +525,10 @@ pub fn enc(s: &str) -> String {
 }
 
 /// An empty config file, so a host's /etc/mapsnap/config.toml cannot change the tests.
+/// One name for every test process (they all write the same empty file), so runs leave
+/// one file behind, not one per process.
 pub fn empty_config() -> PathBuf {
-    let p = std::env::temp_dir().join(format!("mapsnap-test-empty-{}.toml", std::process::id()));
+    let p = std::env::temp_dir().join("mapsnap-test-empty.toml");
     if !p.exists() {
         std::fs::write(&p, "").expect("write empty config");
     }
