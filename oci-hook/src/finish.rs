@@ -9,7 +9,7 @@
 //! snapshot only when its digest matches and its source names the checkpoint's nonce.
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use mapsnap::anchor::{Anchor, RelPath};
@@ -39,7 +39,7 @@ pub struct FinishJob {
     pub dest: String,
     /// `frozen`: the snapshot file written inside the freeze, to copy to `dest`.
     #[serde(default)]
-    pub spool: Option<PathBuf>,
+    pub spool: Option<SpoolFile>,
     /// `after`: the maps to read, as fds this process inherited.
     #[serde(default)]
     pub maps: Vec<JobMap>,
@@ -81,6 +81,15 @@ fn wait_gone(pid: u32) {
     }
 }
 
+/// The spool handed over by fd: the finisher inherits the open, locked file, so a spool
+/// stays locked exactly as long as a process that will copy it lives ([`sweep_spool`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpoolFile {
+    pub fd: RawFd,
+    /// Its name in the spool directory, removed once the copy is done.
+    pub name: String,
+}
+
 /// One map handed over by fd.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobMap {
@@ -105,6 +114,49 @@ pub fn spool_dir(cfg: &NodeConfig) -> Result<Anchor> {
 /// The spool file's name for a checkpoint nonce (bpffs rules do not apply: a plain file).
 pub fn spool_name(nonce: &str) -> String {
     format!("checkpoint-{nonce}.mapsnap")
+}
+
+/// A spool file no process has locked for this long has no finisher left.
+pub const SPOOL_ORPHAN_AGE: Duration = Duration::from_secs(10 * 60);
+
+/// Opens the spool just written and locks it for the finisher that will inherit the fd.
+pub fn lock_spool(dir: &Anchor, name: &str) -> Result<std::fs::File> {
+    let rel = RelPath::parse(name).map_err(|e| HookError::Other(e.to_string()))?;
+    let file = dir.open_file(&rel, u64::MAX)?;
+    file.try_lock()
+        .map_err(|e| HookError::Other(format!("locking the spool {name}: {e}")))?;
+    Ok(file)
+}
+
+/// Removes the spools of finishers that died (killed, or the node restarted): files older
+/// than `min_age` that no process holds locked. A live finisher holds its spool's lock
+/// through the fd it inherited, and a spool being written is younger than `min_age`.
+/// Returns the names removed.
+pub fn sweep_spool(dir: &Anchor, min_age: Duration) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for e in dir.entries()? {
+        if e.kind != mapsnap::anchor::EntryKind::File {
+            continue;
+        }
+        let Ok(rel) = RelPath::parse(&e.name) else {
+            continue;
+        };
+        let Ok(file) = dir.open_file(&rel, u64::MAX) else {
+            continue;
+        };
+        let age = file
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if age.is_none_or(|a| a < min_age) || file.try_lock().is_err() {
+            continue;
+        }
+        if dir.unlink(&e.name)? {
+            removed.push(e.name);
+        }
+    }
+    Ok(removed)
 }
 
 /// Starts `mapsnap-hook criu-finish` detached from CRIU (own session, no stdio: CRIU waits
@@ -172,12 +224,25 @@ pub fn run(job: &FinishJob, cfg: &NodeConfig) -> Result<String> {
     }
     let dest = location::from_request(&job.dest, &cfg.hook, true)?;
     if let Some(spool) = &job.spool {
-        let file = std::fs::File::open(spool)
-            .map_err(|e| HookError::io(format!("opening the spool {}", spool.display()), e))?;
+        if spool.fd < 3 {
+            return Err(HookError::Other(format!(
+                "spool fd {} is not a file",
+                spool.fd
+            )));
+        }
+        // SAFETY: post-dump opened and locked this fd and cleared its close-on-exec flag for
+        // this process only; nothing else here owns it.
+        let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(spool.fd) });
         let trust = crate::seal::NodeTrust::load(&cfg.hook.trust)?;
         let r = snapshot::copy_snapshot(file, &dest, true, &job.container_id, &cfg.storage, &trust);
         // The spool is only ever read once: a failed copy is not retried from it.
-        let _ = std::fs::remove_file(spool);
+        // With it goes the storage manifest written beside it.
+        if RelPath::parse(&spool.name).is_ok_and(|r| r.components().len() == 1)
+            && let Ok(d) = spool_dir(cfg)
+        {
+            let _ = d.unlink(&spool.name);
+            let _ = d.unlink(&format!("{}{MANIFEST_SUFFIX}", spool.name));
+        }
         let w = r?;
         return Ok(format!(
             "copied the snapshot read inside the freeze to {} ({} bytes, sha256 {})",
@@ -394,5 +459,46 @@ mod tests {
         let big = vec![b' '; (MAX_JOB + 2) as usize];
         assert!(read_job(&big[..]).is_err());
         assert!(read_job(&b"{}"[..]).is_err());
+    }
+
+    #[test]
+    fn the_sweep_removes_only_old_spools_no_finisher_holds() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = Anchor::open_trusted(tmp.path(), "spool").expect("anchor");
+        let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+        for name in ["orphan", "held", "young"] {
+            std::fs::write(tmp.path().join(name), name).expect("write");
+        }
+        for name in ["orphan", "held"] {
+            let f = std::fs::File::options()
+                .write(true)
+                .open(tmp.path().join(name))
+                .expect("open");
+            f.set_modified(old).expect("set mtime");
+        }
+        std::fs::create_dir(tmp.path().join("a-dir")).expect("mkdir");
+        // A live finisher: the lock taken here, held through another open file.
+        let held = lock_spool(&dir, "held").expect("lock");
+        assert!(lock_spool(&dir, "held").is_err(), "the lock is exclusive");
+
+        let gone = sweep_spool(&dir, SPOOL_ORPHAN_AGE).expect("sweep");
+        assert_eq!(gone, vec!["orphan".to_string()]);
+        let left: Vec<String> = dir
+            .entries()
+            .expect("ls")
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(left, ["a-dir", "held", "young"]);
+
+        // The finisher died: its lock went with it, and the next sweep takes the spool.
+        drop(held);
+        let gone = sweep_spool(&dir, SPOOL_ORPHAN_AGE).expect("sweep");
+        assert_eq!(gone, vec!["held".to_string()]);
+        assert_eq!(
+            std::fs::read(tmp.path().join("young")).expect("young"),
+            b"young",
+            "a spool being written is never taken"
+        );
     }
 }

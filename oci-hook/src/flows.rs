@@ -932,16 +932,33 @@ pub fn criu_post_dump(env: &CriuEnv, target: &CriuTarget, cfg: &NodeConfig) -> R
                 rel: RelPath::parse(&name).map_err(|e| HookError::Other(e.to_string()))?,
                 shown: name.clone(),
             };
+            match finish::sweep_spool(&spool_dir, finish::SPOOL_ORPHAN_AGE) {
+                Ok(gone) if !gone.is_empty() => {
+                    tracing::info!(removed = ?gone, "removed spools whose finisher died")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("could not sweep the spool directory: {e}"),
+            }
             let w = take_snapshot(ctr, &spool, false, &why, cfg, frozen)?;
+            let locked = match finish::lock_spool(&spool_dir, &name) {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = spool_dir.unlink(&name);
+                    return Err(e);
+                }
+            };
             let job = FinishJob {
                 container_id: ctr.id.clone(),
                 dest: later_dest,
-                spool: Some(cfg.hook.state_dir.join("spool").join(&name)),
+                spool: Some(finish::SpoolFile {
+                    fd: locked.as_raw_fd(),
+                    name: name.clone(),
+                }),
                 maps: Vec::new(),
                 source: String::new(),
                 wait_pid: finish::criu_pid(),
             };
-            let pid = match finish::spawn(&job, &[], cfg.file.as_deref()) {
+            let pid = match finish::spawn(&job, &[locked.as_raw_fd()], cfg.file.as_deref()) {
                 Ok(p) => p,
                 Err(e) => {
                     let _ = spool_dir.unlink(&name);

@@ -146,6 +146,12 @@ fn checkpoint_carries_pins_through_s3() {
         b.log_text()
     );
     b.wait_log("copied the snapshot read inside the freeze to s3://");
+    // The finisher removed its spool: nothing is left for the next sweep.
+    let spool: Vec<_> = fs::read_dir(b.hook_state.join("spool"))
+        .expect("the spool directory")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert!(spool.is_empty(), "spool left behind: {spool:?}");
     assert_eq!(r.manifest.snapshot, format!("s3://snap/{key}"));
     assert_eq!(r.manifest.checkpoint.as_deref(), Some("default/ckpt-1"));
     assert!(
