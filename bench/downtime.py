@@ -85,6 +85,9 @@ def build(args):
     if not args.plugin:
         sh("cargo", "build", "--release", "-q", "-p", "mapsnap-criu", "--lib", cwd=ROOT)
         args.plugin = str(target_dir() / "release" / "libmapsnap_criu.so")
+    if not args.cli:
+        sh("cargo", "build", "--release", "-q", "-p", "mapsnap", "--bin", "mapsnap", cwd=ROOT)
+        args.cli = str(target_dir() / "release" / "mapsnap")
 
 
 class Podman:
@@ -130,13 +133,16 @@ def setup(args):
     """The private mapsnap install (hook configs, CRIU configs, hooks.d) and the image."""
     pod = Podman(WORK / "podman")
     pod.reset()
-    for d in ("host", "state", "requests", "snapshots", "hook-state", "archives", "empty"):
+    for d in ("host", "state", "requests", "snapshots", "hook-state", "archives", "empty",
+              "plugin-snapshots"):
         p = WORK / d
         if p.exists():
             shutil.rmtree(p)
         p.mkdir(parents=True)
     mount_bpffs()
     clear_dir(BPF)
+    # `mapsnap restore` of the plugin's snapshots reads no host config.
+    (WORK / "empty.toml").write_text("")
     host = WORK / "host"
     configs = {}
     for read in ("frozen", "after"):
@@ -251,7 +257,7 @@ def log_size():
     return log.stat().st_size if log.exists() else 0
 
 
-def one_run(pod, crius, hooks, kind, variant, t, vs, n):
+def one_run(pod, crius, hooks, cli, kind, variant, t, vs, n):
     """One container: start, checkpoint, remove, restore, check, remove. Returns figures."""
     with_ms = variant != "plain"
     name = f"dt-{kind}-{variant}-{t}-{n}"
@@ -295,6 +301,11 @@ def one_run(pod, crius, hooks, kind, variant, t, vs, n):
     ck = stats_of(text)
     plugin_ms, plugin_rss = (plugin_figures(pod.dirs[0] / "overlay-containers" / cid / "userdata")
                              if kind == "fd" and with_ms else (None, None))
+    snaps = WORK / "plugin-snapshots" / name
+    if kind == "fd" and with_ms:
+        # The plugin's own snapshots, out of the exported archive, for `mapsnap restore`.
+        clear_dir(snaps)
+        sh("tar", "-xf", archive, "-C", snaps, "--wildcards", "--no-anchored", "mapsnap-map-*.snap")
     sh(*pod.cmd(hooks_dir, "rm", "--force", "--time", "0", name), stdout=subprocess.DEVNULL)
     # A new node: the pins are gone until mapsnap restores them.
     clear_dir(pins)
@@ -302,10 +313,19 @@ def one_run(pod, crius, hooks, kind, variant, t, vs, n):
     # The finisher of the spool/after variants writes the snapshot after the checkpoint; the
     # restore waits for it by itself, but its own figures are read here.
     t0 = time.perf_counter()
-    text = out_of(*pod.cmd(hooks_dir, "container", "restore", "--import", archive,
+    # --keep: CRIU's restore.log stays (the plugin's restore time is read from it).
+    text = out_of(*pod.cmd(hooks_dir, "container", "restore", "--keep", "--import", archive,
                            "--print-stats"))
     wall_restore = (time.perf_counter() - t0) * 1000
     rs = stats_of(text)
+    plugin_restore_ms = plugin_restore_rss = cli_restore_ms = None
+    if kind == "fd" and with_ms:
+        # The restored container's id (--import keeps the archive's, but ask).
+        rid = out_of(*pod.cmd(hooks_dir, "container", "inspect", "--format", "{{.Id}}",
+                              name)).strip()
+        plugin_restore_ms, plugin_restore_rss = plugin_restore_figures(
+            pod.dirs[0] / "overlay-containers" / rid / "userdata")
+        cli_restore_ms = cli_restore(cli, snaps, name)
     restored_ok = True
     if kind == "pinned" and with_ms:
         restored_ok = (pins / "m").exists()
@@ -340,7 +360,44 @@ def one_run(pod, crius, hooks, kind, variant, t, vs, n):
         "finish_rss_mib": max([r for r in finish_rss if r] or [0]) / 1024,
         "plugin_ms": plugin_ms,
         "plugin_rss_mib": plugin_rss,
+        "plugin_restore_ms": plugin_restore_ms,
+        "plugin_restore_rss_mib": plugin_restore_rss,
+        "cli_restore_ms": cli_restore_ms,
     }
+
+
+def plugin_restore_figures(userdata):
+    """The plugin's restore time (verify and restore every map) and criu's peak RSS."""
+    log = next(iter(sorted(userdata.rglob("restore.log"))), None)
+    if log is None:
+        sys.exit(f"downtime: no restore.log below {userdata}")
+    text = log.read_text(errors="replace")
+    m = re.search(r"BPF maps restored for \d+ CRIU files, ([0-9.]+) ms, criu peak RSS (\d+) KiB",
+                  text)
+    if m is None:
+        shutil.copy(log, WORK / "last-restore.log")
+        sys.exit(f"downtime: the plugin logged no restore in {log} (copied to "
+                 f"{WORK / 'last-restore.log'})")
+    return float(m.group(1)), int(m.group(2)) / 1024
+
+
+def cli_restore(cli, snaps, name):
+    """`mapsnap restore` of the same snapshots the plugin restored, as new pins; wall ms."""
+    files = sorted(snaps.rglob("mapsnap-map-*.snap"))
+    if not files:
+        sys.exit(f"downtime: the checkpoint archive of {name} holds no plugin snapshot")
+    pins = BPF / f"cli-{name}"
+    total = 0.0
+    for f in files:
+        clear_dir(pins)
+        t0 = time.perf_counter()
+        sh(cli, "--config", WORK / "empty.toml", "restore", "--pin-root", pins, f,
+           stdout=subprocess.DEVNULL)
+        total += (time.perf_counter() - t0) * 1000
+    clear_dir(pins)
+    pins.rmdir()
+    shutil.rmtree(snaps, ignore_errors=True)
+    return total
 
 
 def plugin_figures(userdata):
@@ -388,6 +445,7 @@ def main():
     ap.add_argument("--kinds", default="pinned,fd", help="pinned, fd or both")
     ap.add_argument("--hook", default="", help="mapsnap-hook binary (default: cargo build --release)")
     ap.add_argument("--plugin", default="", help="libmapsnap_criu.so (default: cargo build --release)")
+    ap.add_argument("--cli", default="", help="mapsnap binary (default: cargo build --release)")
     ap.add_argument("--markdown", default="", help="also write the table to this file")
     ap.add_argument("--json", default="", help="also write every figure to this file")
     args = ap.parse_args()
@@ -430,17 +488,17 @@ def main():
     small_t, small_vs = shapes[0]
     for kind in kinds:
         measure((kind, "plain", "-", 0),
-                lambda: one_run(pod, crius, hooks, kind, "plain", small_t, small_vs, min(sizes)))
+                lambda: one_run(pod, crius, hooks, args.cli, kind, "plain", small_t, small_vs, min(sizes)))
     anchors = {}
     for t, vs in shapes:
         for n in sizes:
             anchors[(t, n)] = median([anchor_lookup(n, vs, t) for _ in range(args.runs)])
             for v in variants if "pinned" in kinds else []:
                 measure(("pinned", v, t, n),
-                        lambda: one_run(pod, crius, hooks, "pinned", v, t, vs, n))
+                        lambda: one_run(pod, crius, hooks, args.cli, "pinned", v, t, vs, n))
             if "fd" in kinds:
                 measure(("fd", "plugin", t, n),
-                        lambda: one_run(pod, crius, hooks, "fd", "plugin", t, vs, n))
+                        lambda: one_run(pod, crius, hooks, args.cli, "fd", "plugin", t, vs, n))
     load_end = loadavg()
     pod.reset()
 
@@ -485,6 +543,23 @@ def main():
             f"{fmt(r['ck_frozen'], 1)} | {fmt(added, 1)} | {fmt(ratio, 2)} | {goal} | {own} | "
             f"{fmt(r['wall_ckpt'])} ({fmt(b['wall_ckpt'])}) | "
             f"{fmt(r['wall_restore'])} ({fmt(b['wall_restore'])}) | {rss} |")
+    fd_rows = [(k, r) for k, r in results.items() if k[0] == "fd" and k[1] == "plugin"]
+    if fd_rows:
+        lines += [
+            "",
+            "Restore of maps held by fd: the plugin inside `criu restore` (verify and restore, "
+            "from CRIU's restore.log) against `mapsnap restore` of the same snapshot files "
+            "(whole command, new pins); goal <= 1.1 x.",
+            "",
+            "| type | entries | plugin restore ms | `mapsnap restore` ms | ratio | goal | criu peak RSS MiB |",
+            "| --- | ---: | ---: | ---: | ---: | --- | ---: |",
+        ]
+        for (_, _, t, n), r in fd_rows:
+            p, c = r["plugin_restore_ms"], r["cli_restore_ms"]
+            ratio = p / c if p is not None and c else None
+            met = "met" if ratio is not None and ratio <= 1.1 else "not met"
+            lines.append(f"| {t} | {n:,} | {fmt(p, 1)} | {fmt(c, 1)} | {fmt(ratio, 2)} | "
+                         f"<= 1.1x: {met} | {fmt(r['plugin_restore_rss_mib'], 1)} |")
     table = "\n".join(lines)
     print(table)
     if args.markdown:
