@@ -51,6 +51,9 @@ SIZES = [10_000, 100_000, 1_000_000]
 #   after:  post-dump only opens the maps; a detached process reads them after the freeze
 PINNED_VARIANTS = ["image", "frozen", "after"]
 
+# --keep-logs: where each checkpoint's CRIU dump.log is copied (None: not kept).
+KEEP_LOGS = None
+
 
 def sh(*cmd, **kw):
     return subprocess.run([str(c) for c in cmd], check=True, **kw)
@@ -276,7 +279,7 @@ def one_run(pod, crius, hooks, cli, kind, variant, t, vs, n):
     subprocess.run([str(c) for c in pod.cmd(hooks_dir, "rm", "--force", "--time", "0", name)],
                    capture_output=True)
     if kind == "pinned":
-        sh(OUT / "fill_map", pins / "m", n, vs, t)
+        sh(OUT / "fill_map", pins / "m", n, vs, t, 4, max_entries(t, n))
         run += ["-v", f"{pins}:/sys/fs/bpf"]
         if with_ms:
             run += ["--annotation", "mapsnap.io/checkpoint-maps=true"]
@@ -301,6 +304,11 @@ def one_run(pod, crius, hooks, cli, kind, variant, t, vs, n):
     ck = stats_of(text)
     plugin_ms, plugin_rss = (plugin_figures(pod.dirs[0] / "overlay-containers" / cid / "userdata")
                              if kind == "fd" and with_ms else (None, None))
+    if KEEP_LOGS:
+        # CRIU's dump.log, with its timestamps, shows where the frozen time goes.
+        for log in (pod.dirs[0] / "overlay-containers" / cid / "userdata").rglob("dump.log"):
+            KEEP_LOGS.mkdir(parents=True, exist_ok=True)
+            shutil.copy(log, KEEP_LOGS / f"{name}-{time.strftime('%H%M%S')}.dump.log")
     snaps = WORK / "plugin-snapshots" / name
     if kind == "fd" and with_ms:
         # The plugin's own snapshots, out of the exported archive, for `mapsnap restore`.
@@ -392,7 +400,7 @@ def cli_restore(cli, snaps, name):
         clear_dir(pins)
         t0 = time.perf_counter()
         sh(cli, "--config", WORK / "empty.toml", "restore", "--pin-root", pins, f,
-           stdout=subprocess.DEVNULL)
+           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         total += (time.perf_counter() - t0) * 1000
     clear_dir(pins)
     pins.rmdir()
@@ -414,8 +422,14 @@ def plugin_figures(userdata):
     return (sum(ms) if ms else None), (max(rss) / 1024 if rss else None)
 
 
+def max_entries(t, n):
+    """Map size for n entries: an LRU map evicts before it is full (per-CPU free lists), so it
+    gets room for twice as many (holdmap.c does the same)."""
+    return 2 * n if t == "lru_hash" else n
+
+
 def anchor_lookup(n, vs, t):
-    for line in out_of(OUT / "batch_anchor", n, vs, t).splitlines():
+    for line in out_of(OUT / "batch_anchor", n, vs, t, 4096, 4, max_entries(t, n)).splitlines():
         rec = json.loads(line)
         if rec["op"] == "lookup_batch":
             return rec["seconds"] * 1000
@@ -448,7 +462,10 @@ def main():
     ap.add_argument("--cli", default="", help="mapsnap binary (default: cargo build --release)")
     ap.add_argument("--markdown", default="", help="also write the table to this file")
     ap.add_argument("--json", default="", help="also write every figure to this file")
+    ap.add_argument("--keep-logs", default="", help="copy each checkpoint's CRIU dump.log here")
     args = ap.parse_args()
+    global KEEP_LOGS
+    KEEP_LOGS = Path(args.keep_logs) if args.keep_logs else None
     if os.geteuid() != 0:
         sys.exit("downtime: run as root (Podman, CRIU, BPF)")
     sizes = [int(s) for s in args.sizes.split(",") if s] or SIZES

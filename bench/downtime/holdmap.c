@@ -45,7 +45,9 @@ static int make_map(const char *spec) {
     a.map_type = type;
     a.key_size = 4;
     a.value_size = vs;
-    a.max_entries = (unsigned)n;
+    // An LRU map evicts before it is full (per-CPU free lists): room for twice the entries,
+    // as in the downtime script's pinned LRU maps.
+    a.max_entries = (unsigned)(type == BPF_MAP_TYPE_LRU_HASH ? 2 * n : n);
     strncpy(a.map_name, "held", sizeof(a.map_name) - 1);
     int fd = (int)sys_bpf(BPF_MAP_CREATE, &a);
     if (fd < 0) { perror("holdmap: BPF_MAP_CREATE"); return -1; }
