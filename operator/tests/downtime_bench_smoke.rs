@@ -31,6 +31,9 @@ fn downtime_benchmark_smoke_run_has_real_figures() {
     let json = dir.path().join("downtime.json");
     let md = dir.path().join("downtime.md");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/downtime.py");
+    // The CLI of this build, beside the hook (the workspace's test build has every binary).
+    let cli = art.hook.with_file_name("mapsnap");
+    assert!(cli.exists(), "{} is not built", cli.display());
     ok(Command::new("python3")
         .arg(&script)
         .arg("--quick")
@@ -38,6 +41,8 @@ fn downtime_benchmark_smoke_run_has_real_figures() {
         .arg(&art.hook)
         .arg("--plugin")
         .arg(&art.plugin)
+        .arg("--cli")
+        .arg(&cli)
         .arg("--json")
         .arg(&json)
         .arg("--markdown")
@@ -85,6 +90,12 @@ fn downtime_benchmark_smoke_run_has_real_figures() {
     let plugin = find("fd", "plugin");
     assert!(figure(plugin, "plugin_ms") > 0.0, "{plugin:#}");
     assert!(figure(plugin, "plugin_rss_mib") > 0.0, "{plugin:#}");
+    // The restore inside `criu restore`, from the plugin's log line, and `mapsnap restore`
+    // of the snapshot files taken out of the checkpoint archive.
+    assert!(figure(plugin, "plugin_restore_ms") > 0.0, "{plugin:#}");
+    assert!(figure(plugin, "cli_restore_ms") > 0.0, "{plugin:#}");
+    let rss = figure(plugin, "plugin_restore_rss_mib");
+    assert!(rss > 0.0 && rss < 64.0, "criu restore peak RSS {rss} MiB");
     let table = std::fs::read_to_string(&md).expect("markdown");
     eprintln!("{table}");
     for variant in ["image", "frozen", "after"] {
@@ -103,5 +114,11 @@ fn downtime_benchmark_smoke_run_has_real_figures() {
     assert!(
         table.contains("| by fd | plugin | hash | 10,000 |"),
         "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("| hash | 10,000 |") && l.contains("<= 1.1x:")),
+        "no plugin restore row:\n{table}"
     );
 }
