@@ -727,6 +727,26 @@ pub fn criu_container(
     Ok(CriuTarget { container: rc, ctr })
 }
 
+/// Left in the image directory by a post-dump that finished for a container that opted in
+/// (nothing is written for the others): the installed action wrapper
+/// ends a later post-dump of the same dump in the shell (see [`crate::install::criu_wrapper_text`]).
+pub const POST_DUMP_MARKER: &str = "mapsnap-post-dump.done";
+
+/// Marks this dump's post-dump done (a fresh file, so its mtime follows `pstree.img`). Only
+/// saves the second run's start: a failure is logged, not returned.
+pub fn mark_post_dump_done(env: &CriuEnv) {
+    let Some(path) = env.image_dir.as_deref() else {
+        return;
+    };
+    let r = Anchor::open_trusted(path, "the CRIU image directory").and_then(|dir| {
+        dir.unlink(POST_DUMP_MARKER)?;
+        dir.create_file(POST_DUMP_MARKER, 0o600).map(drop)
+    });
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "could not mark post-dump done in the image directory");
+    }
+}
+
 /// Whether the image directory already holds the manifest of the dump running now (same
 /// init pid, start time and `pstree.img`): the second run of post-dump has nothing to do.
 pub fn post_dump_done(env: &CriuEnv) -> bool {

@@ -102,13 +102,26 @@ pub const CRIU_WRAPPER: &str = "usr/local/libexec/mapsnap-hook/criu-action";
 /// The wrapper's text, when one is needed.
 pub fn criu_wrapper(opts: &InstallOptions) -> Option<String> {
     let c = opts.config.as_ref()?;
-    Some(format!(
+    Some(criu_wrapper_text(&opts.hook_path, c))
+}
+
+/// The CRIU action wrapper that runs `hook` with `config`. Everything it ends in the shell
+/// saves a start of the hook inside CRIU's freeze: every action but post-dump, and the second
+/// post-dump of a dump (CRIU under runc runs each action twice) once the first one left
+/// [`crate::flows::POST_DUMP_MARKER`] newer than this dump's `pstree.img`. A shell whose `-nt`
+/// compares whole seconds only skips less; a marker of an earlier dump is never newer.
+pub fn criu_wrapper_text(hook: &Path, config: &Path) -> String {
+    format!(
         "#!/bin/sh\n# Written by `mapsnap-hook install`: CRIU's action script. Only post-dump has\n\
-         # work; CRIU runs most actions inside its freeze, so the others end here.\n\
-         [ \"$CRTOOLS_SCRIPT_ACTION\" = post-dump ] || exit 0\nexec {} --config {} criu\n",
-        opts.hook_path.display(),
-        c.display()
-    ))
+         # work; CRIU runs most actions inside its freeze, so the others end here, and so does\n\
+         # the second post-dump of a dump once the first has marked it done.\n\
+         [ \"$CRTOOLS_SCRIPT_ACTION\" = post-dump ] || exit 0\n\
+         [ \"$CRTOOLS_IMAGE_DIR/{marker}\" -nt \"$CRTOOLS_IMAGE_DIR/pstree.img\" ] && exit 0\n\
+         exec {} --config {} criu\n",
+        hook.display(),
+        config.display(),
+        marker = crate::flows::POST_DUMP_MARKER,
+    )
 }
 
 /// The CRIU config lines this install owns.

@@ -425,7 +425,14 @@ fn criu_in_span(env: CriuEnv, cfg: NodeConfig, tolerate_flag: &AtomicBool) -> En
     tolerate_flag.store(tolerate, Ordering::SeqCst);
     let _g = tracing::info_span!("dump", container = target.ctr.id).entered();
     match flows::criu_post_dump(&env, &target, &cfg) {
-        Ok(msg) => End::Ok(msg),
+        Ok(msg) => {
+            // Only in the image directory of a container that asked for mapsnap: the others'
+            // checkpoints stay exactly as CRIU wrote them.
+            if opted {
+                flows::mark_post_dump_done(&env);
+            }
+            End::Ok(msg)
+        }
         Err(e) if tolerate => End::Tolerated(e.to_string()),
         Err(e) => End::Fail(e.to_string()),
     }

@@ -69,6 +69,23 @@ fn checkpoint_and_restore(b: &Bench, extra_annotations: &[(&str, &str)]) -> Run 
         "{}",
         b.log_text()
     );
+    // The installed wrapper ended the second post-dump in the shell: one hook run, and the
+    // marker that made it so is newer than this dump's pstree.img.
+    assert_eq!(
+        b.log_lines_with("criu post-dump").len(),
+        1,
+        "{}",
+        b.log_text()
+    );
+    let marker = fs::metadata(images.join(mapsnap_hook::flows::POST_DUMP_MARKER))
+        .expect("post-dump marker")
+        .modified()
+        .expect("mtime");
+    let pstree = fs::metadata(images.join("pstree.img"))
+        .expect("pstree.img")
+        .modified()
+        .expect("mtime");
+    assert!(marker > pstree, "{marker:?} <= {pstree:?}");
 
     b.wipe_node();
     assert!(b.pins().is_empty() && !b.xdp_attached());

@@ -740,12 +740,10 @@ fn http_status(port: u16, method: &str, path: &str) -> std::io::Result<u16> {
 /// and the mapsnap CRIU plugin as `libdir` when the workspace built it.
 pub fn criu_conf(b: &Bench) -> PathBuf {
     let wrapper = b.dir.path().join("criu-action");
+    // The wrapper `mapsnap-hook install` writes, with this bench's hook and config.
     fs::write(
         &wrapper,
-        format!(
-            "#!/bin/sh\nexec {HOOK} --config {} criu\n",
-            b.config.display()
-        ),
+        mapsnap_hook::install::criu_wrapper_text(Path::new(HOOK), &b.config),
     )
     .expect("wrapper");
     fs::set_permissions(
