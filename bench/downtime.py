@@ -304,6 +304,7 @@ def one_run(pod, crius, hooks, cli, kind, variant, t, vs, n):
     ck = stats_of(text)
     plugin_ms, plugin_rss = (plugin_figures(pod.dirs[0] / "overlay-containers" / cid / "userdata")
                              if kind == "fd" and with_ms else (None, None))
+    scripts_ms = freeze_scripts_ms(pod.dirs[0] / "overlay-containers" / cid / "userdata")
     if KEEP_LOGS:
         # CRIU's dump.log, with its timestamps, shows where the frozen time goes.
         for log in (pod.dirs[0] / "overlay-containers" / cid / "userdata").rglob("dump.log"):
@@ -368,6 +369,7 @@ def one_run(pod, crius, hooks, cli, kind, variant, t, vs, n):
         "finish_rss_mib": max([r for r in finish_rss if r] or [0]) / 1024,
         "plugin_ms": plugin_ms,
         "plugin_rss_mib": plugin_rss,
+        "scripts_ms": scripts_ms,
         "plugin_restore_ms": plugin_restore_ms,
         "plugin_restore_rss_mib": plugin_restore_rss,
         "cli_restore_ms": cli_restore_ms,
@@ -406,6 +408,29 @@ def cli_restore(cli, snaps, name):
     pins.rmdir()
     shutil.rmtree(snaps, ignore_errors=True)
     return total
+
+
+def freeze_scripts_ms(userdata):
+    """From CRIU's dump.log timestamps: how long the actions CRIU runs inside the freeze took
+    (network-lock: from its start to CRIU's next step; post-dump: from its start to the
+    unfreeze). Far less noisy than frozen_time, which also holds CRIU's own dump."""
+    log = next(iter(sorted(userdata.rglob("dump.log"))), None)
+    if log is None:
+        return None
+    t = {}
+    for line in log.read_text(errors="replace").splitlines():
+        m = re.match(r"\((\d+\.\d+)\) (.*)", line)
+        if not m:
+            continue
+        for key, text in (("lock", "Running network-lock scripts"),
+                          ("lock_end", "RPC NOTIFY query-ext-files"),
+                          ("post", "Running post-dump scripts"),
+                          ("unfreeze", "Unfreezing tasks")):
+            if m.group(2).startswith(text) and key not in t:
+                t[key] = float(m.group(1))
+    if len(t) != 4:
+        return None
+    return ((t["lock_end"] - t["lock"]) + (t["unfreeze"] - t["post"])) * 1000
 
 
 def plugin_figures(userdata):
@@ -528,12 +553,14 @@ def main():
         f"CRIU alone: frozen_time {fmt(base['pinned']['ck_frozen'], 1)} ms (container with a bpffs "
         f"mount), {fmt(base['fd']['ck_frozen'], 1)} ms (process holding no map); checkpoint "
         f"{fmt(base['pinned']['wall_ckpt'])} / {fmt(base['fd']['wall_ckpt'])} ms; restore "
-        f"{fmt(base['pinned']['wall_restore'])} / {fmt(base['fd']['wall_restore'])} ms.",
+        f"{fmt(base['pinned']['wall_restore'])} / {fmt(base['fd']['wall_restore'])} ms; the "
+        f"actions inside the freeze (CRIU's log) {fmt(base['pinned']['scripts_ms'], 1)} / "
+        f"{fmt(base['fd']['scripts_ms'], 1)} ms.",
         "",
         "| maps | variant | type | entries | lookup_batch loop ms | frozen ms | + frozen ms | "
-        "+ frozen / loop | goal | mapsnap's own ms | checkpoint ms (alone) | restore ms (alone) "
-        "| peak RSS MiB |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | --- |",
+        "+ frozen / loop | goal | + in freeze, CRIU log ms | mapsnap's own ms | checkpoint ms "
+        "(alone) | restore ms (alone) | peak RSS MiB |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: | ---: | --- |",
     ]
     for (kind, v, t, n), r in results.items():
         if v == "plain":
@@ -542,10 +569,19 @@ def main():
         loop = anchors[(t, n)]
         added = r["ck_frozen"] - b["ck_frozen"]
         ratio = added / loop if loop else None
-        if v == "after":
-            goal = f"<= 20 ms: {'met' if added <= 20 else 'not met'}"
-        else:
-            goal = f"<= 0.6x: {'met' if ratio is not None and ratio <= 0.6 else 'not met'}"
+        # What mapsnap adds inside the freeze by CRIU's own clock: the actions' time beyond
+        # CRIU alone's, plus the plugin's time for maps held by fd.
+        in_freeze = None
+        if r["scripts_ms"] is not None and b["scripts_ms"] is not None:
+            in_freeze = r["scripts_ms"] - b["scripts_ms"] + (r["plugin_ms"] or 0)
+
+        def met(x):
+            if x is None:
+                return "?"
+            return "met" if (x <= 20 if v == "after" else x / loop <= 0.6) else "not met"
+
+        bound = "<= 20 ms" if v == "after" else "<= 0.6x"
+        goal = f"{bound}: {met(added)}; log: {met(in_freeze)}"
         if kind == "fd":
             own = f"plugin {fmt(r['plugin_ms'], 1)}"
             rss = f"criu {fmt(r['plugin_rss_mib'], 1)}"
@@ -557,7 +593,8 @@ def main():
                 rss += f", finisher {fmt(r['finish_rss_mib'], 1)}"
         lines.append(
             f"| {'pinned' if kind == 'pinned' else 'by fd'} | {v} | {t} | {n:,} | {fmt(loop, 1)} | "
-            f"{fmt(r['ck_frozen'], 1)} | {fmt(added, 1)} | {fmt(ratio, 2)} | {goal} | {own} | "
+            f"{fmt(r['ck_frozen'], 1)} | {fmt(added, 1)} | {fmt(ratio, 2)} | {goal} | "
+            f"{fmt(in_freeze, 1)} | {own} | "
             f"{fmt(r['wall_ckpt'])} ({fmt(b['wall_ckpt'])}) | "
             f"{fmt(r['wall_restore'])} ({fmt(b['wall_restore'])}) | {rss} |")
     fd_rows = [(k, r) for k, r in results.items() if k[0] == "fd" and k[1] == "plugin"]
